@@ -1,0 +1,72 @@
+"""Gradient-norm-preserving activations.
+
+Each acts per sample and satisfies ``||f(x)|| <= ||x||`` and
+``||J_f(x)^T z|| <= ||z||``: sorting permutes coordinates (its Jacobian is a
+permutation matrix, norms are preserved exactly); ReLU and Abs have diagonal
+Jacobians with entries in {0, 1} and {-1, 1}. They have no variables.
+"""
+
+import tensorflow as tf
+
+from lipdp.layers.base import DPLayer
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class GroupSort(DPLayer, tf.keras.layers.Layer):
+    """Sorts the last axis in groups of ``group_size`` (GroupSort-2 by default).
+
+    Bounds: output ``||x||`` (a permutation), Lipschitz 1, no variables.
+    ``group_size=None`` sorts the whole last axis (FullSort).
+    """
+
+    def __init__(self, group_size=2, **kwargs):
+        super().__init__(**kwargs)
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.group_size = group_size
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if self.group_size is not None and channels % self.group_size:
+            raise ValueError(
+                f"{self.name}: the last axis ({channels}) is not divisible by group_size={self.group_size}")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        if self.group_size == 2:
+            pairs = tf.reshape(inputs, tf.concat([tf.shape(inputs)[:-1], [-1, 2]], 0))
+            low = tf.reduce_min(pairs, axis=-1, keepdims=True)
+            high = tf.reduce_max(pairs, axis=-1, keepdims=True)
+            return tf.reshape(tf.concat([low, high], -1), tf.shape(inputs))
+        if self.group_size is None:
+            return tf.sort(inputs, axis=-1)
+        groups = tf.reshape(inputs, tf.concat([tf.shape(inputs)[:-1], [-1, self.group_size]], 0))
+        return tf.reshape(tf.sort(groups, axis=-1), tf.shape(inputs))
+
+    def get_config(self):
+        return {**super().get_config(), "group_size": self.group_size}
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class FullSort(GroupSort):
+    """Sorts the whole last axis. Bounds: output ``||x||``, Lipschitz 1."""
+
+    def __init__(self, **kwargs):
+        kwargs.pop("group_size", None)
+        super().__init__(group_size=None, **kwargs)
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class ReLU(DPLayer, tf.keras.layers.Layer):
+    """``max(x, 0)``. Bounds: output ``<= ||x||``, Lipschitz 1 (Jacobian diag in {0,1})."""
+
+    def call(self, inputs):
+        return tf.nn.relu(inputs)
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class Abs(DPLayer, tf.keras.layers.Layer):
+    """``|x|``. Bounds: output ``= ||x||``, Lipschitz 1 (Jacobian diag in {-1,1})."""
+
+    def call(self, inputs):
+        return tf.abs(inputs)

@@ -1,0 +1,241 @@
+"""Dense and convolution layers with norm-constrained weights.
+
+The weight constraint is a Keras constraint, applied after every optimiser
+update (and once at build), so the variable *is* the weight used in the
+forward pass and its gradient is the plain ``x z^T`` form. The bounds never
+trust the constraint: they use the certified spectral norm of the weights as
+they are (Bjorck orthonormalisation is approximate, ``||W||_2`` may be 1.001).
+"""
+
+import math
+
+import tensorflow as tf
+from deel.lip.constraints import SpectralConstraint
+
+from lipdp.layers.base import DPLayer, as_bound, certified_spectral_norm, l2_norm, window_overlap
+
+WEIGHT_CONSTRAINTS = ("orthogonal", "spectral", "frobenius")
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class NormBallConstraint(tf.keras.constraints.Constraint):
+    """Projects a tensor onto the l2 (Frobenius) ball of radius ``max_norm``."""
+
+    def __init__(self, max_norm):
+        self.max_norm = float(max_norm)
+
+    def __call__(self, w):
+        norm = tf.norm(tf.reshape(w, [-1]))
+        return w * tf.minimum(1.0, self.max_norm / tf.maximum(norm, 1e-12))
+
+    def get_config(self):
+        return {"max_norm": self.max_norm}
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class SpectralNormConstraint(tf.keras.constraints.Constraint):
+    """Rescales a kernel, reshaped to ``(-1, out)``, to spectral norm <= ``max_norm``."""
+
+    def __init__(self, max_norm):
+        self.max_norm = float(max_norm)
+
+    def __call__(self, w):
+        sigma = certified_spectral_norm(tf.reshape(w, [-1, w.shape[-1]]))
+        return w * tf.cast(tf.minimum(1.0, self.max_norm / tf.maximum(sigma, 1e-12)), w.dtype)
+
+    def get_config(self):
+        return {"max_norm": self.max_norm}
+
+
+# Keras arguments the Lipschitz layers manage themselves, with the only value
+# accepted from a caller (or from a saved config).
+_MANAGED_DEFAULTS = {
+    "activation": "linear",
+    "use_bias": None,
+    "kernel_constraint": None,
+    "bias_constraint": None,
+    "dilation_rate": (1, 1),
+    "groups": 1,
+    "data_format": "channels_last",
+}
+
+
+def _pop_managed_arguments(layer_name, kwargs):
+    """Removes managed Keras arguments, refusing values that would break the bounds."""
+    for key, default in _MANAGED_DEFAULTS.items():
+        value = kwargs.pop(key, default)
+        if value not in (default, None) and not (key == "dilation_rate" and value in (1, [1, 1])):
+            raise ValueError(
+                f"{layer_name} does not accept {key}={value!r}: use a lipdp activation layer for "
+                "non-linearities, bias_bound=... for a bias and weight_constraint=... for the kernel; "
+                "dilation, groups and channels_first are not supported.")
+
+
+def make_kernel_constraint(kind, max_norm):
+    """Keras constraint for ``kind`` in :data:`WEIGHT_CONSTRAINTS`."""
+    if kind == "orthogonal":
+        return SpectralConstraint(k_coef_lip=max_norm)
+    if kind == "spectral":
+        return SpectralNormConstraint(max_norm)
+    if kind == "frobenius":
+        return NormBallConstraint(max_norm)
+    raise ValueError(f"weight_constraint={kind!r} is not one of {WEIGHT_CONSTRAINTS}")
+
+
+class _LipschitzLinear(DPLayer):
+    """Shared bound arithmetic of a linear map applied at ``positions`` places.
+
+    With kernel ``K`` (reshaped to a matrix), ``overlap`` the largest number of
+    patches one input entry belongs to, ``P`` the number of output positions
+    and ``b`` the bias broadcast to each of them:
+
+    * output bound: ``||K x + b|| <= sqrt(overlap) ||K||_2 ||x|| + sqrt(P) ||b||``;
+    * Lipschitz constant: ``sqrt(overlap) ||K||_2``;
+    * kernel gradient: ``||sum_p patch_p z_p^T||_F <= sqrt(overlap) ||x|| ||z||``
+      (Cauchy-Schwarz over positions);
+    * bias gradient: ``||sum_p z_p|| <= sqrt(P) ||z||``.
+    """
+
+    overlap = 1
+
+    def _set_up_constraints(self, weight_constraint, lipschitz_target, bias_bound):
+        self.weight_constraint = weight_constraint
+        self.lipschitz_target = float(lipschitz_target)
+        self.bias_bound = None if bias_bound is None else float(bias_bound)
+        if self.bias_bound is not None and self.bias_bound < 0:
+            raise ValueError(f"bias_bound must be >= 0, got {bias_bound}")
+
+    def _kernel_max_norm(self):
+        return self.lipschitz_target / math.sqrt(self.overlap)
+
+    def _project_initial_weights(self):
+        self.kernel.assign(self.kernel_constraint(self.kernel))
+        if self.use_bias:
+            self.bias.assign(self.bias_constraint(self.bias))
+
+    def _bias_norm(self):
+        return l2_norm(self.bias) if self.use_bias else as_bound(0.0)
+
+    def lipschitz_constant(self):
+        matrix = tf.reshape(self.kernel, [-1, self.kernel.shape[-1]])
+        return math.sqrt(self.overlap) * certified_spectral_norm(matrix)
+
+    def output_bound(self, input_bound):
+        return self.lipschitz_constant() * input_bound + math.sqrt(self.positions) * self._bias_norm()
+
+    def gradient_bounds(self, input_bound, cotangent_bound):
+        bounds = [(self.kernel, math.sqrt(self.overlap) * input_bound * cotangent_bound)]
+        if self.use_bias:
+            bounds.append((self.bias, math.sqrt(self.positions) * cotangent_bound))
+        return bounds
+
+    def _lipschitz_config(self):
+        return {
+            "weight_constraint": self.weight_constraint,
+            "lipschitz_target": self.lipschitz_target,
+            "bias_bound": self.bias_bound,
+        }
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class LipschitzDense(_LipschitzLinear, tf.keras.layers.Dense):
+    """Dense layer ``y = x K + b`` with a norm-constrained kernel and bias.
+
+    Applied to inputs of shape ``(batch, ..., d)``, the kernel acts at each of
+    the ``P`` leading positions (``P = 1`` for 2-D inputs); each input entry is
+    in one position, so ``overlap = 1``. Bounds (see ``_LipschitzLinear``):
+    output ``||K||_2 ||x|| + sqrt(P) ||b||``, Lipschitz ``||K||_2``, kernel
+    gradient ``||x|| ||z||``, bias gradient ``sqrt(P) ||z||``.
+
+    Args:
+        units: output width.
+        weight_constraint: ``"orthogonal"`` (deel-lip's Bjorck
+            orthonormalisation, gradient norm preserving), ``"spectral"``
+            (rescale to spectral norm <= target) or ``"frobenius"`` (project
+            onto the Frobenius ball).
+        lipschitz_target: the norm the constraint aims for.
+        bias_bound: radius of the l2 ball the bias is projected on; ``None``
+            means no bias.
+    """
+
+    def __init__(self, units, weight_constraint="orthogonal", lipschitz_target=1.0,
+                 bias_bound=None, kernel_initializer="orthogonal", **kwargs):
+        _pop_managed_arguments(type(self).__name__, kwargs)
+        self._set_up_constraints(weight_constraint, lipschitz_target, bias_bound)
+        super().__init__(
+            units,
+            use_bias=self.bias_bound is not None,
+            kernel_initializer=kernel_initializer,
+            kernel_constraint=make_kernel_constraint(weight_constraint, lipschitz_target),
+            bias_constraint=NormBallConstraint(self.bias_bound or 0.0),
+            **kwargs,
+        )
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.positions = math.prod(int(d) for d in input_shape[1:-1])
+        self._project_initial_weights()
+
+    def get_config(self):
+        config = super().get_config()
+        for key in _MANAGED_DEFAULTS:
+            config.pop(key, None)
+        config.update(self._lipschitz_config())
+        return config
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class LipschitzConv2D(_LipschitzLinear, tf.keras.layers.Conv2D):
+    """2-D convolution with a norm-constrained kernel, any stride, same/valid padding.
+
+    A convolution is the kernel matrix ``K`` (shape ``(kh*kw*c_in, c_out)``)
+    applied to every patch. One input pixel lies in at most
+    ``overlap = ceil(kh/sh) * ceil(kw/sw)`` patches (zero padding only adds
+    zeros), so ``sum_p ||patch_p||^2 <= overlap ||x||^2`` -- a worst case,
+    not an average over border effects. Bounds, with ``P`` output positions:
+
+    * output: ``sqrt(overlap) ||K||_2 ||x|| + sqrt(P) ||b||``;
+    * Lipschitz constant: ``sqrt(overlap) ||K||_2``;
+    * kernel gradient: ``sqrt(overlap) ||x|| ||z||``;
+    * bias gradient: ``sqrt(P) ||z||`` (the bias is broadcast to P positions).
+
+    The constraint targets ``||K||_2 = lipschitz_target / sqrt(overlap)`` so
+    that the layer is ``lipschitz_target``-Lipschitz.
+    """
+
+    def __init__(self, filters, kernel_size, strides=(1, 1), padding="same",
+                 weight_constraint="orthogonal", lipschitz_target=1.0, bias_bound=None,
+                 kernel_initializer="orthogonal", **kwargs):
+        _pop_managed_arguments(type(self).__name__, kwargs)
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+        self._set_up_constraints(weight_constraint, lipschitz_target, bias_bound)
+        kernel_size = tuple(kernel_size) if not isinstance(kernel_size, int) else (kernel_size,) * 2
+        strides = tuple(strides) if not isinstance(strides, int) else (strides,) * 2
+        self.overlap = window_overlap(kernel_size, strides)
+        super().__init__(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            use_bias=self.bias_bound is not None,
+            kernel_initializer=kernel_initializer,
+            kernel_constraint=make_kernel_constraint(weight_constraint, self._kernel_max_norm()),
+            bias_constraint=NormBallConstraint(self.bias_bound or 0.0),
+            **kwargs,
+        )
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        out_shape = self.compute_output_shape(input_shape)
+        if None in tuple(out_shape[1:3]):
+            raise ValueError(f"{self.name}: the spatial input shape must be static, got {input_shape}")
+        self.positions = int(out_shape[1]) * int(out_shape[2])
+        self._project_initial_weights()
+
+    def get_config(self):
+        config = super().get_config()
+        for key in _MANAGED_DEFAULTS:
+            config.pop(key, None)
+        config.update(self._lipschitz_config())
+        return config

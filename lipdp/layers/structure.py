@@ -1,0 +1,153 @@
+"""Parameter-free layers: input norm clipping, reshaping, centering, merges and
+backward-pass gradient clipping."""
+
+import tensorflow as tf
+
+from lipdp.layers.base import DPLayer, as_bound
+
+
+def _per_sample_norm(tensor):
+    axes = list(range(1, len(tensor.shape)))
+    return tf.sqrt(tf.reduce_sum(tf.square(tensor), axis=axes, keepdims=True))
+
+
+def _clip_per_sample(tensor, max_norm):
+    norm = _per_sample_norm(tensor)
+    return tensor * tf.minimum(1.0, max_norm / tf.maximum(norm, 1e-12))
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class InputNormClip(DPLayer, tf.keras.layers.Layer):
+    """Projects each sample onto the l2 ball of radius ``norm``: the only place
+    where data norms are enforced.
+
+    Bounds: output ``<= norm`` whatever the input, Lipschitz 1 (a projection
+    onto a convex set), no variables. Non-finite inputs (NaN, inf) raise an
+    ``InvalidArgumentError`` instead of propagating silently.
+    """
+
+    def __init__(self, norm, **kwargs):
+        super().__init__(**kwargs)
+        if not norm > 0:
+            raise ValueError(f"InputNormClip norm must be > 0, got {norm}")
+        self.norm = float(norm)
+
+    def call(self, inputs):
+        inputs = tf.debugging.assert_all_finite(inputs, "lipdp: the model input contains NaN or inf")
+        return _clip_per_sample(inputs, self.norm)
+
+    def output_bound(self, input_bound):
+        del input_bound
+        return as_bound(self.norm)
+
+    def get_config(self):
+        return {**super().get_config(), "norm": self.norm}
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class Flatten(DPLayer, tf.keras.layers.Flatten):
+    """Keras ``Flatten``. Bounds: output ``= ||x||``, Lipschitz 1, no variables."""
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class Reshape(DPLayer, tf.keras.layers.Reshape):
+    """Keras ``Reshape``. Bounds: output ``= ||x||``, Lipschitz 1, no variables."""
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class LayerCentering(DPLayer, tf.keras.layers.Layer):
+    """Subtracts, for each sample separately, its mean over ``axes``.
+
+    ``axes=None`` uses every non-batch axis; ``axes=(1, 2)`` centres each
+    channel of an image over its spatial positions. Centering is an orthogonal
+    projection of each sample (never a mix across the batch), so the bounds are
+    output ``<= ||x||``, Lipschitz 1, no variables.
+    """
+
+    def __init__(self, axes=None, **kwargs):
+        super().__init__(**kwargs)
+        if axes is not None and 0 in axes:
+            raise ValueError("LayerCentering cannot average over the batch axis 0: "
+                             "that would mix samples and break per-sample bounds")
+        self.axes = None if axes is None else tuple(axes)
+
+    def call(self, inputs):
+        axes = self.axes or tuple(range(1, len(inputs.shape)))
+        return inputs - tf.reduce_mean(inputs, axis=axes, keepdims=True)
+
+    def get_config(self):
+        return {**super().get_config(), "axes": self.axes}
+
+
+class _Merge(DPLayer):
+    """Records the number of merged inputs at build time."""
+
+    multi_input = True
+
+    def build(self, input_shape):
+        self.num_inputs = len(input_shape)
+        super().build(input_shape)
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class Add(_Merge, tf.keras.layers.Add):
+    """Sum of n branches (e.g. a residual block's branch and skip).
+
+    Bounds: output ``<= sum_i b_i``; each input receives the output cotangent
+    unchanged (``c``); no variables.
+    """
+
+    def output_bound(self, input_bounds):
+        return tf.add_n(input_bounds)
+
+    def input_cotangent_bound(self, cotangent_bound):
+        return [cotangent_bound] * self.num_inputs
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class Average(_Merge, tf.keras.layers.Average):
+    """Mean of n branches. Bounds: output ``<= mean_i b_i``; each input gets ``c / n``."""
+
+    def output_bound(self, input_bounds):
+        return tf.add_n(input_bounds) / len(input_bounds)
+
+    def input_cotangent_bound(self, cotangent_bound):
+        return [cotangent_bound / self.num_inputs] * self.num_inputs
+
+
+@tf.custom_gradient
+def _clip_cotangent(inputs, max_norm):
+    def backward(upstream):
+        return _clip_per_sample(upstream, max_norm), tf.zeros_like(max_norm)
+
+    return tf.identity(inputs), backward
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class ClipGradient(DPLayer, tf.keras.layers.Layer):
+    """Identity forward; in the backward pass clips each sample's cotangent to ``clip_value``.
+
+    Rule: the clip applies to the gradient of the *per-sample* loss. lipdp's
+    train step differentiates the sum of per-sample losses and divides by the
+    expected batch size only after noise is added, so the cotangent reaching
+    this layer for sample i is exactly ``d loss_i / d output_i``. Bounds:
+    output ``= ||x||``; input cotangent ``min(c, clip_value)``; no variables.
+    The Lipschitz constant reported is 1 (forward pass). Inside a plain Keras
+    model, whose loss is a batch mean, the threshold would act on cotangents
+    already divided by the batch size.
+    """
+
+    def __init__(self, clip_value, **kwargs):
+        super().__init__(**kwargs)
+        if not clip_value > 0:
+            raise ValueError(f"clip_value must be > 0, got {clip_value}")
+        self.clip_value = float(clip_value)
+
+    def call(self, inputs):
+        return _clip_cotangent(inputs, tf.constant(self.clip_value, inputs.dtype))
+
+    def input_cotangent_bound(self, cotangent_bound):
+        return tf.minimum(cotangent_bound, as_bound(self.clip_value))
+
+    def get_config(self):
+        return {**super().get_config(), "clip_value": self.clip_value}

@@ -1,0 +1,283 @@
+"""Per-sample gradient norm bounds of a Lipschitz Keras model.
+
+Bounds flow through the model's layer graph in two passes:
+
+* forward: the input norm bound (set by :class:`lipdp.layers.InputNormClip`)
+  is pushed through every layer's ``output_bound``;
+* backward: the loss's Lipschitz constant w.r.t. the logits (the per-sample
+  cotangent bound at the output) is pulled back through each layer's
+  ``input_cotangent_bound``; a tensor used by several layers receives the sum
+  of their cotangent bounds.
+
+Each layer then turns (input bound, output cotangent bound) into a bound on
+the per-sample gradient of each of its variables. All of it is computed from
+the weights in use, never from data, and works inside a ``tf.function``.
+
+Public API: :func:`validate`, :func:`gradient_bound_tensors`,
+:func:`compute_bounds`, :func:`verify_bounds`, :func:`report`,
+:func:`worst_case_inputs`.
+"""
+
+import dataclasses
+from typing import List
+
+import numpy as np
+import tensorflow as tf
+
+from lipdp.layers import DPLayer, InputNormClip
+from lipdp.layers.base import as_bound
+from lipdp.losses import LipschitzLoss
+
+
+class ModelNotSupportedError(ValueError):
+    """The model cannot be given a certified per-sample gradient bound."""
+
+
+_REPLACEMENTS = {
+    "Dense": "lipdp.layers.LipschitzDense",
+    "Conv2D": "lipdp.layers.LipschitzConv2D",
+    "BatchNormalization": "nothing: batch statistics mix samples; remove it or use lipdp.layers.LayerCentering",
+    "LayerNormalization": "lipdp.layers.LayerCentering (dividing by the norm is not Lipschitz)",
+    "Dropout": "nothing: remove it (it rescales activations by 1/(1-rate))",
+    "Activation": "lipdp.layers.GroupSort, FullSort, ReLU or Abs",
+    "ReLU": "lipdp.layers.ReLU",
+    "MaxPooling2D": "lipdp.layers.MaxPooling2D",
+    "AveragePooling2D": "lipdp.layers.L2NormPooling2D",
+    "GlobalAveragePooling2D": "lipdp.layers.GlobalL2NormPooling2D",
+    "Flatten": "lipdp.layers.Flatten",
+    "Reshape": "lipdp.layers.Reshape",
+    "Add": "lipdp.layers.Add",
+    "Average": "lipdp.layers.Average",
+    "Functional": "its layers inlined in one functional model (nested models are not supported)",
+    "Sequential": "its layers inlined in one functional model (nested models are not supported)",
+}
+
+
+def _replacement_hint(layer):
+    name = type(layer).__name__
+    if type(layer).__module__.startswith("deel.lip"):
+        return ("a lipdp layer: deel-lip layers normalise their weights inside the forward pass, so the "
+                "variable is not the weight used; lipdp.layers.LipschitzDense / LipschitzConv2D apply "
+                "deel-lip's orthonormalisation as a constraint instead")
+    return _REPLACEMENTS.get(name, "a lipdp.layers layer, or implement the DPLayer protocol")
+
+
+def _graph_nodes(model):
+    """The model's nodes, inputs first (Keras depth counts from the outputs)."""
+    if not getattr(model, "_is_graph_network", False) or model.inputs is None:
+        raise ModelNotSupportedError(
+            "the model has no layer graph yet: give it an input shape "
+            "(tf.keras.Input(...) as first layer) before computing bounds")
+    depths = sorted(model._nodes_by_depth, reverse=True)
+    return [node for depth in depths for node in model._nodes_by_depth[depth]]
+
+
+def model_loss(model):
+    """The compiled loss, which must declare its Lipschitz constant."""
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, LipschitzLoss):
+        return loss
+    if loss is None:
+        raise ModelNotSupportedError("compile the model with a lipdp.losses loss first")
+    hint = ""
+    if type(loss).__module__.startswith("deel.lip"):
+        hint = (" deel-lip's KR/HKR losses normalise by the batch's class counts, so one sample's "
+                "gradient depends on the others: use lipdp.losses.HingeKR, its per-sample form.")
+    raise ModelNotSupportedError(
+        f"loss {loss!r} declares no Lipschitz constant w.r.t. the logits; use one of "
+        f"lipdp.losses (TauCategoricalCrossentropy, MulticlassHinge, HingeKR, KCosineSimilarity).{hint}")
+
+
+def validate(model):
+    """Raises :class:`ModelNotSupportedError` naming the first problem found."""
+    nodes = _graph_nodes(model)
+    if len(model.outputs) != 1:
+        raise ModelNotSupportedError(f"the model has {len(model.outputs)} outputs; exactly one is supported")
+    model_loss(model)
+    for node in nodes:
+        layer = node.layer
+        if node.is_input:
+            continue
+        if not isinstance(layer, DPLayer):
+            raise ModelNotSupportedError(
+                f"layer {layer.name!r} ({type(layer).__name__}) has no privacy bound; use "
+                f"{_replacement_hint(layer)}")
+    input_ids = {str(id(t)) for t in model.inputs}
+    for node in nodes:
+        if node.is_input or isinstance(node.layer, InputNormClip):
+            continue
+        if input_ids.intersection(node.flat_input_ids):
+            raise ModelNotSupportedError(
+                f"layer {node.layer.name!r} reads the model input directly; put "
+                "lipdp.layers.InputNormClip(norm) first so the input norm is bounded")
+    if getattr(model, "_steps_per_execution", None) is not None and int(model._steps_per_execution) != 1:
+        raise ModelNotSupportedError("steps_per_execution must be 1 (one noisy update per step)")
+
+
+@dataclasses.dataclass
+class LayerBounds:
+    """What the bound propagation found at one layer call."""
+
+    layer: tf.keras.layers.Layer
+    input_bound: tf.Tensor
+    cotangent_bound: tf.Tensor
+    lipschitz: tf.Tensor
+    gradient_bounds: list
+
+
+def propagate(model) -> List[LayerBounds]:
+    """Runs both passes and returns the bounds of every layer call, inputs first."""
+    validate(model)
+    nodes = [node for node in _graph_nodes(model) if not node.is_input]
+    loss = model_loss(model)
+    norms = {}
+    for node in nodes:
+        inputs = [norms.get(i) for i in node.flat_input_ids]
+        node_input = inputs if node.layer.multi_input else inputs[0]
+        out = node.layer.output_bound(node_input)
+        norms.update({i: out for i in node.flat_output_ids})
+    output = model.outputs[0]
+    cotangents = {str(id(output)): as_bound(loss.logit_lipschitz(int(output.shape[-1])))}
+    records = []
+    for node in reversed(nodes):
+        layer = node.layer
+        cotangent = tf.add_n([cotangents.get(i, as_bound(0.0)) for i in node.flat_output_ids])
+        inputs = [norms.get(i) for i in node.flat_input_ids]
+        node_input = inputs if layer.multi_input else inputs[0]
+        upstream = layer.input_cotangent_bound(cotangent)
+        upstream = upstream if layer.multi_input else [upstream]
+        for input_id, bound in zip(node.flat_input_ids, upstream):
+            cotangents[input_id] = cotangents.get(input_id, as_bound(0.0)) + bound
+        grads = layer.gradient_bounds(node_input, cotangent) if layer.trainable else []
+        records.append(LayerBounds(layer, node_input, cotangent, layer.lipschitz_constant(), grads))
+    return records[::-1]
+
+
+def gradient_bound_tensors(model):
+    """Bounds aligned with ``model.trainable_variables`` (float64 scalars).
+
+    A layer called several times (shared weights) gets the sum of the bounds
+    of its calls. Raises if a trainable variable gets no bound.
+    """
+    by_variable = {}
+    for record in propagate(model):
+        for variable, bound in record.gradient_bounds:
+            key = variable.ref()
+            by_variable[key] = by_variable[key] + bound if key in by_variable else bound
+    missing = [v.name for v in model.trainable_variables if v.ref() not in by_variable]
+    if missing:
+        raise ModelNotSupportedError(f"no gradient bound for trainable variable(s) {missing}")
+    return [by_variable[v.ref()] for v in model.trainable_variables]
+
+
+def compute_bounds(model):
+    """``{variable name: per-sample gradient norm bound}`` for the per-sample loss."""
+    bounds = gradient_bound_tensors(model)
+    return {v.name: float(b) for v, b in zip(model.trainable_variables, bounds)}
+
+
+def per_sample_gradient_norms(model, x, y):
+    """True per-sample gradient norms, shape ``(batch, num_variables)``.
+
+    Differentiates the unreduced loss of each sample alone (a batch of one)
+    with ``tf.vectorized_map``; shares nothing with the bound code.
+    """
+    loss = model_loss(model)
+    variables = model.trainable_variables
+
+    def one_sample(sample):
+        xi, yi = sample
+        with tf.GradientTape() as tape:
+            per_sample_loss = tf.reduce_sum(loss.call(yi[None], model(xi[None], training=True)))
+        grads = tape.gradient(per_sample_loss, variables)
+        return tf.stack([tf.norm(tf.reshape(tf.cast(g, tf.float64), [-1])) for g in grads])
+
+    x = tf.convert_to_tensor(x, tf.float32)
+    y = tf.convert_to_tensor(y, tf.float32)
+    return tf.vectorized_map(one_sample, (x, y), fallback_to_while_loop=True)
+
+
+@dataclasses.dataclass
+class Verification:
+    """Result of :func:`verify_bounds`."""
+
+    max_ratio: float
+    ratios: dict
+    violations: list
+
+    @property
+    def ok(self):
+        return not self.violations
+
+
+def verify_bounds(model, x, y, rtol=1e-5):
+    """Compares true per-sample gradient norms with the bounds.
+
+    Returns :class:`Verification` with ``max_ratio`` (true / bound, worst over
+    samples and variables), ``ratios`` (worst ratio per variable) and
+    ``violations``: ``(variable name, sample index, true norm, bound)`` for
+    every case where the true norm exceeds ``bound * (1 + rtol)``.
+    """
+    bounds = np.array([float(b) for b in gradient_bound_tensors(model)])
+    norms = per_sample_gradient_norms(model, x, y).numpy()
+    ratios = norms / np.maximum(bounds, 1e-300)
+    names = [v.name for v in model.trainable_variables]
+    violations = [
+        (names[j], int(i), float(norms[i, j]), float(bounds[j]))
+        for i, j in zip(*np.nonzero(norms > bounds * (1 + rtol)))
+    ]
+    worst = ratios.max(axis=0) if len(norms) else np.zeros(len(names))
+    return Verification(float(worst.max(initial=0.0)), dict(zip(names, worst.tolist())), violations)
+
+
+def worst_case_inputs(model, x, y, steps=30, step_size=0.5):
+    """Gradient ascent on the inputs to maximise the per-sample gradient norm.
+
+    Maximises the sum over samples of the squared total gradient norm relative
+    to its bound, with normalised ascent steps scaled to the input norm. Used
+    to look for adversarial violations of the bounds.
+    """
+    loss = model_loss(model)
+    variables = model.trainable_variables
+    x = tf.Variable(tf.convert_to_tensor(x, tf.float32))
+    y = tf.convert_to_tensor(y, tf.float32)
+    scale = tf.reduce_mean(tf.norm(tf.reshape(x, [x.shape[0], -1]), axis=1)) + 1e-6
+
+    @tf.function
+    def ascent_step():
+        with tf.GradientTape() as outer:
+            def one_sample(sample):
+                xi, yi = sample
+                with tf.GradientTape() as tape:
+                    value = tf.reduce_sum(loss.call(yi[None], model(xi[None], training=True)))
+                grads = tape.gradient(value, variables)
+                return tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads])
+
+            objective = tf.reduce_sum(tf.map_fn(one_sample, (x, y), fn_output_signature=tf.float32))
+        direction = outer.gradient(objective, x)
+        per_sample = tf.norm(tf.reshape(direction, [x.shape[0], -1]), axis=1)
+        per_sample = tf.reshape(tf.maximum(per_sample, 1e-12), [-1] + [1] * (len(x.shape) - 1))
+        x.assign_add(step_size * scale * direction / per_sample)
+
+    for _ in range(steps):
+        ascent_step()
+    return x.numpy()
+
+
+def report(model):
+    """A readable per-layer table of the bounds (one row per layer call)."""
+    rows = [("layer", "type", "input bound", "cotangent bound", "Lipschitz", "gradient bounds")]
+    for record in propagate(model):
+        grads = ", ".join(f"{v.name.split('/')[-1].split(':')[0]}={float(b):.4g}"
+                          for v, b in record.gradient_bounds) or "-"
+        inputs = record.input_bound if isinstance(record.input_bound, list) else [record.input_bound]
+        rows.append((record.layer.name, type(record.layer).__name__,
+                     " + ".join("inf" if b is None else f"{float(b):.4g}" for b in inputs),
+                     f"{float(record.cotangent_bound):.4g}", f"{float(record.lipschitz):.6g}", grads))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    bounds = gradient_bound_tensors(model)
+    total = float(tf.norm(tf.stack(bounds))) if bounds else 0.0
+    lines.append(f"\nglobal sensitivity (l2 norm of all variable bounds): {total:.6g}")
+    return "\n".join(lines)
