@@ -41,7 +41,8 @@ class SpectralNormConstraint(tf.keras.constraints.Constraint):
 
     def __call__(self, w):
         sigma = certified_spectral_norm(tf.reshape(w, [-1, w.shape[-1]]))
-        return w * tf.cast(tf.minimum(1.0, self.max_norm / tf.maximum(sigma, 1e-12)), w.dtype)
+        scale = tf.minimum(as_bound(1.0), self.max_norm / tf.maximum(sigma, 1e-12))
+        return w * tf.cast(scale, w.dtype)
 
     def get_config(self):
         return {"max_norm": self.max_norm}
