@@ -110,8 +110,6 @@ def validate(model):
             raise ModelNotSupportedError(
                 f"layer {node.layer.name!r} reads the model input directly; put "
                 "lipdp.layers.InputNormClip(norm) first so the input norm is bounded")
-    if getattr(model, "_steps_per_execution", None) is not None and int(model._steps_per_execution) != 1:
-        raise ModelNotSupportedError("steps_per_execution must be 1 (one noisy update per step)")
 
 
 @dataclasses.dataclass

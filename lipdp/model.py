@@ -1,0 +1,294 @@
+"""DP Keras models: the ordinary batch gradient plus calibrated Gaussian noise.
+
+One obvious entry point::
+
+    model = lipdp.DPSequential([...Lipschitz layers...])
+    model.compile(optimizer="adam", loss=lipdp.losses.TauCategoricalCrossentropy(8.0))
+    sampler = lipdp.PoissonSampler(x_train, y_train, expected_batch_size=256)
+    model.make_private(sampler, target_epsilon=3.0, epochs=20, delta=1e-5)
+    model.fit(sampler, epochs=20)       # epsilon appears in the progress bar
+
+The train step never computes a per-sample gradient. It differentiates the
+*sum* of per-sample losses, asks :mod:`lipdp.sensitivity` for the per-sample
+gradient bound of each variable *for the weights in use at this step*, adds
+Gaussian noise once, and divides by the *expected* batch size ``q N`` (a
+constant: dividing by the realised Poisson batch size would leak it). An
+empty batch is a valid step (noise only).
+
+Noise allocation, with ``sigma`` the noise multiplier and ``C_i`` the bound
+of variable ``i`` among ``k``:
+
+* ``"global"``: one sensitivity ``C = ||(C_1..C_k)||_2``, std ``sigma C`` on
+  every coordinate.
+* ``"per-layer"``: variable ``i`` gets std ``sigma sqrt(k) C_i``. ``k``
+  Gaussian mechanisms with noise multipliers ``sigma_i = sigma sqrt(k)``
+  compose exactly into one with ``1/sigma^2 = sum_i 1/sigma_i^2``, so the
+  accountant sees the single multiplier ``sigma`` in both cases.
+
+What is and is not covered: the guarantee covers the weights (every step's
+noisy update). The training loss and metrics Keras shows during ``fit`` are
+computed on private batches and are **not** covered: do not publish them;
+use validation data (held out, not private) for what you report. The noise
+comes from ``tf.random.Generator`` (Philox), seedable for tests and *not* a
+cryptographically secure sampler. Hyper-parameter searches over private data
+are not covered by the guarantee.
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import tensorflow as tf
+
+from lipdp import accounting, sensitivity
+
+NOISE_ALLOCATIONS = ("global", "per-layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPolicy:
+    """Everything the accountant needs to know about a training run."""
+
+    noise_multiplier: float
+    delta: float
+    dataset_size: int
+    sampling: str
+    sampling_rate: float
+    expected_batch_size: float
+    steps_per_epoch: int
+    accountant: str = "rdp"
+    noise_allocation: str = "global"
+
+    def __post_init__(self):
+        accounting.validate_delta(self.delta, self.dataset_size)
+        if self.noise_allocation not in NOISE_ALLOCATIONS:
+            raise ValueError(f"noise_allocation={self.noise_allocation!r} is not one of {NOISE_ALLOCATIONS}")
+        accounting.compute_epsilon(**self._accounting_args(steps=1))  # validates the rest
+
+    def _accounting_args(self, steps):
+        return dict(sampling_rate=self.sampling_rate, noise_multiplier=self.noise_multiplier, steps=steps,
+                    delta=self.delta, accountant=self.accountant, sampling=self.sampling,
+                    steps_per_epoch=self.steps_per_epoch)
+
+    def epsilon(self, steps):
+        """Epsilon spent after ``steps`` noisy steps."""
+        return accounting.compute_epsilon(**self._accounting_args(int(steps)))
+
+    def max_steps(self, epsilon_budget):
+        """The largest number of steps whose epsilon stays within the budget."""
+        args = self._accounting_args(steps=0)
+        args.pop("steps")
+        return accounting.max_steps(epsilon_budget=epsilon_budget, **args)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_sampler(cls, sampler, *, noise_multiplier=None, target_epsilon=None, epochs=None, delta=None,
+                     accountant="rdp", noise_allocation="global"):
+        """Policy for ``sampler``; the noise is given or calibrated to a target epsilon.
+
+        ``delta`` defaults to ``1 / (10 N)``. With ``target_epsilon``, ``epochs``
+        is required and the noise multiplier is the smallest whose epsilon after
+        ``epochs * steps_per_epoch`` steps does not exceed the target.
+        """
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        delta = 0.1 / sampler.dataset_size if delta is None else delta
+        accounting.validate_delta(delta, sampler.dataset_size)
+        if target_epsilon is not None:
+            if not epochs:
+                raise ValueError("target_epsilon needs the number of epochs to calibrate the noise")
+            noise_multiplier = accounting.calibrate_noise_multiplier(
+                target_epsilon=target_epsilon, delta=delta, sampling_rate=sampler.sampling_rate,
+                steps=int(epochs) * sampler.steps_per_epoch, accountant=accountant, sampling=sampler.kind,
+                steps_per_epoch=sampler.steps_per_epoch)
+        return cls(noise_multiplier=float(noise_multiplier), delta=float(delta),
+                   dataset_size=int(sampler.dataset_size), sampling=sampler.kind,
+                   sampling_rate=float(sampler.sampling_rate),
+                   expected_batch_size=float(sampler.expected_batch_size),
+                   steps_per_epoch=int(sampler.steps_per_epoch), accountant=accountant,
+                   noise_allocation=noise_allocation)
+
+
+class NotPrivateError(RuntimeError):
+    """A DP model was asked to train before ``make_private`` was called."""
+
+
+class DPModelMixin:
+    """Clipless DP training for Keras models (see the module docstring)."""
+
+    def _init_privacy(self, privacy=None, noise_seed=None):
+        self.privacy_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="privacy_steps")
+        self._noise = tf.random.Generator.from_non_deterministic_state()
+        self._loss_tracker = tf.keras.metrics.Mean(name="loss")
+        self._sampler = None
+        self._set_privacy(privacy, noise_seed)
+
+    def _set_privacy(self, privacy, noise_seed):
+        self.privacy = None if privacy is None else PrivacyPolicy(**privacy)
+        self.noise_seed = noise_seed
+        if noise_seed is not None:
+            self._noise.reset_from_seed(noise_seed)
+
+    # -- set-up --------------------------------------------------------------
+    def compile(self, *args, **kwargs):
+        if kwargs.get("steps_per_execution", 1) != 1:
+            raise ValueError("DP models take one noisy step per execution: steps_per_execution must be 1")
+        super().compile(*args, **kwargs)
+        sensitivity.validate(self)
+        if self.losses:
+            raise sensitivity.ModelNotSupportedError(
+                "the model has regularization losses; lipdp does not add them to the private gradient yet")
+
+    def make_private(self, sampler, **policy_args):
+        """Attaches ``sampler`` and its :class:`PrivacyPolicy` (see ``PrivacyPolicy.from_sampler``)."""
+        policy = PrivacyPolicy.from_sampler(sampler, **policy_args)
+        if self.privacy is not None and int(self.privacy_steps) > 0 and policy != self.privacy:
+            raise ValueError(
+                "this model already spent privacy under another policy "
+                f"({self.privacy}); resume with the same policy or start from fresh weights")
+        self.privacy = policy
+        self._sampler = sampler
+        return policy
+
+    def attach_sampler(self, sampler):
+        """Re-attaches a sampler to a loaded model whose policy it must match."""
+        self._check_sampler(sampler)
+        self._sampler = sampler
+
+    def _check_sampler(self, sampler):
+        if self.privacy is None:
+            raise NotPrivateError("call model.make_private(sampler, ...) before fit")
+        found = (sampler.kind, sampler.dataset_size, float(sampler.sampling_rate))
+        expected = (self.privacy.sampling, self.privacy.dataset_size, self.privacy.sampling_rate)
+        if found != expected:
+            raise ValueError(f"the sampler (kind, N, q) = {found} does not match the privacy policy {expected}")
+
+    def fit(self, x=None, epochs=1, callbacks=None, steps_per_epoch=None, **kwargs):
+        """Keras ``fit`` on a lipdp sampler (the one given to ``make_private``).
+
+        Arrays and other datasets are refused: their batches are neither
+        Poisson-sampled nor known to the accountant. A
+        :class:`lipdp.callbacks.PrivacyLedger` is added if none is given.
+        """
+        from lipdp.callbacks import PrivacyLedger  # callbacks import this module
+
+        if not hasattr(x, "dataset") or not hasattr(x, "kind"):
+            raise TypeError(
+                "DP training needs a lipdp sampler as x (e.g. lipdp.PoissonSampler(x, y, expected_batch_size=...)):"
+                " Keras' own batching is not what the accountant assumes")
+        self._check_sampler(x)
+        if kwargs.get("batch_size") is not None or kwargs.get("validation_split"):
+            raise ValueError("batch_size and validation_split are set by the sampler; pass validation_data instead")
+        if steps_per_epoch not in (None, x.steps_per_epoch):
+            raise ValueError(f"steps_per_epoch is fixed by the sampler ({x.steps_per_epoch})")
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, PrivacyLedger) for c in callbacks):
+            callbacks.insert(0, PrivacyLedger())
+        return super().fit(x.dataset(), epochs=epochs, steps_per_epoch=x.steps_per_epoch, callbacks=callbacks,
+                           **kwargs)
+
+    # -- the private step ----------------------------------------------------
+    @property
+    def metrics(self):
+        return [self._loss_tracker] + [m for m in super().metrics if m.name != "loss"]
+
+    def noise_stddevs(self, bounds):
+        """Per-variable noise standard deviation on the gradient *sum* (float64)."""
+        sigma = self.privacy.noise_multiplier
+        if self.privacy.noise_allocation == "global":
+            total = tf.norm(tf.stack(bounds))
+            return [sigma * total for _ in bounds]
+        scale = sigma * math.sqrt(len(bounds))
+        return [scale * bound for bound in bounds]
+
+    def noisy_gradients(self, gradient_sums):
+        """Adds calibrated noise once and normalises by the expected batch size."""
+        bounds = sensitivity.gradient_bound_tensors(self)
+        stddevs = self.noise_stddevs(bounds)
+        return [
+            (g + self._noise.normal(tf.shape(g), dtype=g.dtype) * tf.cast(std, g.dtype))
+            / self.privacy.expected_batch_size
+            for g, std in zip(gradient_sums, stddevs)
+        ]
+
+    def train_step(self, data):
+        if self.privacy is None:
+            raise NotPrivateError("call model.make_private(sampler, ...) before fit")
+        x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
+        if sample_weight is not None:
+            raise ValueError("sample weights are not supported in DP training")
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            per_sample_loss = self.loss.call(y, y_pred)
+            loss_sum = tf.reduce_sum(per_sample_loss)
+        gradient_sums = tape.gradient(loss_sum, variables)
+        self.optimizer.apply_gradients(zip(self.noisy_gradients(gradient_sums), variables))
+        self.privacy_steps.assign_add(1)
+        return self._update_metrics(y, y_pred, per_sample_loss)
+
+    def test_step(self, data):
+        x, y, _ = tf.keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=False)
+        return self._update_metrics(y, y_pred, self.loss.call(y, y_pred))
+
+    def _update_metrics(self, y, y_pred, per_sample_loss):
+        self._loss_tracker.update_state(per_sample_loss)
+        self.compiled_metrics.update_state(y, y_pred)
+        return {m.name: m.result() for m in self.metrics}
+
+    # -- reporting -----------------------------------------------------------
+    def epsilon(self):
+        """Epsilon spent so far (at the policy's delta)."""
+        return self.privacy.epsilon(int(self.privacy_steps))
+
+    def privacy_state(self):
+        """What ``privacy.json`` records."""
+        steps = int(self.privacy_steps)
+        return {"epsilon": self.privacy.epsilon(steps), "steps": steps, **self.privacy.to_dict()}
+
+    def privacy_statement(self):
+        """A one-paragraph, human-readable statement of the guarantee."""
+        state = self.privacy_state()
+        adjacency = ("adding or removing one example" if state["sampling"] == "poisson"
+                     else "replacing one example (fixed-size shuffled batches, no amplification by subsampling)")
+        return (
+            f"The trained weights are ({state['epsilon']:.4g}, {state['delta']:.3g})-differentially private "
+            f"with respect to {adjacency}, over {state['steps']} noisy steps on N={state['dataset_size']} examples "
+            f"({state['sampling']} sampling, rate q={state['sampling_rate']:.4g}, expected batch "
+            f"{state['expected_batch_size']:.1f}), Gaussian noise multiplier {state['noise_multiplier']:.4g} "
+            f"({state['noise_allocation']} allocation) on certified per-sample gradient bounds, accounted with "
+            f"dp-accounting's {state['accountant'].upper()} accountant. Training losses and metrics shown during "
+            "fit are computed on private data and are not covered; hyper-parameter selection is not covered.")
+
+    def get_config(self):
+        privacy = None if self.privacy is None else self.privacy.to_dict()
+        return {**super().get_config(), "privacy": privacy, "noise_seed": self.noise_seed}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        privacy, noise_seed = config.pop("privacy", None), config.pop("noise_seed", None)
+        model = super().from_config(config, custom_objects)
+        model._set_privacy(privacy, noise_seed)
+        return model
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class DPModel(DPModelMixin, tf.keras.Model):
+    """Functional ``tf.keras.Model`` (DAGs, residual blocks) trained with clipless DP."""
+
+    def __init__(self, *args, privacy: Optional[dict] = None, noise_seed=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_privacy(privacy, noise_seed)
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class DPSequential(DPModelMixin, tf.keras.Sequential):
+    """``tf.keras.Sequential`` trained with clipless DP."""
+
+    def __init__(self, layers=None, name=None, privacy: Optional[dict] = None, noise_seed=None):
+        super().__init__(layers=layers, name=name)
+        self._init_privacy(privacy, noise_seed)
