@@ -36,8 +36,6 @@ are not covered by the guarantee.
 
 import dataclasses
 import math
-from typing import Optional
-
 import tensorflow as tf
 
 from lipdp import accounting, sensitivity
@@ -122,7 +120,6 @@ class DPModelMixin:
         self.privacy_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="privacy_steps")
         self._noise = tf.random.Generator.from_non_deterministic_state()
         self._loss_tracker = tf.keras.metrics.Mean(name="loss")
-        self._sampler = None
         self._set_privacy(privacy, noise_seed)
 
     def _set_privacy(self, privacy, noise_seed):
@@ -132,30 +129,31 @@ class DPModelMixin:
             self._noise.reset_from_seed(noise_seed)
 
     # -- set-up --------------------------------------------------------------
-    def compile(self, *args, **kwargs):
-        if kwargs.get("steps_per_execution", 1) != 1:
-            raise ValueError("DP models take one noisy step per execution: steps_per_execution must be 1")
-        super().compile(*args, **kwargs)
-        sensitivity.validate(self)
-        if self.losses:
-            raise sensitivity.ModelNotSupportedError(
-                "the model has regularization losses; lipdp does not add them to the private gradient yet")
-
     def make_private(self, sampler, **policy_args):
-        """Attaches ``sampler`` and its :class:`PrivacyPolicy` (see ``PrivacyPolicy.from_sampler``)."""
+        """Validates the compiled model and sets its :class:`PrivacyPolicy` for ``sampler``.
+
+        See ``PrivacyPolicy.from_sampler`` for the arguments. Raises
+        :class:`lipdp.sensitivity.ModelNotSupportedError` naming any layer,
+        loss or setting that has no certified bound.
+        """
+        self._validate_for_privacy()
         policy = PrivacyPolicy.from_sampler(sampler, **policy_args)
         if self.privacy is not None and int(self.privacy_steps) > 0 and policy != self.privacy:
             raise ValueError(
                 "this model already spent privacy under another policy "
                 f"({self.privacy}); resume with the same policy or start from fresh weights")
         self.privacy = policy
-        self._sampler = sampler
         return policy
 
-    def attach_sampler(self, sampler):
-        """Re-attaches a sampler to a loaded model whose policy it must match."""
-        self._check_sampler(sampler)
-        self._sampler = sampler
+    def _validate_for_privacy(self):
+        if getattr(self, "optimizer", None) is None:
+            raise NotPrivateError("compile the model (optimizer and a lipdp.losses loss) before make_private")
+        sensitivity.validate(self)
+        if self._steps_per_execution is not None and int(self._steps_per_execution) != 1:
+            raise sensitivity.ModelNotSupportedError("steps_per_execution must be 1: one noisy update per step")
+        if self.losses:
+            raise sensitivity.ModelNotSupportedError(
+                "the model has regularization losses; lipdp does not add them to the private gradient")
 
     def _check_sampler(self, sampler):
         if self.privacy is None:
@@ -280,8 +278,10 @@ class DPModelMixin:
 class DPModel(DPModelMixin, tf.keras.Model):
     """Functional ``tf.keras.Model`` (DAGs, residual blocks) trained with clipless DP."""
 
-    def __init__(self, *args, privacy: Optional[dict] = None, noise_seed=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, inputs, outputs, name=None, trainable=True, **kwargs):
+        # Functional's exact signature, so Keras saves and revives it as a graph.
+        privacy, noise_seed = kwargs.pop("privacy", None), kwargs.pop("noise_seed", None)
+        super().__init__(inputs, outputs, name=name, trainable=trainable, **kwargs)
         self._init_privacy(privacy, noise_seed)
 
 
@@ -289,6 +289,6 @@ class DPModel(DPModelMixin, tf.keras.Model):
 class DPSequential(DPModelMixin, tf.keras.Sequential):
     """``tf.keras.Sequential`` trained with clipless DP."""
 
-    def __init__(self, layers=None, name=None, privacy: Optional[dict] = None, noise_seed=None):
+    def __init__(self, layers=None, name=None, privacy=None, noise_seed=None):
         super().__init__(layers=layers, name=name)
         self._init_privacy(privacy, noise_seed)

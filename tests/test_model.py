@@ -1,0 +1,196 @@
+"""The clipless DP train step: noise calibration, normalisation, set-up errors, save/load."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import lipdp
+from lipdp import layers as L
+from lipdp import sensitivity
+
+N, BATCH, SIGMA = 400, 40, 0.8
+
+
+def make_model(noise_seed=0, big_constraints=False):
+    """A small model; with ``big_constraints`` no projection changes the weights after a step."""
+    target = 1e6 if big_constraints else 1.0
+    tf.keras.utils.set_random_seed(3)
+    model = lipdp.DPSequential([
+        tf.keras.Input((6,)), L.InputNormClip(2.0),
+        L.LipschitzDense(8, weight_constraint="spectral", lipschitz_target=target, bias_bound=target),
+        L.GroupSort(),
+        L.LipschitzDense(3, weight_constraint="spectral", lipschitz_target=target, bias_bound=target),
+    ], noise_seed=noise_seed)
+    model.compile(tf.keras.optimizers.SGD(1.0), loss=lipdp.losses.TauCategoricalCrossentropy(2.0),
+                  metrics=["accuracy"])
+    return model
+
+
+def make_data(n=N, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype("float32")
+    y = tf.one_hot(rng.integers(0, 3, n), 3).numpy()
+    return x, y
+
+
+def true_gradient_sums(model, x, y):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model.loss.call(y, model(x)))
+    return [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+
+
+@pytest.mark.parametrize("allocation", ["global", "per-layer"])
+def test_update_noise_has_the_calibrated_std(allocation):
+    """SGD at lr 1: (w_before - w_after) * qN - sum of gradients is the added noise."""
+    model = make_model(big_constraints=True)
+    x, y = make_data()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH, seed=0)
+    model.make_private(sampler, noise_multiplier=SIGMA, noise_allocation=allocation)
+    batch_x, batch_y = x[:50], y[:50]
+    start = [v.numpy().copy() for v in model.trainable_variables]
+    grads = true_gradient_sums(model, batch_x, batch_y)
+    bounds = np.array([float(b) for b in sensitivity.gradient_bound_tensors(model)])
+    if allocation == "global":
+        expected = SIGMA * np.linalg.norm(bounds) * np.ones_like(bounds)
+    else:
+        expected = SIGMA * np.sqrt(len(bounds)) * bounds
+    noises = [[] for _ in start]
+    for _ in range(40):
+        for variable, value in zip(model.trainable_variables, start):
+            variable.assign(value)
+        model.train_on_batch(batch_x, batch_y)
+        for i, (variable, value, grad) in enumerate(zip(model.trainable_variables, start, grads)):
+            noises[i].append((value - variable.numpy()) * BATCH - grad)
+    for i, samples in enumerate(noises):
+        samples = np.concatenate([s.ravel() for s in samples])
+        # std estimate over n Gaussian draws has relative standard error ~ 1/sqrt(2n)
+        tolerance = 5 / np.sqrt(2 * samples.size)
+        assert np.std(samples) == pytest.approx(expected[i], rel=tolerance), model.trainable_variables[i].name
+        assert abs(np.mean(samples)) < 5 * expected[i] / np.sqrt(samples.size)
+    assert int(model.privacy_steps) == 40
+
+
+def test_loss_is_normalised_by_the_expected_batch_size():
+    """Averaged over many draws the update is the gradient *sum* over qN, not a batch mean."""
+    model = make_model(big_constraints=True)
+    x, y = make_data()
+    model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=SIGMA)
+    batch_x, batch_y = x[:10], y[:10]  # realised batch much smaller than qN = 40
+    start = [v.numpy().copy() for v in model.trainable_variables]
+    grads = true_gradient_sums(model, batch_x, batch_y)
+    updates = []
+    for _ in range(200):
+        for variable, value in zip(model.trainable_variables, start):
+            variable.assign(value)
+        model.train_on_batch(batch_x, batch_y)
+        updates.append(start[-2] - model.trainable_variables[-2].numpy())
+    mean_update = np.mean(updates, axis=0)
+    noise_std = np.std(np.array(updates) - grads[-2] / BATCH)
+    assert np.max(np.abs(mean_update - grads[-2] / BATCH)) < 5 * noise_std / np.sqrt(200)
+    assert np.max(np.abs(grads[-2] / 10 - grads[-2] / BATCH)) > 10 * noise_std / np.sqrt(200)
+
+
+def test_empty_batch_is_a_noise_only_step():
+    model = make_model()
+    x, y = make_data()
+    model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=SIGMA)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    model.train_on_batch(x[:0], y[:0])
+    assert int(model.privacy_steps) == 1
+    assert any(not np.allclose(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
+
+
+def test_same_seed_gives_same_noise():
+    x, y = make_data()
+    results = []
+    for _ in range(2):
+        model = make_model(noise_seed=7)
+        model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=SIGMA)
+        model.train_on_batch(x[:20], y[:20])
+        results.append(model.trainable_variables[0].numpy())
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_fit_trains_and_reports_epsilon():
+    x, y = make_data()
+    model = make_model()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH, seed=1)
+    policy = model.make_private(sampler, target_epsilon=2.0, epochs=3, delta=1e-4)
+    history = model.fit(sampler, epochs=3, verbose=0, validation_data=(x[:50], y[:50]))
+    assert int(model.privacy_steps) == 3 * sampler.steps_per_epoch
+    assert history.history["epsilon"][-1] <= 2.0
+    assert history.history["epsilon"][-1] == pytest.approx(policy.epsilon(3 * sampler.steps_per_epoch))
+    assert np.all(np.diff(history.history["epsilon"]) > 0)
+    assert history.history["val_loss"][-1] > 0
+    assert "differentially private" in model.privacy_statement()
+
+
+def test_fit_refuses_arrays_and_foreign_samplers():
+    x, y = make_data()
+    model = make_model()
+    with pytest.raises(lipdp.model.NotPrivateError):
+        model.fit(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH))
+    model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=1.0)
+    with pytest.raises(TypeError, match="sampler"):
+        model.fit(x, y)
+    with pytest.raises(ValueError, match="does not match"):
+        model.fit(lipdp.PoissonSampler(x, y, expected_batch_size=2 * BATCH))
+
+
+def test_make_private_validates_the_model_up_front():
+    x, y = make_data()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
+    model = lipdp.DPSequential([tf.keras.Input((6,)), L.InputNormClip(1.0), tf.keras.layers.Dense(2)])
+    with pytest.raises(lipdp.model.NotPrivateError, match="compile"):
+        model.make_private(sampler, noise_multiplier=1.0)
+    model.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy())
+    with pytest.raises(sensitivity.ModelNotSupportedError, match="LipschitzDense"):
+        model.make_private(sampler, noise_multiplier=1.0)
+
+
+def test_impossible_privacy_requests_raise():
+    x, y = make_data()
+    model = make_model()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
+    with pytest.raises(lipdp.accounting.PrivacyParameterError, match="delta"):
+        model.make_private(sampler, noise_multiplier=1.0, delta=1.0 / N)
+    with pytest.raises(ValueError, match="exactly one"):
+        model.make_private(sampler)
+    with pytest.raises(lipdp.accounting.PrivacyParameterError):
+        model.make_private(sampler, target_epsilon=-1.0, epochs=2)
+
+
+def test_nan_inputs_raise():
+    x, y = make_data()
+    model = make_model()
+    model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=1.0)
+    bad = x[:5].copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN"):
+        model.train_on_batch(bad, y[:5])
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_save_and_load_round_trip(tmp_path, functional):
+    x, y = make_data()
+    if functional:
+        inp = tf.keras.Input((6,))
+        h = L.InputNormClip(2.0)(inp)
+        h = L.Add()([L.LipschitzDense(6, bias_bound=0.5)(h), h])
+        model = lipdp.DPModel(inp, L.LipschitzDense(3)(L.GroupSort()(h)), noise_seed=1)
+        model.compile("adam", loss=lipdp.losses.MulticlassHinge())
+    else:
+        model = make_model()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
+    model.make_private(sampler, noise_multiplier=1.0)
+    model.fit(sampler, epochs=1, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = tf.keras.models.load_model(path)
+    assert type(loaded) is type(model)
+    assert loaded.privacy == model.privacy
+    assert int(loaded.privacy_steps) == int(model.privacy_steps) > 0
+    assert loaded.epsilon() == pytest.approx(model.epsilon())
+    np.testing.assert_allclose(loaded.predict(x[:20], verbose=0), model.predict(x[:20], verbose=0), atol=1e-6)
+    loaded.fit(sampler, epochs=1, verbose=0)
+    assert int(loaded.privacy_steps) == 2 * sampler.steps_per_epoch
