@@ -201,9 +201,8 @@ class DPModelMixin:
         scale = sigma * math.sqrt(len(bounds))
         return [scale * bound for bound in bounds]
 
-    def noisy_gradients(self, gradient_sums):
-        """Adds calibrated noise once and normalises by the expected batch size."""
-        bounds = sensitivity.gradient_bound_tensors(self)
+    def noisy_gradients(self, gradient_sums, bounds):
+        """Adds noise calibrated to the per-variable ``bounds`` once, then divides by ``q N``."""
         stddevs = self.noise_stddevs(bounds)
         return [
             (g + self._noise.normal(tf.shape(g), dtype=g.dtype) * tf.cast(std, g.dtype))
@@ -217,15 +216,25 @@ class DPModelMixin:
         x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
         if sample_weight is not None:
             raise ValueError("sample weights are not supported in DP training")
-        variables = self.trainable_variables
+        y_pred, per_sample_loss, gradient_sums, bounds = self.private_gradient_sums(x, y)
+        noisy = self.noisy_gradients(gradient_sums, bounds)
+        self.optimizer.apply_gradients(zip(noisy, self.trainable_variables))
+        self.privacy_steps.assign_add(1)
+        return self._update_metrics(y, y_pred, per_sample_loss)
+
+    def private_gradient_sums(self, x, y):
+        """The batch's gradient sum and the per-sample bound of each variable's share of it.
+
+        Clipless: the ordinary gradient of the summed per-sample losses, and
+        the certified bounds of :mod:`lipdp.sensitivity` for the weights in
+        use. Returns ``(y_pred, per_sample_loss, gradient_sums, bounds)``.
+        """
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             per_sample_loss = self.loss.call(y, y_pred)
             loss_sum = tf.reduce_sum(per_sample_loss)
-        gradient_sums = tape.gradient(loss_sum, variables)
-        self.optimizer.apply_gradients(zip(self.noisy_gradients(gradient_sums), variables))
-        self.privacy_steps.assign_add(1)
-        return self._update_metrics(y, y_pred, per_sample_loss)
+        gradient_sums = tape.gradient(loss_sum, self.trainable_variables)
+        return y_pred, per_sample_loss, gradient_sums, sensitivity.gradient_bound_tensors(self)
 
     def test_step(self, data):
         x, y, _ = tf.keras.utils.unpack_x_y_sample_weight(data)
