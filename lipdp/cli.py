@@ -1,0 +1,91 @@
+"""The ``lipdp`` command line.
+
+``lipdp train CONFIG [--set key=value ...] [--out DIR] [--data-dir DIR]``
+    trains from a YAML config and writes the run folder (see
+    :mod:`lipdp.training`).
+``lipdp privacy --dataset-size N --batch-size B --epochs E
+(--noise-multiplier S | --target-epsilon EPS) --delta D``
+    prints epsilon, or the noise multiplier that reaches a target.
+"""
+
+import argparse
+import os
+import sys
+
+
+def _train(args):
+    from lipdp import config, training
+
+    overrides = list(args.set or [])
+    if args.data_dir:
+        overrides.append(f"dataset.data_dir={args.data_dir}")
+    cfg = config.load(args.config, overrides)
+    out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    training.run(cfg, out, verbose=args.verbose)
+
+
+def _privacy(args):
+    from lipdp import accounting
+
+    if (args.noise_multiplier is None) == (args.target_epsilon is None):
+        raise SystemExit("give exactly one of --noise-multiplier and --target-epsilon")
+    accounting.validate_delta(args.delta, args.dataset_size)
+    if not 0 < args.batch_size <= args.dataset_size:
+        raise SystemExit(f"--batch-size must be in 1..{args.dataset_size}")
+    rate = args.batch_size / args.dataset_size
+    steps_per_epoch = (max(1, round(1 / rate)) if args.sampling == "poisson"
+                       else args.dataset_size // args.batch_size)
+    common = dict(delta=args.delta, sampling_rate=rate, steps=int(round(args.epochs * steps_per_epoch)),
+                  accountant=args.accountant, sampling=args.sampling, steps_per_epoch=steps_per_epoch)
+    print(f"sampling: {args.sampling}, rate q={rate:.6g}, {common['steps']} steps "
+          f"({steps_per_epoch} per epoch), accountant: {args.accountant}")
+    if args.noise_multiplier is not None:
+        epsilon = accounting.compute_epsilon(noise_multiplier=args.noise_multiplier, **common)
+        print(f"epsilon = {epsilon:.6g} at delta = {args.delta:g} with noise multiplier {args.noise_multiplier:g}")
+    else:
+        sigma = accounting.calibrate_noise_multiplier(target_epsilon=args.target_epsilon, **common)
+        epsilon = accounting.compute_epsilon(noise_multiplier=sigma, **common)
+        print(f"noise multiplier = {sigma:.6g} reaches epsilon = {epsilon:.6g} <= {args.target_epsilon:g} "
+              f"at delta = {args.delta:g}")
+
+
+def parser():
+    main = argparse.ArgumentParser(prog="lipdp", description="Differentially private Lipschitz networks")
+    commands = main.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train from a YAML config")
+    train.add_argument("config")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    train.add_argument("--out", help="run folder (default runs/<config name>)")
+    train.add_argument("--data-dir", help="local folder with the dataset files")
+    train.add_argument("--verbose", type=int, default=1, help="Keras verbosity: 0 silent, 1 progress bar, 2 lines")
+    train.set_defaults(func=_train)
+
+    privacy = commands.add_parser("privacy", help="epsilon for a noise level, or the noise for a target epsilon")
+    privacy.add_argument("--dataset-size", type=int, required=True)
+    privacy.add_argument("--batch-size", type=int, required=True, help="expected batch size")
+    privacy.add_argument("--epochs", type=float, required=True)
+    privacy.add_argument("--noise-multiplier", type=float)
+    privacy.add_argument("--target-epsilon", type=float)
+    privacy.add_argument("--delta", type=float, required=True)
+    privacy.add_argument("--accountant", default="rdp", choices=("rdp", "pld"))
+    privacy.add_argument("--sampling", default="poisson", choices=("poisson", "shuffle"))
+    privacy.set_defaults(func=_privacy)
+    return main
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    from lipdp.accounting import PrivacyParameterError
+    from lipdp.config import ConfigError
+
+    try:
+        args.func(args)
+    except (ConfigError, PrivacyParameterError, FileExistsError) as error:
+        print(f"lipdp: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

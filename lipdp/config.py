@@ -1,0 +1,198 @@
+"""Experiment configs: YAML files validated against a typed schema.
+
+A config has the sections ``dataset``, ``model``, ``loss``, ``privacy``,
+``sampling``, ``optimizer`` and ``training`` (see ``configs/digits.yaml``).
+Unknown keys and wrong types are errors that name the key (with a
+suggestion for typos); nothing is silently ignored. ``--set a.b=value``
+overrides are parsed as YAML scalars and validated the same way.
+"""
+
+import dataclasses
+import difflib
+import inspect
+import typing
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, missing or of the wrong type."""
+
+
+@dataclasses.dataclass
+class DatasetConfig:
+    name: str = "digits"
+    data_dir: Optional[str] = None
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    input_norm: float = 8.0
+    layers: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    clipping: Optional[str] = None
+    clip_norm: float = 1.0
+    gamma: float = 0.01
+
+
+@dataclasses.dataclass
+class LossConfig:
+    type: str = "TauCategoricalCrossentropy"
+    params: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class PrivacyConfig:
+    target_epsilon: Optional[float] = None
+    noise_multiplier: Optional[float] = None
+    delta: Optional[float] = None
+    accountant: str = "rdp"
+    noise_allocation: str = "global"
+    epsilon_budget: Optional[float] = None
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    kind: str = "poisson"
+    batch_size: int = 128
+    seed: Optional[int] = 0
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    learning_rate: float = 1e-3
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    epochs: int = 10
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Config:
+    dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _unknown_key(path, key, known):
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{path}{key}: unknown key{hint}; known keys: {', '.join(known)}")
+
+
+def _check_type(path, value, annotation):
+    """Validates ``value`` against a type annotation; ints are accepted as floats."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return value
+        return _check_type(path, value, next(a for a in options if a is not type(None)))
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            raise ConfigError(f"{path}: expected a {origin.__name__}, got {value!r}")
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float) and isinstance(value, bool) or not isinstance(value, annotation):
+        raise ConfigError(f"{path}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, data, path=""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(path, key, list(fields))
+        if dataclasses.is_dataclass(hints[key]):
+            values[key] = _build(hints[key], value, f"{path}{key}.")
+        else:
+            values[key] = _check_type(f"{path}{key}", value, hints[key])
+    return cls(**values)
+
+
+def from_dict(data):
+    """Validated :class:`Config` from a plain mapping."""
+    config = _build(Config, data or {})
+    validate_layers(config.model.layers)
+    return config
+
+
+def load(path, overrides=()):
+    """Reads a YAML config and applies ``key=value`` overrides."""
+    with open(path) as handle:
+        data = yaml.safe_load(handle) or {}
+    for override in overrides:
+        apply_override(data, override)
+    return from_dict(data)
+
+
+def apply_override(data, override):
+    """Sets ``a.b.c=value`` (list items by index: ``model.layers.2.units=64``) in ``data``."""
+    if "=" not in override:
+        raise ConfigError(f"--set expects key=value, got {override!r}")
+    key, raw = override.split("=", 1)
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    last = parts[-1]
+    value = yaml.safe_load(raw)
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def layer_class(type_name):
+    """The layer class for a config ``type``: lipdp layers first, then Keras'."""
+    import tensorflow as tf
+
+    from lipdp import layers
+
+    cls = getattr(layers, type_name, None) or getattr(tf.keras.layers, type_name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, tf.keras.layers.Layer)):
+        known = [n for n in layers.__all__ if inspect.isclass(getattr(layers, n))
+                 and issubclass(getattr(layers, n), tf.keras.layers.Layer) and not n.startswith("DP")]
+        close = difflib.get_close_matches(type_name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"model.layers: unknown layer type {type_name!r}{hint}")
+    return cls
+
+
+def _accepted_arguments(cls):
+    names = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        names.update(p for p, spec in inspect.signature(init).parameters.items()
+                     if spec.kind not in (spec.VAR_KEYWORD, spec.VAR_POSITIONAL) and p != "self")
+    return names | {"name"}
+
+
+def validate_layers(layer_specs):
+    """Checks each ``{type: ..., **arguments}`` names a layer and only its arguments."""
+    for index, spec in enumerate(layer_specs):
+        path = f"model.layers.{index}"
+        if not isinstance(spec, dict) or "type" not in spec:
+            raise ConfigError(f"{path}: expected a mapping with a 'type' key, got {spec!r}")
+        cls = layer_class(spec["type"])
+        accepted = _accepted_arguments(cls)
+        for key in spec:
+            if key != "type" and key not in accepted:
+                raise _unknown_key(f"{path}.", key, sorted(accepted))
