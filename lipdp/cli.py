@@ -21,7 +21,11 @@ def _train(args):
         overrides.append(f"dataset.data_dir={args.data_dir}")
     cfg = config.load(args.config, overrides)
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-    training.run(cfg, out, verbose=args.verbose)
+    model, metrics = training.run(cfg, out, verbose=args.verbose)
+    print(f"\ntest accuracy {metrics['test_accuracy']:.4f} on {metrics['test_size']} held-out examples "
+          f"({metrics['data']})")
+    print(model.privacy_statement())
+    print(f"artefacts written to {out}/")
 
 
 def _privacy(args):

@@ -38,7 +38,7 @@ import dataclasses
 import math
 import tensorflow as tf
 
-from lipdp import accounting, sensitivity
+from lipdp import accounting, baselines, sensitivity
 
 NOISE_ALLOCATIONS = ("global", "per-layer")
 
@@ -116,7 +116,8 @@ class NotPrivateError(RuntimeError):
 class DPModelMixin:
     """Clipless DP training for Keras models (see the module docstring)."""
 
-    def _init_privacy(self, privacy=None, noise_seed=None):
+    def _init_privacy(self, privacy=None, noise_seed=None, clipping=None, clip_norm=1.0, gamma=0.01):
+        self._set_clipping(clipping, clip_norm, gamma)
         self.privacy_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="privacy_steps")
         self._noise = tf.random.Generator.from_non_deterministic_state()
         self._loss_tracker = tf.keras.metrics.Mean(name="loss")
@@ -127,6 +128,10 @@ class DPModelMixin:
         self.noise_seed = noise_seed
         if noise_seed is not None:
             self._noise.reset_from_seed(noise_seed)
+
+    def _set_clipping(self, clipping, clip_norm=1.0, gamma=0.01):
+        """``clipping=None``: clipless; else a rule of :mod:`lipdp.baselines` (flat, automatic, global)."""
+        self.clipping, self.clip_norm, self.gamma = baselines.check_clipping(clipping, clip_norm, gamma)
 
     # -- set-up --------------------------------------------------------------
     def make_private(self, sampler, **policy_args):
@@ -148,7 +153,10 @@ class DPModelMixin:
     def _validate_for_privacy(self):
         if getattr(self, "optimizer", None) is None:
             raise NotPrivateError("compile the model (optimizer and a lipdp.losses loss) before make_private")
-        sensitivity.validate(self)
+        if self.clipping is None:
+            sensitivity.validate(self)
+        else:
+            baselines.validate(self)
         if self._steps_per_execution is not None and int(self._steps_per_execution) != 1:
             raise sensitivity.ModelNotSupportedError("steps_per_execution must be 1: one noisy update per step")
         if self.losses:
@@ -228,7 +236,11 @@ class DPModelMixin:
         Clipless: the ordinary gradient of the summed per-sample losses, and
         the certified bounds of :mod:`lipdp.sensitivity` for the weights in
         use. Returns ``(y_pred, per_sample_loss, gradient_sums, bounds)``.
+        With ``clipping`` set: the clipped sum and the rule's sensitivity
+        (:func:`lipdp.baselines.clipped_gradient_sums`).
         """
+        if self.clipping is not None:
+            return baselines.clipped_gradient_sums(self, x, y)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             per_sample_loss = self.loss.call(y, y_pred)
@@ -259,6 +271,8 @@ class DPModelMixin:
     def privacy_statement(self):
         """A one-paragraph, human-readable statement of the guarantee."""
         state = self.privacy_state()
+        mechanism = ("certified per-sample gradient bounds" if self.clipping is None
+                     else baselines.describe(self.clipping, self.clip_norm, self.gamma))
         adjacency = ("adding or removing one example" if state["sampling"] == "poisson"
                      else "replacing one example (fixed-size shuffled batches, no amplification by subsampling)")
         return (
@@ -266,20 +280,23 @@ class DPModelMixin:
             f"with respect to {adjacency}, over {state['steps']} noisy steps on N={state['dataset_size']} examples "
             f"({state['sampling']} sampling, rate q={state['sampling_rate']:.4g}, expected batch "
             f"{state['expected_batch_size']:.1f}), Gaussian noise multiplier {state['noise_multiplier']:.4g} "
-            f"({state['noise_allocation']} allocation) on certified per-sample gradient bounds, accounted with "
+            f"({state['noise_allocation']} allocation) on {mechanism}, accounted with "
             f"dp-accounting's {state['accountant'].upper()} accountant. Training losses and metrics shown during "
             "fit are computed on private data and are not covered; hyper-parameter selection is not covered.")
 
     def get_config(self):
         privacy = None if self.privacy is None else self.privacy.to_dict()
-        return {**super().get_config(), "privacy": privacy, "noise_seed": self.noise_seed}
+        return {**super().get_config(), "privacy": privacy, "noise_seed": self.noise_seed,
+                "clipping": self.clipping, "clip_norm": self.clip_norm, "gamma": self.gamma}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         privacy, noise_seed = config.pop("privacy", None), config.pop("noise_seed", None)
+        clipping = {key: config.pop(key) for key in ("clipping", "clip_norm", "gamma") if key in config}
         model = super().from_config(config, custom_objects)
         model._set_privacy(privacy, noise_seed)
+        model._set_clipping(**clipping)
         return model
 
 
@@ -290,14 +307,16 @@ class DPModel(DPModelMixin, tf.keras.Model):
     def __init__(self, inputs, outputs, name=None, trainable=True, **kwargs):
         # Functional's exact signature, so Keras saves and revives it as a graph.
         privacy, noise_seed = kwargs.pop("privacy", None), kwargs.pop("noise_seed", None)
+        clipping = {key: kwargs.pop(key) for key in ("clipping", "clip_norm", "gamma") if key in kwargs}
         super().__init__(inputs, outputs, name=name, trainable=trainable, **kwargs)
-        self._init_privacy(privacy, noise_seed)
+        self._init_privacy(privacy, noise_seed, **clipping)
 
 
 @tf.keras.utils.register_keras_serializable("lipdp")
 class DPSequential(DPModelMixin, tf.keras.Sequential):
     """``tf.keras.Sequential`` trained with clipless DP."""
 
-    def __init__(self, layers=None, name=None, privacy=None, noise_seed=None):
+    def __init__(self, layers=None, name=None, privacy=None, noise_seed=None, clipping=None, clip_norm=1.0,
+                 gamma=0.01):
         super().__init__(layers=layers, name=name)
-        self._init_privacy(privacy, noise_seed)
+        self._init_privacy(privacy, noise_seed, clipping, clip_norm, gamma)

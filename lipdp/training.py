@@ -62,7 +62,7 @@ def _attempt_number(out_dir):
 
 
 def run(cfg: config_lib.Config, out_dir, verbose=1):
-    """Trains as configured and writes the artefacts; returns ``privacy.json``'s content."""
+    """Trains as configured and writes the artefacts; returns the model and ``metrics.json``'s content."""
     if os.path.exists(os.path.join(out_dir, "privacy.json")):
         raise RunExistsError(f"{out_dir} already holds a completed run; choose another --out")
     os.makedirs(out_dir, exist_ok=True)
@@ -91,10 +91,10 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
         print(f"privacy policy: {model.privacy}")
     model.fit(sampler, epochs=cfg.training.epochs, validation_data=(dataset.x_test, dataset.y_test),
               callbacks=extra, verbose=verbose)
-    return _write_artefacts(model, dataset, out_dir, verbose)
+    return _write_artefacts(model, dataset, out_dir)
 
 
-def _write_artefacts(model, dataset, out_dir, verbose):
+def _write_artefacts(model, dataset, out_dir):
     test_loss, test_accuracy = model.evaluate(dataset.x_test, dataset.y_test, verbose=0)
     metrics = {"test_loss": float(test_loss), "test_accuracy": float(test_accuracy),
                "train_size": int(len(dataset.x_train)), "test_size": int(len(dataset.x_test)),
@@ -111,8 +111,4 @@ def _write_artefacts(model, dataset, out_dir, verbose):
     state = model.privacy_state()
     with open(os.path.join(out_dir, "privacy.json"), "w") as handle:
         json.dump(state, handle, indent=2)
-    if verbose:
-        print(f"\ntest accuracy {test_accuracy:.4f} on {len(dataset.x_test)} held-out examples")
-        print(model.privacy_statement())
-        print(f"artefacts written to {out_dir}/")
-    return state
+    return model, metrics

@@ -1,0 +1,322 @@
+"""Clipping baselines: fast per-example norms, clipping rules, shared noise/accounting, tf-privacy parity."""
+
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import lipdp
+from lipdp import baselines
+from lipdp import layers as L
+from lipdp import sensitivity
+
+K = tf.keras.layers
+CE = tf.keras.losses.CategoricalCrossentropy(from_logits=True)
+
+
+def reference_norms(model, x, y):
+    """Whole-model per-example gradient norms from independent one-example gradients (no fast rule)."""
+    variables = model.trainable_variables
+
+    def one_example(sample):
+        xi, yi = sample
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(baselines.per_sample_losses(model.loss, yi[None], model(xi[None], training=True)))
+        grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(g), tf.float64)))
+                                 for g in grads]))
+
+    return tf.vectorized_map(one_example, (tf.convert_to_tensor(x), tf.convert_to_tensor(y)),
+                             fallback_to_while_loop=True).numpy()
+
+
+def images(n=6, size=9, channels=3, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, size, size, channels)).astype("float32"),
+            tf.one_hot(rng.integers(0, classes, n), classes).numpy())
+
+
+def vectors(n=6, dim=5, classes=3, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return (scale * rng.normal(size=(n, dim))).astype("float32"), tf.one_hot(rng.integers(0, classes, n), classes).numpy()
+
+
+def compiled(model, loss=CE, optimizer="sgd"):
+    model.compile(optimizer, loss=loss)
+    return model
+
+
+# -- fast per-example norms ---------------------------------------------------------
+def dense_model():
+    return compiled(lipdp.DPSequential([tf.keras.Input((5,)), K.Dense(7, activation="tanh"),
+                                        K.Dense(6, use_bias=False), K.ReLU(), K.Dense(3)], clipping="flat")), vectors()
+
+
+def conv_model(strides, padding):
+    def build():
+        return compiled(lipdp.DPSequential([
+            tf.keras.Input((9, 9, 3)), K.Conv2D(4, 3, strides=strides, padding=padding, activation="relu"),
+            K.Conv2D(5, (2, 3), strides=strides, padding=padding, use_bias=False), K.Flatten(), K.Dense(4),
+        ], clipping="flat")), images()
+    return build
+
+
+def lipschitz_model():
+    model = lipdp.DPSequential([
+        tf.keras.Input((8, 8, 2)), L.InputNormClip(3.0),
+        L.LipschitzConv2D(4, 3, strides=2, bias_bound=0.5), L.GroupSort(), L.Flatten(),
+        L.LipschitzDense(6, bias_bound=0.5), L.GroupSort(), L.LipschitzDense(3),
+    ], clipping="flat")
+    return compiled(model, lipdp.losses.TauCategoricalCrossentropy(4.0)), images(size=8, channels=2, classes=3)
+
+
+def mixed_functional_model():
+    inp = tf.keras.Input((8, 8, 3))
+    h = K.Conv2D(4, 3, padding="same", activation="relu")(inp)
+    h = K.MaxPooling2D()(h)
+    h = K.Add()([K.Conv2D(4, 1)(h), h])
+    h = K.LayerNormalization()(K.Flatten()(h))
+    out = K.Dense(3)(K.Dense(6, activation="relu")(h))
+    return compiled(lipdp.DPModel(inp, out, clipping="flat")), images(size=8, classes=3)
+
+
+def sequence_model():
+    """Embedding and sequence Dense (Gram form), EinsumDense."""
+    model = lipdp.DPSequential([
+        tf.keras.Input((5,), dtype="int32"), K.Embedding(11, 4), K.Dense(6, activation="tanh"),
+        K.EinsumDense("btc,cd->btd", output_shape=(5, 3), bias_axes="d"), K.GlobalAveragePooling1D(), K.Dense(3),
+    ], clipping="flat")
+    rng = np.random.default_rng(1)
+    # repeated tokens inside an example exercise the embedding rule's de-duplication
+    return compiled(model), (rng.integers(0, 11, (6, 5)).astype("int32"), tf.one_hot(rng.integers(0, 3, 6), 3).numpy())
+
+
+def fallback_model():
+    """PReLU has no fast rule; the Dense applied twice (shared weights) cannot add per-call norms."""
+    inp = tf.keras.Input((5,))
+    shared = K.Dense(5, activation="tanh", name="shared_dense")
+    h = shared(K.PReLU(name="prelu")(K.Dense(5)(inp)))
+    out = K.Dense(3)(shared(h))
+    return compiled(lipdp.DPModel(inp, out, clipping="flat")), vectors()
+
+
+MODELS = {
+    "dense": dense_model,
+    **{f"conv-s{s}-{p}": conv_model(s, p) for s in (1, 2) for p in ("same", "valid")},
+    "lipschitz": lipschitz_model,
+    "mixed": mixed_functional_model,
+    "sequence": sequence_model,
+    "fallback": fallback_model,
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fast_norms_match_per_example_gradients(name):
+    tf.keras.utils.set_random_seed(0)
+    model, (x, y) = MODELS[name]()
+    expected = reference_norms(model, x, y)
+    methods = ("gram", "direct") if name.startswith("conv") else ("auto",)
+    for method in methods:
+        norms = baselines.per_example_gradient_norms(model, x, y, baselines.make_layer_registry(method)).numpy()
+        np.testing.assert_allclose(norms, expected, rtol=1e-4, err_msg=method)
+    assert expected.min() > 0
+
+
+def test_fast_norms_inside_a_graph_with_an_unknown_batch_size():
+    tf.keras.utils.set_random_seed(0)
+    model, (x, y) = mixed_functional_model()
+    spec = (tf.TensorSpec((None, 8, 8, 3)), tf.TensorSpec((None, 3)))
+    graph_norms = tf.function(lambda a, b: baselines.per_example_gradient_norms(model, a, b), input_signature=spec)
+    np.testing.assert_allclose(graph_norms(x, y).numpy(), reference_norms(model, x, y), rtol=1e-4)
+    assert graph_norms(x[:0], y[:0]).shape == (0,)  # an empty Poisson batch
+
+
+def test_fallback_warns_once_naming_the_layer(caplog):
+    model, (x, y) = fallback_model()
+    with caplog.at_level(logging.WARNING, logger="lipdp.baselines"):
+        baselines.per_example_gradient_norms(model, x, y)
+        baselines.per_example_gradient_norms(model, x, y)
+    messages = [r.getMessage() for r in caplog.records if r.name == "lipdp.baselines"]
+    assert sum("'prelu'" in m for m in messages) == 1
+    assert sum("'shared_dense'" in m and "more than once" in m for m in messages) == 1
+    assert len(messages) == 2  # the other Dense layers have a fast rule
+
+
+# -- clipping rules --------------------------------------------------------------------
+def huge_batch(model_input_dim=5, n=8):
+    """Examples 0, 3 and 6 have gradients ~1e4 times larger than the others."""
+    x, y = vectors(n=n, dim=model_input_dim, seed=2)
+    x[[0, 3, 6]] *= 1e4
+    return x, y
+
+
+def small_model(clipping, clip_norm=0.5, gamma=0.01):
+    tf.keras.utils.set_random_seed(4)
+    model = lipdp.DPSequential([tf.keras.Input((5,)), K.Dense(6, activation="relu"), K.Dense(3)],
+                               clipping=clipping, clip_norm=clip_norm, gamma=gamma)
+    return compiled(model)
+
+
+@pytest.mark.parametrize("clipping", baselines.CLIPPING_RULES)
+def test_each_example_contributes_at_most_the_sensitivity(clipping):
+    """sum(batch) - sum(batch without j) is example j's contribution: its norm is at most S."""
+    clip_norm = 5.0
+    model = small_model(clipping, clip_norm=clip_norm)
+    x, y = huge_batch()
+    sensitivity_value = 1.0 if clipping == "automatic" else clip_norm
+    assert baselines.rule_sensitivity(clipping, clip_norm) == sensitivity_value
+
+    def flat_sums(keep):
+        _, _, sums, bounds = model.private_gradient_sums(x[keep], y[keep])
+        return np.concatenate([g.numpy().ravel() for g in sums]).astype(np.float64), bounds
+
+    everything = np.arange(len(x))
+    total, bounds = flat_sums(everything)
+    assert np.linalg.norm([float(b) for b in bounds]) == pytest.approx(sensitivity_value, rel=1e-12)
+    norms = reference_norms(model, x, y)
+    assert norms[[0, 3, 6]].min() > 1e3 * clip_norm and norms[[1, 2, 4, 5, 7]].max() < clip_norm  # both regimes
+    contributions = []
+    for j in everything:
+        without, _ = flat_sums(everything[everything != j])
+        contributions.append(np.linalg.norm(total - without))
+    contributions = np.array(contributions)
+    assert contributions.max() <= sensitivity_value * (1 + 1e-4), contributions
+    huge = contributions[[0, 3, 6]]
+    if clipping == "flat":
+        np.testing.assert_allclose(huge, clip_norm, rtol=1e-4)  # clipped exactly to R
+        np.testing.assert_allclose(contributions[[1, 2]], norms[[1, 2]], rtol=1e-4)  # small ones untouched
+    elif clipping == "automatic":
+        np.testing.assert_allclose(huge, 1.0, rtol=1e-3)  # ||g|| / (||g|| + gamma) -> 1
+        np.testing.assert_allclose(contributions[[1, 2]], norms[[1, 2]] / (norms[[1, 2]] + 0.01), rtol=1e-4)
+    else:
+        np.testing.assert_allclose(huge, 0.0, atol=1e-5)  # dropped
+        np.testing.assert_allclose(contributions[[1, 2]], norms[[1, 2]], rtol=1e-4)  # kept unchanged
+
+
+@pytest.mark.parametrize("clipping", baselines.CLIPPING_RULES)
+def test_noise_std_is_sigma_times_sensitivity_under_both_allocations(clipping):
+    x, y = vectors(n=200)
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=20)
+    expected = 0.7 * (1.0 if clipping == "automatic" else 2.0)
+    for allocation in lipdp.model.NOISE_ALLOCATIONS:
+        model = small_model(clipping, clip_norm=2.0)
+        model.make_private(sampler, noise_multiplier=0.7, noise_allocation=allocation)
+        stds = [float(s) for s in model.noise_stddevs(baselines.sensitivity_bounds(model))]
+        np.testing.assert_allclose(stds, expected, rtol=1e-12)
+
+
+def test_epsilon_equals_the_clipless_one():
+    x, y = vectors(n=240, dim=6)
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=24, seed=0)
+    tf.keras.utils.set_random_seed(0)
+    clipless = lipdp.DPSequential([tf.keras.Input((6,)), L.InputNormClip(1.0), L.LipschitzDense(3)])
+    clipless.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy(2.0))
+    clipped = compiled(lipdp.DPSequential([tf.keras.Input((6,)), K.Dense(8, activation="relu"), K.Dense(3)],
+                                          clipping="global", clip_norm=1.0))
+    policies = [m.make_private(sampler, noise_multiplier=1.1, delta=1e-4) for m in (clipless, clipped)]
+    assert policies[0] == policies[1]
+    for model in (clipless, clipped):
+        model.fit(sampler, epochs=1, verbose=0)
+    assert int(clipped.privacy_steps) == int(clipless.privacy_steps) == sampler.steps_per_epoch
+    assert clipped.epsilon() == clipless.epsilon() > 0
+    assert np.all(np.isfinite(clipped.get_weights()[0]))
+    assert "global per-example clipping" in clipped.privacy_statement()
+    assert "certified per-sample gradient bounds" in clipless.privacy_statement()
+
+
+def test_flat_clipping_matches_tensorflow_privacy_dp_sgd(monkeypatch):
+    """Same batch, same weights, same R: our noiseless step equals DPKerasSGDOptimizer's.
+
+    Our PrivacyPolicy needs noise_multiplier > 0, so the model gets sigma = 1
+    and its ``noise_stddevs`` is monkeypatched to zero (tf-privacy runs with
+    noise_multiplier = 0). tf-privacy divides the clipped sum by
+    num_microbatches (= batch size, one example per microbatch); ours by the
+    expected batch size qN: the batch size is chosen equal to qN.
+    """
+    from tensorflow_privacy import DPKerasSGDOptimizer
+
+    batch, clip_norm, lr = 16, 0.3, 0.5
+    x, y = vectors(n=160, dim=5, seed=3)
+    x[:4] *= 5.0  # a few large gradients
+    ours = lipdp.DPSequential([tf.keras.Input((5,)), K.Dense(8, activation="tanh"), K.Dense(3)],
+                              clipping="flat", clip_norm=clip_norm)
+    ours.compile(tf.keras.optimizers.SGD(lr), loss=CE)
+    theirs = tf.keras.Sequential([tf.keras.Input((5,)), K.Dense(8, activation="tanh"), K.Dense(3)])
+    for theirs_variable, ours_variable in zip(theirs.trainable_variables, ours.trainable_variables):
+        theirs_variable.assign(ours_variable)
+    start = [v.numpy() for v in ours.trainable_variables]
+    norms = reference_norms(ours, x[:batch], y[:batch])
+    assert (norms > clip_norm).sum() >= 3 and (norms < clip_norm).sum() >= 3  # clipping matters
+
+    ours.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=batch), noise_multiplier=1.0)
+    monkeypatch.setattr(ours, "noise_stddevs", lambda bounds: [tf.zeros((), tf.float64) for _ in bounds])
+    ours.train_on_batch(x[:batch], y[:batch])
+
+    optimizer = DPKerasSGDOptimizer(l2_norm_clip=clip_norm, noise_multiplier=0.0, num_microbatches=batch,
+                                    learning_rate=lr)
+    per_example = tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction="none")
+    with tf.GradientTape() as tape:
+        loss = per_example(y[:batch], theirs(x[:batch], training=True))
+    optimizer.minimize(loss, theirs.trainable_variables, tape=tape)
+
+    for a, b in zip(ours.trainable_variables, theirs.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-6)
+    assert all(np.abs(a.numpy() - b).max() > 1e-4 for a, b in zip(ours.trainable_variables, start))  # a real step was taken
+
+
+# -- set-up, validation, save/load -------------------------------------------------------
+def test_constructor_and_validation_errors():
+    with pytest.raises(ValueError, match="flat.*automatic.*global"):
+        lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2)], clipping="adaptive")
+    with pytest.raises(ValueError, match="clip_norm"):
+        lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2)], clipping="flat", clip_norm=0.0)
+    x, y = vectors(n=50, dim=3, classes=2)
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=10)
+    bn = compiled(lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(4), K.BatchNormalization(), K.Dense(2)],
+                                     clipping="flat"))
+    with pytest.raises(sensitivity.ModelNotSupportedError, match="BatchNormalization"):
+        bn.make_private(sampler, noise_multiplier=1.0)
+    string_loss = compiled(lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2)], clipping="flat"),
+                           loss="categorical_crossentropy")
+    with pytest.raises(sensitivity.ModelNotSupportedError, match="tf.keras.losses.Loss"):
+        string_loss.make_private(sampler, noise_multiplier=1.0)
+    clip_gradient = compiled(lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2), L.ClipGradient(1.0)],
+                                                clipping="flat"))
+    with pytest.raises(sensitivity.ModelNotSupportedError, match="custom gradient"):
+        clip_gradient.make_private(sampler, noise_multiplier=1.0)
+    # an ordinary Keras model is accepted with clipping, refused without (Lipschitz-only check)
+    plain = compiled(lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2)], clipping="automatic"))
+    plain.make_private(sampler, noise_multiplier=1.0)
+    clipless = compiled(lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2)]),
+                        loss=lipdp.losses.TauCategoricalCrossentropy())
+    with pytest.raises(sensitivity.ModelNotSupportedError, match="LipschitzDense"):
+        clipless.make_private(sampler, noise_multiplier=1.0)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_save_and_load_a_clipped_model(tmp_path, functional):
+    x, y = images(n=60, size=6, channels=1, classes=3)
+    tf.keras.utils.set_random_seed(5)
+    if functional:
+        inp = tf.keras.Input((6, 6, 1))
+        h = K.Flatten()(K.Conv2D(3, 3, strides=2, activation="relu")(inp))
+        model = lipdp.DPModel(inp, K.Dense(3)(h), clipping="automatic", gamma=0.05, noise_seed=2)
+    else:
+        model = lipdp.DPSequential([tf.keras.Input((6, 6, 1)), K.Conv2D(3, 3, activation="relu"), K.Flatten(),
+                                    K.Dense(3)], clipping="global", clip_norm=2.5, noise_seed=2)
+    model.compile("adam", loss=CE)
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=12, seed=0)
+    model.make_private(sampler, noise_multiplier=1.0)
+    model.fit(sampler, epochs=1, verbose=0)
+    path = str(tmp_path / "clipped.keras")
+    model.save(path)
+    loaded = tf.keras.models.load_model(path)
+    assert type(loaded) is type(model)
+    assert (loaded.clipping, loaded.clip_norm, loaded.gamma) == (model.clipping, model.clip_norm, model.gamma)
+    assert loaded.privacy == model.privacy
+    assert loaded.epsilon() == pytest.approx(model.epsilon())
+    np.testing.assert_allclose(loaded.predict(x[:10], verbose=0), model.predict(x[:10], verbose=0), atol=1e-6)
+    loaded.fit(sampler, epochs=1, verbose=0)
+    assert int(loaded.privacy_steps) == 2 * sampler.steps_per_epoch
+    assert baselines.describe(model.clipping, model.clip_norm, model.gamma) in loaded.privacy_statement()

@@ -1,0 +1,62 @@
+"""The command line: train writes the run folder; privacy prints epsilon / noise."""
+
+import json
+import os
+
+import pytest
+import tensorflow as tf
+
+from lipdp import accounting, cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
+SMALL = ["model.layers=[{type: Flatten}, {type: LipschitzDense, units: 16}, {type: GroupSort},"
+         " {type: LipschitzDense, units: 10}]", "training.epochs=2"]
+
+
+def test_train_writes_every_artefact_and_refuses_to_overwrite(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["train", DIGITS, "--out", out, "--verbose", "0"] + [a for s in SMALL for a in ("--set", s)]
+    assert cli.main(args) == 0
+    for name in ("config.yaml", "history.csv", "model.keras", "sensitivity.txt", "privacy.json", "metrics.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    privacy = json.load(open(os.path.join(out, "privacy.json")))
+    for key in ("epsilon", "delta", "noise_multiplier", "sampling_rate", "steps", "sampling", "accountant"):
+        assert key in privacy
+    assert privacy["epsilon"] <= 4.0 and privacy["sampling"] == "poisson"
+    assert privacy["steps"] == 2 * round(1437 / 256)
+    model = tf.keras.models.load_model(os.path.join(out, "model.keras"))
+    assert int(model.privacy_steps) == privacy["steps"]
+    printed = capsys.readouterr().out
+    assert "differentially private" in printed and "test accuracy" in printed
+    assert cli.main(args) == 2
+    assert "already holds a completed run" in capsys.readouterr().err
+
+
+def test_train_config_typo_is_a_clear_error(tmp_path, capsys):
+    code = cli.main(["train", DIGITS, "--out", str(tmp_path / "r"), "--set", "privacy.delt=1e-5"])
+    assert code == 2
+    assert "privacy.delt: unknown key" in capsys.readouterr().err
+
+
+def test_privacy_prints_epsilon_matching_the_accountant(capsys):
+    cli.main(["privacy", "--dataset-size", "60000", "--batch-size", "256", "--epochs", "10",
+              "--noise-multiplier", "1.1", "--delta", "1e-5"])
+    out = capsys.readouterr().out
+    expected = accounting.compute_epsilon(sampling_rate=256 / 60000, noise_multiplier=1.1,
+                                          steps=10 * round(60000 / 256), delta=1e-5)
+    assert f"epsilon = {expected:.6g}" in out
+
+
+def test_privacy_calibrates_noise_for_a_target(capsys):
+    cli.main(["privacy", "--dataset-size", "60000", "--batch-size", "256", "--epochs", "10",
+              "--target-epsilon", "2", "--delta", "1e-5"])
+    out = capsys.readouterr().out
+    assert "noise multiplier =" in out and "<= 2" in out
+
+
+def test_privacy_refuses_large_delta(capsys):
+    code = cli.main(["privacy", "--dataset-size", "100", "--batch-size", "10", "--epochs", "1",
+                     "--noise-multiplier", "1", "--delta", "0.05"])
+    assert code == 2
+    assert "delta" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""Config schema: typos and wrong types are errors naming the key."""
+
+import glob
+import os
+
+import pytest
+
+from lipdp import config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_shipped_configs_are_valid(path):
+    cfg = config.load(path)
+    assert cfg.model.layers and cfg.training.epochs > 0
+
+
+def test_unknown_key_names_the_key_and_suggests():
+    with pytest.raises(config.ConfigError, match=r"privacy.target_epsilonn: unknown key \(did you mean 'target_epsilon'"):
+        config.from_dict({"privacy": {"target_epsilonn": 3.0}})
+
+
+def test_unknown_section():
+    with pytest.raises(config.ConfigError, match="trainin: unknown key"):
+        config.from_dict({"trainin": {}})
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(config.ConfigError, match="training.epochs: expected int"):
+        config.from_dict({"training": {"epochs": "ten"}})
+    with pytest.raises(config.ConfigError, match="sampling.batch_size: expected int"):
+        config.from_dict({"sampling": {"batch_size": True}})
+
+
+def test_ints_are_accepted_for_floats():
+    assert config.from_dict({"privacy": {"target_epsilon": 3}}).privacy.target_epsilon == 3.0
+
+
+def test_layer_typos_are_reported():
+    with pytest.raises(config.ConfigError, match=r"unknown layer type 'GroupSrot' \(did you mean 'GroupSort'"):
+        config.from_dict({"model": {"layers": [{"type": "GroupSrot"}]}})
+    with pytest.raises(config.ConfigError, match=r"model.layers.0.unitz: unknown key \(did you mean 'units'"):
+        config.from_dict({"model": {"layers": [{"type": "LipschitzDense", "unitz": 3}]}})
+
+
+def test_overrides_reach_nested_keys_and_list_items(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  layers:\n    - {type: LipschitzDense, units: 3}\n")
+    cfg = config.load(path, ["model.layers.0.units=7", "privacy.noise_multiplier=1.5", "loss.params.tau=4"])
+    assert cfg.model.layers[0]["units"] == 7
+    assert cfg.privacy.noise_multiplier == 1.5
+    assert cfg.loss.params == {"tau": 4}
+    with pytest.raises(config.ConfigError, match="key=value"):
+        config.load(path, ["privacy.noise_multiplier"])
