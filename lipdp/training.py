@@ -33,12 +33,18 @@ class RunExistsError(FileExistsError):
     """The output folder already holds a completed run."""
 
 
-def build_model(cfg: config_lib.Config, input_shape):
-    """The DP model described by ``cfg.model`` (after an :class:`InputNormClip`)."""
+def build_layers(cfg: config_lib.Config, input_shape):
+    """Fresh layers for ``cfg.model``: an input, an :class:`InputNormClip`, then the configured layers."""
     layers = [tf.keras.Input(input_shape), InputNormClip(cfg.model.input_norm)]
     for spec in cfg.model.layers:
         arguments = {k: v for k, v in spec.items() if k != "type"}
         layers.append(config_lib.layer_class(spec["type"])(**arguments))
+    return layers
+
+
+def build_model(cfg: config_lib.Config, input_shape):
+    """The compiled DP model described by ``cfg``."""
+    layers = build_layers(cfg, input_shape)
     clipping = {}
     if cfg.model.clipping is not None:
         clipping = dict(clipping=cfg.model.clipping, clip_norm=cfg.model.clip_norm, gamma=cfg.model.gamma)
