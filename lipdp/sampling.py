@@ -37,7 +37,24 @@ def _batch_dataset(generator, x, y, batch_size):
     return tf.data.Dataset.from_generator(generator, output_signature=signature).prefetch(tf.data.AUTOTUNE)
 
 
-class PoissonSampler:
+class _SeedStream:
+    """Gives every iteration of a sampler's dataset an independent generator.
+
+    Privacy accounting assumes each step samples afresh. Restarting from the
+    same seed when ``fit`` is called again (or a run resumes) would replay
+    the same batches, so each iteration draws a new child of one
+    ``np.random.SeedSequence``: reproducible for a given seed, never repeated.
+    """
+
+    def _init_seeds(self, seed):
+        self.seed = seed
+        self._seeds = np.random.SeedSequence(seed)
+
+    def _fresh_rng(self):
+        return np.random.default_rng(self._seeds.spawn(1)[0])
+
+
+class PoissonSampler(_SeedStream):
     """Poisson subsampling: each example joins each batch with probability q.
 
     Args:
@@ -46,9 +63,9 @@ class PoissonSampler:
         sampling_rate: Inclusion probability q in (0, 1].
         expected_batch_size: q * N, in (0, N]; give it or ``sampling_rate``,
             not both.
-        seed: Seed of the numpy generator used by :meth:`dataset`; each new
-            iteration of the dataset restarts from it. ``None`` draws fresh
-            entropy.
+        seed: Seed (an int or a list of ints) of the numpy seed sequence used
+            by :meth:`dataset`; each new iteration of the dataset uses a new,
+            independent child of it. ``None`` draws fresh entropy.
     """
 
     kind = "poisson"
@@ -65,7 +82,7 @@ class PoissonSampler:
         if not 0 < sampling_rate <= 1:
             raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}")
         self.sampling_rate = float(sampling_rate)
-        self.seed = seed
+        self._init_seeds(seed)
 
     @property
     def expected_batch_size(self):
@@ -92,7 +109,7 @@ class PoissonSampler:
     def dataset(self):
         """Infinite ``tf.data.Dataset`` of ``(x_batch, y_batch)``, batch size varying (possibly 0)."""
         def batches():
-            rng = np.random.default_rng(self.seed)
+            rng = self._fresh_rng()
             while True:
                 indices = self.sample_indices(rng)
                 yield self.x[indices], self.y[indices]
@@ -100,16 +117,16 @@ class PoissonSampler:
         return _batch_dataset(batches, self.x, self.y, None)
 
 
-class ShuffleSampler:
+class ShuffleSampler(_SeedStream):
     """Fixed-size batches from a fresh shuffle each epoch, remainder dropped.
 
     Args:
         x: Inputs, a numpy array of shape ``(N, ...)``.
         y: Targets, a numpy array of shape ``(N, ...)``.
         batch_size: Examples per batch, in [1, N].
-        seed: Seed of the numpy generator used by :meth:`dataset`; each new
-            iteration of the dataset restarts from it. ``None`` draws fresh
-            entropy.
+        seed: Seed (an int or a list of ints) of the numpy seed sequence used
+            by :meth:`dataset`; each new iteration of the dataset uses a new,
+            independent child of it. ``None`` draws fresh entropy.
     """
 
     kind = "shuffle"
@@ -122,7 +139,7 @@ class ShuffleSampler:
         if batch_size > self.dataset_size:
             raise ValueError(f"batch_size={batch_size} exceeds the dataset size {self.dataset_size}")
         self.batch_size = int(batch_size)
-        self.seed = seed
+        self._init_seeds(seed)
 
     @property
     def sampling_rate(self):
@@ -151,7 +168,7 @@ class ShuffleSampler:
     def dataset(self):
         """Infinite ``tf.data.Dataset`` of ``(x_batch, y_batch)`` with a static batch size."""
         def batches():
-            rng = np.random.default_rng(self.seed)
+            rng = self._fresh_rng()
             while True:
                 for indices in self.epoch_indices(rng):
                     yield self.x[indices], self.y[indices]
