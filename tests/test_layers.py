@@ -468,8 +468,6 @@ def test_dense_without_bias_has_only_a_kernel_bound():
         L.LipschitzDense(3, activation="relu")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: LipschitzDense/LipschitzConv2D fix `positions` at the first build; "
-                   "re-calling the layer on inputs with more positions violates sqrt(P)||b|| bounds")
 @pytest.mark.parametrize("kind", ["conv", "dense"])
 def test_layer_reused_on_more_positions_keeps_its_bias_bound(kind):
     if kind == "conv":
@@ -687,8 +685,6 @@ def test_layer_centering_refuses_the_batch_axis(axes):
         L.LayerCentering(axes=axes)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: LayerCentering only refuses the literal axis 0; a negative axis that "
-                   "resolves to the batch axis (axes=(-2,) on rank-2 inputs) averages over the batch")
 def test_layer_centering_refuses_a_negative_alias_of_the_batch_axis():
     layer = L.LayerCentering(axes=(-2,))
     x = np.array([[1.0, 2.0], [3.0, 5.0]], np.float32)
@@ -735,9 +731,6 @@ def test_input_norm_clip_refuses_non_finite_inputs(bad_value):
         model.predict(x, verbose=0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor, bound still holds): InputNormClip computes ||x|| as "
-                   "sqrt(sum x^2) in float32, which overflows for ||x|| > ~1.8e19 and returns 0 instead of "
-                   "the projection onto the ball")
 def test_input_norm_clip_projects_huge_finite_inputs():
     x = np.full((1, 4), 1e20, np.float32)
     out = L.InputNormClip(2.0)(x).numpy()
@@ -799,9 +792,6 @@ def test_add_and_average_bounds_in_a_functional_model():
             assert norms(g)[0] == pytest.approx(float(cb), rel=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Add/Average accept Keras broadcasting ((B,4,4,C) + (B,1,1,C)); the "
-                   "broadcast input is repeated over 16 positions, so output_bound (sum of bounds) and "
-                   "input_cotangent_bound (c) are exceeded by up to sqrt(16)")
 @pytest.mark.parametrize("merge", [L.Add, L.Average])
 def test_merge_of_broadcast_shapes_keeps_its_bounds(merge):
     layer = merge()

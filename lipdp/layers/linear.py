@@ -58,6 +58,7 @@ _MANAGED_DEFAULTS = {
     "dilation_rate": (1, 1),
     "groups": 1,
     "data_format": "channels_last",
+    "activity_regularizer": None,
 }
 
 
@@ -69,7 +70,8 @@ def _pop_managed_arguments(layer_name, kwargs):
             raise ValueError(
                 f"{layer_name} does not accept {key}={value!r}: use a lipdp activation layer for "
                 "non-linearities, bias_bound=... for a bias and weight_constraint=... for the kernel; "
-                "dilation, groups and channels_first are not supported.")
+                "dilation, groups, channels_first and activity regularizers (a data-dependent loss "
+                "term outside the loss's bound) are not supported.")
 
 
 def make_kernel_constraint(kind, max_norm):
@@ -108,6 +110,13 @@ class _LipschitzLinear(DPLayer):
 
     def _kernel_max_norm(self):
         return self.lipschitz_target / math.sqrt(self.overlap)
+
+    def _pin_input_shape(self, input_shape):
+        """Fixes the full input shape: the bias bounds depend on the number of positions."""
+        if None in tuple(input_shape[1:]):
+            raise ValueError(f"{self.name}: every non-batch input dimension must be static "
+                             f"(the bias bounds count positions), got {tuple(input_shape)}")
+        self.input_spec = tf.keras.layers.InputSpec(shape=(None,) + tuple(input_shape[1:]))
 
     def _project_initial_weights(self):
         self.kernel.assign(self.kernel_constraint(self.kernel))
@@ -174,6 +183,7 @@ class LipschitzDense(_LipschitzLinear, tf.keras.layers.Dense):
 
     def build(self, input_shape):
         super().build(input_shape)
+        self._pin_input_shape(input_shape)
         self.positions = math.prod(int(d) for d in input_shape[1:-1])
         self._project_initial_weights()
 
@@ -228,9 +238,8 @@ class LipschitzConv2D(_LipschitzLinear, tf.keras.layers.Conv2D):
 
     def build(self, input_shape):
         super().build(input_shape)
+        self._pin_input_shape(input_shape)
         out_shape = self.compute_output_shape(input_shape)
-        if None in tuple(out_shape[1:3]):
-            raise ValueError(f"{self.name}: the spatial input shape must be static, got {input_shape}")
         self.positions = int(out_shape[1]) * int(out_shape[2])
         self._project_initial_weights()
 

@@ -6,14 +6,12 @@ import tensorflow as tf
 from lipdp.layers.base import DPLayer, as_bound
 
 
-def _per_sample_norm(tensor):
-    axes = list(range(1, len(tensor.shape)))
-    return tf.sqrt(tf.reduce_sum(tf.square(tensor), axis=axes, keepdims=True))
-
-
 def _clip_per_sample(tensor, max_norm):
-    norm = _per_sample_norm(tensor)
-    return tensor * tf.minimum(1.0, max_norm / tf.maximum(norm, 1e-12))
+    """Scales each sample to norm <= ``max_norm``; the norm is taken in float64 (no overflow)."""
+    axes = list(range(1, len(tensor.shape)))
+    norm = tf.sqrt(tf.reduce_sum(tf.square(tf.cast(tensor, tf.float64)), axis=axes, keepdims=True))
+    scale = tf.minimum(tf.cast(1.0, tf.float64), tf.cast(max_norm, tf.float64) / tf.maximum(norm, 1e-12))
+    return tensor * tf.cast(scale, tensor.dtype)
 
 
 @tf.keras.utils.register_keras_serializable("lipdp")
@@ -66,10 +64,18 @@ class LayerCentering(DPLayer, tf.keras.layers.Layer):
 
     def __init__(self, axes=None, **kwargs):
         super().__init__(**kwargs)
-        if axes is not None and 0 in axes:
-            raise ValueError("LayerCentering cannot average over the batch axis 0: "
-                             "that would mix samples and break per-sample bounds")
+        axes = (axes,) if isinstance(axes, int) else axes
+        if axes is not None and (not axes or 0 in axes):
+            raise ValueError(f"LayerCentering axes={axes!r}: give non-batch axes; averaging over the batch "
+                             "axis 0 would mix samples and break per-sample bounds")
         self.axes = None if axes is None else tuple(axes)
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        if self.axes is not None and any(axis % rank == 0 for axis in self.axes):
+            raise ValueError(f"{self.name}: axes {self.axes} include the batch axis for rank-{rank} inputs; "
+                             "that would mix samples and break per-sample bounds")
+        super().build(input_shape)
 
     def call(self, inputs):
         axes = self.axes or tuple(range(1, len(inputs.shape)))
@@ -80,11 +86,19 @@ class LayerCentering(DPLayer, tf.keras.layers.Layer):
 
 
 class _Merge(DPLayer):
-    """Records the number of merged inputs at build time."""
+    """Records the number of merged inputs at build time; refuses broadcasting.
+
+    A broadcast input would be repeated over many positions, multiplying its
+    norm and its cotangent; the bounds below assume identical shapes.
+    """
 
     multi_input = True
 
     def build(self, input_shape):
+        shapes = {tuple(shape[1:]) for shape in input_shape}
+        if len(shapes) != 1:
+            raise ValueError(f"{self.name}: merged inputs must have identical shapes (no broadcasting), "
+                             f"got {[tuple(s) for s in input_shape]}")
         self.num_inputs = len(input_shape)
         super().build(input_shape)
 
