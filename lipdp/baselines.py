@@ -96,6 +96,10 @@ CLIPPING_RULES = ("flat", "automatic", "global")
 
 _warned_fallback = set()
 
+# Python control flow here depends only on the model's structure, never on tensor values: AutoGraph
+# would only add ~10 s of source conversion (this module and tensorflow_privacy's) to the first trace.
+_no_autograph = tf.autograph.experimental.do_not_convert
+
 
 # -- settings ---------------------------------------------------------------
 def check_clipping(clipping, clip_norm=1.0, gamma=0.01):
@@ -232,12 +236,12 @@ def conv2d_squared_norms(inputs, grads, layer, method="auto"):
         inputs, sizes=[1, kh, kw, 1], strides=[1, *layer.strides, 1], rates=[1, *layer.dilation_rate, 1],
         padding=layer.padding.upper())
     batch = tf.shape(inputs)[0]
-    positions = int(grads.shape[1]) * int(grads.shape[2])
     depth, filters = kh * kw * int(inputs.shape[-1]), int(grads.shape[-1])
-    a = tf.reshape(patches, [batch, positions, depth])
-    z = tf.reshape(grads, [batch, positions, filters])
+    a = tf.reshape(patches, [batch, -1, depth])
+    z = tf.reshape(grads, [batch, -1, filters])
     if method == "auto":
-        method = "gram" if positions * (depth + filters) < depth * filters else "direct"
+        positions = a.shape[1]  # None for a dynamic image size: then "direct", whose memory does not grow with it
+        method = "gram" if positions is not None and positions * (depth + filters) < depth * filters else "direct"
     if method == "gram":
         squared = tf.reduce_sum(tf.matmul(a, a, transpose_b=True) * tf.matmul(z, z, transpose_b=True), axis=[1, 2])
     elif method == "direct":
@@ -372,6 +376,7 @@ def _shared_layers(model):
     return {key for key, count in counts.items() if count > 1}
 
 
+@_no_autograph
 def forward_with_norms(model, x, y, registry=None, outer_tape=None):
     """One forward pass and one backward pass to the layers: ``(y_pred, per_sample_loss, norms)``.
 
@@ -423,6 +428,7 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
     return y_pred, losses, norms
 
 
+@_no_autograph
 def per_example_gradient_norms(model, x, y, registry=None):
     """Whole-model l2 norm of each example's loss gradient (fast rules, fallback where needed)."""
     return forward_with_norms(model, x, y, registry=registry)[2]
@@ -433,6 +439,7 @@ def _default_registry():
     return make_layer_registry()
 
 
+@_no_autograph
 def clipped_gradient_sums(model, x, y, registry=None):
     """``(y_pred, per_sample_loss, sum_i w_i g_i, bounds)`` for ``model.clipping``.
 

@@ -302,7 +302,11 @@ class DPModelMixin:
 
 @tf.keras.utils.register_keras_serializable("lipdp")
 class DPModel(DPModelMixin, tf.keras.Model):
-    """Functional ``tf.keras.Model`` (DAGs, residual blocks) trained with clipless DP."""
+    """Functional ``tf.keras.Model`` (DAGs, residual blocks) trained with clipless DP.
+
+    ``clipping="flat" | "automatic" | "global"`` (with ``clip_norm``, ``gamma``)
+    trains by per-example clipping instead: see :mod:`lipdp.baselines`.
+    """
 
     def __init__(self, inputs, outputs, name=None, trainable=True, **kwargs):
         # Functional's exact signature, so Keras saves and revives it as a graph.
@@ -314,7 +318,7 @@ class DPModel(DPModelMixin, tf.keras.Model):
 
 @tf.keras.utils.register_keras_serializable("lipdp")
 class DPSequential(DPModelMixin, tf.keras.Sequential):
-    """``tf.keras.Sequential`` trained with clipless DP."""
+    """``tf.keras.Sequential`` trained with clipless DP (or clipping: see :class:`DPModel`)."""
 
     def __init__(self, layers=None, name=None, privacy=None, noise_seed=None, clipping=None, clip_norm=1.0,
                  gamma=0.01):

@@ -37,9 +37,9 @@ def images(n=6, size=9, channels=3, classes=4, seed=0):
             tf.one_hot(rng.integers(0, classes, n), classes).numpy())
 
 
-def vectors(n=6, dim=5, classes=3, seed=0, scale=1.0):
+def vectors(n=6, dim=5, classes=3, seed=0):
     rng = np.random.default_rng(seed)
-    return (scale * rng.normal(size=(n, dim))).astype("float32"), tf.one_hot(rng.integers(0, classes, n), classes).numpy()
+    return rng.normal(size=(n, dim)).astype("float32"), tf.one_hot(rng.integers(0, classes, n), classes).numpy()
 
 
 def compiled(model, loss=CE, optimizer="sgd"):
@@ -123,13 +123,38 @@ def test_fast_norms_match_per_example_gradients(name):
     assert expected.min() > 0
 
 
-def test_fast_norms_inside_a_graph_with_an_unknown_batch_size():
+@pytest.mark.parametrize("name", ["lipschitz", "mixed", "sequence", "fallback"])
+def test_clipped_sum_is_the_weighted_sum_of_per_example_gradients(name):
+    """The second (weighted) backward pass gives sum_i min(1, R/||g_i||) g_i."""
     tf.keras.utils.set_random_seed(0)
-    model, (x, y) = mixed_functional_model()
-    spec = (tf.TensorSpec((None, 8, 8, 3)), tf.TensorSpec((None, 3)))
+    model, (x, y) = MODELS[name]()
+    model.clip_norm = float(np.median(reference_norms(model, x, y)))  # half of the examples are clipped
+    variables = model.trainable_variables
+
+    def one_example(sample):
+        xi, yi = sample
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(baselines.per_sample_losses(model.loss, yi[None], model(xi[None], training=True)))
+        grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return [tf.convert_to_tensor(g) for g in grads]
+
+    per_example = tf.vectorized_map(one_example, (tf.convert_to_tensor(x), tf.convert_to_tensor(y)))
+    norms = np.sqrt(sum(np.sum(np.square(g.numpy()).reshape(len(x), -1), axis=1) for g in per_example))
+    weights = np.minimum(1.0, model.clip_norm / norms)
+    _, _, sums, _ = model.private_gradient_sums(x, y)
+    for g, total in zip(per_example, sums):
+        expected = np.tensordot(weights, g.numpy(), axes=1)
+        np.testing.assert_allclose(total.numpy(), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_fast_norms_inside_a_graph_with_an_unknown_batch_size():
+    """As in a Poisson-sampled train step: traced once for any batch size, including an empty batch."""
+    tf.keras.utils.set_random_seed(0)
+    model, (x, y) = fallback_model()  # fast rules and the vectorized_map fallback
+    spec = (tf.TensorSpec((None, 5)), tf.TensorSpec((None, 3)))
     graph_norms = tf.function(lambda a, b: baselines.per_example_gradient_norms(model, a, b), input_signature=spec)
     np.testing.assert_allclose(graph_norms(x, y).numpy(), reference_norms(model, x, y), rtol=1e-4)
-    assert graph_norms(x[:0], y[:0]).shape == (0,)  # an empty Poisson batch
+    assert graph_norms(x[:0], y[:0]).shape == (0,)
 
 
 def test_fallback_warns_once_naming_the_layer(caplog):
@@ -261,7 +286,8 @@ def test_flat_clipping_matches_tensorflow_privacy_dp_sgd(monkeypatch):
 
     for a, b in zip(ours.trainable_variables, theirs.trainable_variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-6)
-    assert all(np.abs(a.numpy() - b).max() > 1e-4 for a, b in zip(ours.trainable_variables, start))  # a real step was taken
+    # a real step was taken
+    assert all(np.abs(a.numpy() - b).max() > 1e-4 for a, b in zip(ours.trainable_variables, start))
 
 
 # -- set-up, validation, save/load -------------------------------------------------------
