@@ -5,6 +5,8 @@
   adds one when none is given.
 * :class:`BudgetStop` stops training *before* the step that would take
   epsilon past a budget.
+* :class:`GradientNoiseMonitor` logs the gradient-to-noise ratio measured on
+  held-out (not private) data.
 
 Checkpoint and resume: the number of noisy steps already taken is the
 model variable ``privacy_steps``, saved with the weights by
@@ -14,6 +16,7 @@ uninterrupted run. Steps taken after the last backup of an interrupted run
 are discarded together with the weights they produced.
 """
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -22,7 +25,20 @@ class PrivacyBudgetExhausted(RuntimeError):
 
 
 class PrivacyLedger(tf.keras.callbacks.Callback):
-    """Adds ``epsilon`` and ``delta`` (spent so far) to every epoch's logs."""
+    """Adds ``epsilon`` and ``delta`` (spent so far) to every epoch's logs.
+
+    Before the first step of each ``fit`` (after any ``BackupAndRestore``
+    restore) it also checks that shuffled sampling starts at an epoch
+    boundary (see ``DPModelMixin.check_sampling_alignment``).
+    """
+
+    def on_train_begin(self, logs=None):
+        self._aligned = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self._aligned:
+            self.model.check_sampling_alignment()
+            self._aligned = True
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -60,3 +76,47 @@ class BudgetStop(tf.keras.callbacks.Callback):
         if self.verbose and int(self.model.privacy_steps) >= self.max_steps:
             print(f"BudgetStop: stopped after {int(self.model.privacy_steps)} steps, "
                   f"epsilon={self.model.epsilon():.4g} <= budget {self.epsilon_budget}")
+
+
+class GradientNoiseMonitor(tf.keras.callbacks.Callback):
+    """Logs ``heldout_grad_to_noise``: batch-gradient norm over added-noise norm, on held-out data.
+
+    At each epoch end, with the current (already private) weights, computes
+    the gradient sum that a step would noise (clipless: the plain gradient of
+    the summed losses; clipping runs: the clipped sum) on a fixed batch of
+    ``min(qN, len(x_heldout))`` **held-out** examples, rescaled to a batch of
+    the expected size ``qN``, and the expected norm of the noise a step adds,
+    ``sqrt(sum_i std_i^2 n_i)`` over variables with ``n_i`` coordinates and
+    std ``std_i`` (both on the gradient-sum scale; the division by ``qN``
+    cancels). Private training data is never read: the ratio is a
+    diagnostic that costs no privacy, unlike the same ratio on training
+    batches. Place it before ``CSVLogger`` so the value reaches the CSV.
+    """
+
+    def __init__(self, x_heldout, y_heldout, seed=0):
+        super().__init__()
+        self.x_heldout, self.y_heldout = x_heldout, y_heldout
+        self.seed = seed
+        self._batch = None
+
+    def _heldout_batch(self):
+        if self._batch is None:
+            size = max(1, min(len(self.x_heldout), int(round(self.model.privacy.expected_batch_size))))
+            index = np.random.default_rng(self.seed).permutation(len(self.x_heldout))[:size]
+            self._batch = (tf.constant(self.x_heldout[index], tf.float32),
+                           tf.constant(self.y_heldout[index], tf.float32))
+        return self._batch
+
+    def ratio(self):
+        """The current gradient-to-noise ratio (float)."""
+        x, y = self._heldout_batch()
+        _, _, sums, bounds = self.model.private_gradient_sums(x, y)
+        scale = self.model.privacy.expected_batch_size / int(x.shape[0])
+        grad_norm = scale * float(tf.norm(tf.stack([tf.norm(tf.cast(g, tf.float64)) for g in sums])))
+        stds = self.model.noise_stddevs(bounds)
+        noise_sq = sum(float(std) ** 2 * int(tf.size(g)) for std, g in zip(stds, sums))
+        return grad_norm / max(noise_sq ** 0.5, 1e-300)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and getattr(self.model, "privacy", None) is not None:
+            logs["heldout_grad_to_noise"] = self.ratio()

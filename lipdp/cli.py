@@ -6,6 +6,12 @@
 ``lipdp privacy --dataset-size N --batch-size B --epochs E
 (--noise-multiplier S | --target-epsilon EPS) --delta D``
     prints epsilon, or the noise multiplier that reaches a target.
+``lipdp report RUN_DIR [--no-audit] [--data-dir DIR]``
+    writes ``report.html`` and ``report.md`` into a run folder (see
+    :mod:`lipdp.reports`).
+``lipdp audit RUN_DIR [--seed S] [--data-dir DIR]``
+    runs the membership-inference audit and writes ``audit.json`` (see
+    :mod:`lipdp.audit`).
 """
 
 import argparse
@@ -53,6 +59,27 @@ def _privacy(args):
               f"at delta = {args.delta:g}")
 
 
+def _completed_run(run_dir):
+    if not os.path.isfile(os.path.join(run_dir, "privacy.json")):
+        raise SystemExit(f"lipdp: error: {run_dir} is not a completed run folder (no privacy.json)")
+    return run_dir
+
+
+def _report(args):
+    from lipdp import reports
+
+    paths = reports.make_report(_completed_run(args.run_dir), audit=not args.no_audit, data_dir=args.data_dir)
+    print(f"report written to {paths['html']} and {paths['md']}")
+
+
+def _audit(args):
+    from lipdp import audit
+
+    result = audit.audit_run(_completed_run(args.run_dir), seed=args.seed, data_dir=args.data_dir)
+    print(audit.summary(result))
+    print(f"written to {os.path.join(args.run_dir, 'audit.json')}")
+
+
 def parser():
     main = argparse.ArgumentParser(prog="lipdp", description="Differentially private Lipschitz networks")
     commands = main.add_subparsers(dest="command", required=True)
@@ -75,6 +102,18 @@ def parser():
     privacy.add_argument("--accountant", default="rdp", choices=("rdp", "pld"))
     privacy.add_argument("--sampling", default="poisson", choices=("poisson", "shuffle"))
     privacy.set_defaults(func=_privacy)
+
+    report = commands.add_parser("report", help="HTML and Markdown report of a run folder")
+    report.add_argument("run_dir")
+    report.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit if not done")
+    report.add_argument("--data-dir", help="local folder with the dataset files (overrides the run's config)")
+    report.set_defaults(func=_report)
+
+    audit = commands.add_parser("audit", help="membership-inference audit of a run folder (writes audit.json)")
+    audit.add_argument("run_dir")
+    audit.add_argument("--seed", type=int, default=0, help="seed of the member / non-member balancing")
+    audit.add_argument("--data-dir", help="local folder with the dataset files (overrides the run's config)")
+    audit.set_defaults(func=_audit)
     return main
 
 

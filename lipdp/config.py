@@ -55,7 +55,7 @@ class PrivacyConfig:
 class SamplingConfig:
     kind: str = "poisson"
     batch_size: int = 128
-    seed: Optional[int] = 0
+    seed: Optional[int] = None  # secret or None: a published seed reveals the batches
 
 
 @dataclasses.dataclass
@@ -67,7 +67,7 @@ class OptimizerConfig:
 @dataclasses.dataclass
 class TrainingConfig:
     epochs: int = 10
-    seed: int = 0
+    seed: int = 0  # initial weights only (public); the DP noise never uses it
 
 
 @dataclasses.dataclass

@@ -13,8 +13,33 @@ import math
 import tensorflow as tf
 
 
+def finite_labels(y_true, y_pred):
+    """Labels cast to the logits' dtype, non-finite entries replaced by 0.
+
+    Sanitising instead of asserting keeps the bounds for *any* label a record
+    holds, without a data-dependent crash. The label and logit shapes must
+    match (checked when the step is traced, not on data).
+    """
+    label_shape, logit_shape = tf.TensorShape(y_true.shape), tf.TensorShape(y_pred.shape)
+    if label_shape.rank is not None and logit_shape.rank is not None and (
+            label_shape.rank != logit_shape.rank or label_shape[-1] != logit_shape[-1]):
+        raise ValueError(f"labels of shape {label_shape} do not match logits of shape {logit_shape}: "
+                         "lipdp losses take one-hot (or soft) labels of the logits' width")
+    y_true = tf.cast(y_true, tf.as_dtype(y_pred.dtype))
+    return tf.where(tf.math.is_finite(y_true), y_true, tf.zeros_like(y_true))
+
+
+def unit_interval_labels(y_true, y_pred):
+    """:func:`finite_labels` projected onto ``[0, 1]``, which the constants below assume."""
+    return tf.clip_by_value(finite_labels(y_true, y_pred), 0.0, 1.0)
+
+
 class LipschitzLoss(tf.keras.losses.Loss):
-    """Base class: ``call`` returns per-sample losses; ``logit_lipschitz`` the bound."""
+    """Base class: ``call`` returns per-sample losses; ``logit_lipschitz`` the bound.
+
+    Every ``call`` first sanitises the labels (:func:`finite_labels`,
+    :func:`unit_interval_labels`), so the constant holds for any label value.
+    """
 
     def logit_lipschitz(self, num_logits):
         """Bound on the per-sample loss gradient norm w.r.t. ``num_logits`` logits."""
@@ -37,7 +62,11 @@ class TauCategoricalCrossentropy(LipschitzLoss):
         self.tau = float(tau)
 
     def call(self, y_true, y_pred):
-        y_true = tf.cast(y_true, y_pred.dtype)
+        y_true = unit_interval_labels(y_true, y_pred)
+        # renormalise onto the simplex (an all-zero row becomes uniform)
+        count = tf.cast(tf.shape(y_true)[-1], y_pred.dtype)
+        total = tf.reduce_sum(y_true, axis=-1, keepdims=True)
+        y_true = tf.where(total > 0, y_true / tf.maximum(total, 1e-12), tf.ones_like(y_true) / count)
         return tf.nn.softmax_cross_entropy_with_logits(y_true, self.tau * y_pred) / self.tau
 
     def logit_lipschitz(self, num_logits):
@@ -60,7 +89,7 @@ class MulticlassHinge(LipschitzLoss):
         self.min_margin = float(min_margin)
 
     def call(self, y_true, y_pred):
-        signs = 2.0 * tf.cast(y_true, y_pred.dtype) - 1.0
+        signs = 2.0 * unit_interval_labels(y_true, y_pred) - 1.0
         return tf.reduce_mean(tf.nn.relu(self.min_margin / 2.0 - signs * y_pred), axis=-1)
 
     def logit_lipschitz(self, num_logits):
@@ -90,7 +119,7 @@ class HingeKR(LipschitzLoss):
         self.min_margin = float(min_margin)
 
     def call(self, y_true, y_pred):
-        signs = 2.0 * tf.cast(y_true, y_pred.dtype) - 1.0
+        signs = 2.0 * unit_interval_labels(y_true, y_pred) - 1.0
         margins = signs * y_pred
         return tf.reduce_mean(-margins + self.alpha * tf.nn.relu(self.min_margin / 2.0 - margins), axis=-1)
 
@@ -117,7 +146,7 @@ class KCosineSimilarity(LipschitzLoss):
         self.K = float(K)
 
     def call(self, y_true, y_pred):
-        y_true = tf.cast(y_true, y_pred.dtype)
+        y_true = finite_labels(y_true, y_pred)
         y_unit = y_true / tf.maximum(tf.norm(y_true, axis=-1, keepdims=True), 1e-12)
         scale = tf.maximum(tf.norm(y_pred, axis=-1, keepdims=True), 1.0 / self.K)
         return -tf.reduce_sum(y_unit * y_pred / scale, axis=-1)

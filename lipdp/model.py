@@ -119,15 +119,27 @@ class DPModelMixin:
     def _init_privacy(self, privacy=None, noise_seed=None, clipping=None, clip_norm=1.0, gamma=0.01):
         self._set_clipping(clipping, clip_norm, gamma)
         self.privacy_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="privacy_steps")
-        self._noise = tf.random.Generator.from_non_deterministic_state()
         self._loss_tracker = tf.keras.metrics.Mean(name="loss")
-        self._set_privacy(privacy, noise_seed)
+        self._set_privacy(privacy)
+        self._seed_noise(noise_seed)
 
-    def _set_privacy(self, privacy, noise_seed):
+    def _set_privacy(self, privacy):
         self.privacy = None if privacy is None else PrivacyPolicy(**privacy)
-        self.noise_seed = noise_seed
-        if noise_seed is not None:
-            self._noise.reset_from_seed(noise_seed)
+
+    def _seed_noise(self, noise_seed):
+        """A noise generator that is never saved, restored or derived from anything published.
+
+        Anyone who knows the generator's seed or state can subtract the noise.
+        The generator is kept out of Keras/TF tracking (so no checkpoint,
+        backup or saved model holds its state), and seeded from OS entropy
+        unless ``noise_seed`` is given -- for tests only: a known seed voids
+        the guarantee, so it is never written to the model's config.
+        """
+        if noise_seed is None:
+            generator = tf.random.Generator.from_non_deterministic_state()
+        else:
+            generator = tf.random.Generator.from_seed(noise_seed)
+        object.__setattr__(self, "_noise", generator)
 
     def _set_clipping(self, clipping, clip_norm=1.0, gamma=0.01):
         """``clipping=None``: clipless; else a rule of :mod:`lipdp.baselines` (flat, automatic, global)."""
@@ -143,10 +155,14 @@ class DPModelMixin:
         """
         self._validate_for_privacy()
         policy = PrivacyPolicy.from_sampler(sampler, **policy_args)
-        if self.privacy is not None and int(self.privacy_steps) > 0 and policy != self.privacy:
+        if int(self.privacy_steps) > 0 and policy != self.privacy:
             raise ValueError(
-                "this model already spent privacy under another policy "
-                f"({self.privacy}); resume with the same policy or start from fresh weights")
+                f"these weights already took {int(self.privacy_steps)} private steps under "
+                f"{'an unknown policy (weights loaded without it)' if self.privacy is None else self.privacy}; "
+                "resume from the saved model with the same policy, or start from fresh weights")
+        # TF32 matmuls/convolutions (default on recent GPUs) round to ~1e-3 relative,
+        # far above the certified bounds' margin.
+        tf.config.experimental.enable_tensor_float_32_execution(False)
         self.privacy = policy
         return policy
 
@@ -157,7 +173,7 @@ class DPModelMixin:
             sensitivity.validate(self)
         else:
             baselines.validate(self)
-        if self._steps_per_execution is not None and int(self._steps_per_execution) != 1:
+        if getattr(self, "_steps_per_execution", None) is not None and int(self._steps_per_execution) != 1:
             raise sensitivity.ModelNotSupportedError("steps_per_execution must be 1: one noisy update per step")
         if self.losses:
             raise sensitivity.ModelNotSupportedError(
@@ -185,6 +201,7 @@ class DPModelMixin:
                 "DP training needs a lipdp sampler as x (e.g. lipdp.PoissonSampler(x, y, expected_batch_size=...)):"
                 " Keras' own batching is not what the accountant assumes")
         self._check_sampler(x)
+        self._validate_for_privacy()  # again: the model may have been recompiled since make_private
         if kwargs.get("batch_size") is not None or kwargs.get("validation_split"):
             raise ValueError("batch_size and validation_split are set by the sampler; pass validation_data instead")
         if steps_per_epoch not in (None, x.steps_per_epoch):
@@ -192,8 +209,25 @@ class DPModelMixin:
         callbacks = list(callbacks or [])
         if not any(isinstance(c, PrivacyLedger) for c in callbacks):
             callbacks.insert(0, PrivacyLedger())
-        return super().fit(x.dataset(), epochs=epochs, steps_per_epoch=x.steps_per_epoch, callbacks=callbacks,
-                           **kwargs)
+        try:
+            return super().fit(x.dataset(), epochs=epochs, steps_per_epoch=x.steps_per_epoch,
+                               callbacks=callbacks, **kwargs)
+        finally:
+            self.reset_metrics()  # training metrics are private: keep them out of a saved model
+
+    def check_sampling_alignment(self):
+        """Refuses to start shuffled sampling in the middle of an accounted epoch.
+
+        Each ``fit`` starts a new permutation. Shuffle accounting counts
+        ``ceil(steps / steps_per_epoch)`` epochs, which only bounds the
+        permutations really used when every ``fit`` starts at an epoch boundary.
+        """
+        steps, per_epoch = int(self.privacy_steps), self.privacy.steps_per_epoch
+        if self.privacy.sampling == "shuffle" and steps % per_epoch:
+            raise ValueError(
+                f"shuffled sampling cannot resume mid-epoch ({steps} steps, {per_epoch} per epoch): a new "
+                "permutation would reuse examples the accountant counts once; use Poisson sampling to stop "
+                "and resume anywhere")
 
     # -- the private step ----------------------------------------------------
     @property
@@ -286,16 +320,16 @@ class DPModelMixin:
 
     def get_config(self):
         privacy = None if self.privacy is None else self.privacy.to_dict()
-        return {**super().get_config(), "privacy": privacy, "noise_seed": self.noise_seed,
+        return {**super().get_config(), "privacy": privacy,
                 "clipping": self.clipping, "clip_norm": self.clip_norm, "gamma": self.gamma}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        privacy, noise_seed = config.pop("privacy", None), config.pop("noise_seed", None)
+        privacy = config.pop("privacy", None)
         clipping = {key: config.pop(key) for key in ("clipping", "clip_norm", "gamma") if key in config}
         model = super().from_config(config, custom_objects)
-        model._set_privacy(privacy, noise_seed)
+        model._set_privacy(privacy)
         model._set_clipping(**clipping)
         return model
 

@@ -10,6 +10,9 @@
 Randomness comes from numpy's ``np.random.default_rng``, which is not a
 cryptographically secure generator: fine for research, but a deployment that
 must resist an adversary predicting the samples needs a secure source.
+Amplification by subsampling assumes the batches stay secret: a sampler
+seed (``seed=...``) must not be published, or the guarantee degrades to the
+one without amplification. The default ``seed=None`` draws OS entropy.
 """
 
 import numpy as np
@@ -27,6 +30,10 @@ def _check_arrays(x, y):
         raise ValueError(f"x and y must have the same first dimension, got {len(x)} and {len(y)}")
     if len(x) == 0:
         raise ValueError("x and y are empty")
+    for name, array in (("x", x), ("y", y)):
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            raise ValueError(f"{name} contains NaN or inf: clean the data before training (checked here, "
+                             "before any private step, so that no step fails on a sampled record)")
     return x, y
 
 

@@ -93,6 +93,10 @@ def validate(model):
     nodes = _graph_nodes(model)
     if len(model.outputs) != 1:
         raise ModelNotSupportedError(f"the model has {len(model.outputs)} outputs; exactly one is supported")
+    if model.outputs[0].shape.rank != 2:
+        raise ModelNotSupportedError(
+            f"the model output has shape {model.outputs[0].shape}; the loss bounds assume one logit vector "
+            "per sample, shape (batch, classes): add lipdp.layers.Flatten or a global pooling before the last layer")
     model_loss(model)
     for node in nodes:
         layer = node.layer
@@ -168,10 +172,16 @@ def gradient_bound_tensors(model):
     return [by_variable[v.ref()] for v in model.trainable_variables]
 
 
+def variable_names(model):
+    """Unique names ``layer/variable`` aligned with ``model.trainable_variables``."""
+    owners = {v.ref(): layer.name for layer in model.layers for v in layer.trainable_weights}
+    return [f"{owners[v.ref()]}/{v.name.split('/')[-1].split(':')[0]}" for v in model.trainable_variables]
+
+
 def compute_bounds(model):
-    """``{variable name: per-sample gradient norm bound}`` for the per-sample loss."""
+    """``{layer/variable: per-sample gradient norm bound}`` for the per-sample loss."""
     bounds = gradient_bound_tensors(model)
-    return {v.name: float(b) for v, b in zip(model.trainable_variables, bounds)}
+    return {name: float(b) for name, b in zip(variable_names(model), bounds)}
 
 
 def per_sample_gradient_norms(model, x, y):
@@ -219,7 +229,7 @@ def verify_bounds(model, x, y, rtol=1e-5):
     bounds = np.array([float(b) for b in gradient_bound_tensors(model)])
     norms = per_sample_gradient_norms(model, x, y).numpy()
     ratios = norms / np.maximum(bounds, 1e-300)
-    names = [v.name for v in model.trainable_variables]
+    names = variable_names(model)
     violations = [
         (names[j], int(i), float(norms[i, j]), float(bounds[j]))
         for i, j in zip(*np.nonzero(norms > bounds * (1 + rtol)))

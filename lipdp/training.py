@@ -5,7 +5,8 @@
 * ``config.yaml``: the resolved config;
 * ``history.csv``: per-epoch training logs (training metrics are on private
   data and not covered by the guarantee), validation metrics on the test
-  set, and ``epsilon``;
+  set, ``epsilon``, and ``heldout_grad_to_noise`` (gradient-to-noise ratio
+  measured on a held-out test batch, :class:`lipdp.callbacks.GradientNoiseMonitor`);
 * ``model.keras``: the trained model (``tf.keras.models.load_model``);
 * ``sensitivity.txt``: the per-layer bound report (clipless models);
 * ``privacy.json``: epsilon, delta, noise multiplier, sampling rate and kind,
@@ -18,6 +19,7 @@ same command; a completed run is never overwritten.
 
 import json
 import os
+import warnings
 
 import tensorflow as tf
 import yaml
@@ -48,7 +50,7 @@ def build_model(cfg: config_lib.Config, input_shape):
     clipping = {}
     if cfg.model.clipping is not None:
         clipping = dict(clipping=cfg.model.clipping, clip_norm=cfg.model.clip_norm, gamma=cfg.model.gamma)
-    model = DPSequential(layers, noise_seed=cfg.training.seed, **clipping)
+    model = DPSequential(layers, **clipping)  # the noise generator is seeded from OS entropy, never from the config
     loss_cls = getattr(losses, cfg.loss.type, None)
     if loss_cls is None or not isinstance(loss_cls, type) or not issubclass(loss_cls, losses.LipschitzLoss):
         raise config_lib.ConfigError(f"loss.type: {cfg.loss.type!r} is not a lipdp.losses loss")
@@ -79,6 +81,9 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
 
     model = build_model(cfg, dataset.input_shape)
     seed = cfg.sampling.seed
+    if seed is not None:
+        warnings.warn("sampling.seed is set: the batches are reproducible, and the privacy amplification by "
+                      "subsampling holds only while the seed stays secret (do not publish config.yaml)")
     sampler = sampling.make_sampler(cfg.sampling.kind, dataset.x_train, dataset.y_train,
                                     batch_size=cfg.sampling.batch_size,
                                     seed=None if seed is None else [seed, _attempt_number(out_dir)])
@@ -88,6 +93,7 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
                        delta=privacy.delta, accountant=privacy.accountant,
                        noise_allocation=privacy.noise_allocation)
     extra = [callbacks.PrivacyLedger(),
+             callbacks.GradientNoiseMonitor(dataset.x_test, dataset.y_test),  # held-out data only
              tf.keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
              tf.keras.callbacks.CSVLogger(os.path.join(out_dir, "history.csv"), append=True)]
     if privacy.epsilon_budget is not None:

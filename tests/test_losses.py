@@ -198,3 +198,37 @@ def test_loss_config_round_trips(name):
 def test_invalid_parameters_are_refused(make):
     with pytest.raises(ValueError):
         make()
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels a record may hold: the constants must survive them (they are projected, not trusted)
+# ---------------------------------------------------------------------------------------------
+
+HOSTILE_LABELS = {
+    "scaled_x100": lambda y: 100.0 * y,
+    "negative": lambda y: -3.0 * y,
+    "nan": lambda y: np.where(y > 0, np.nan, y),
+    "all_zero": np.zeros_like,
+}
+
+
+@pytest.mark.parametrize("label_kind", sorted(HOSTILE_LABELS))
+@pytest.mark.parametrize("make_loss", [lambda: losses.TauCategoricalCrossentropy(4.0), losses.MulticlassHinge,
+                                       lambda: losses.HingeKR(alpha=5.0), lambda: losses.KCosineSimilarity(K=2.0)])
+def test_hostile_labels_keep_the_lipschitz_constant(make_loss, label_kind):
+    loss = make_loss()
+    rng = np.random.default_rng(0)
+    logits = tf.constant(rng.normal(size=(16, 5)) * 3, tf.float32)
+    labels = HOSTILE_LABELS[label_kind](np.eye(5, dtype=np.float32)[rng.integers(0, 5, 16)])
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        values = loss.call(tf.constant(labels, tf.float32), logits)
+        total = tf.reduce_sum(values)
+    grads = tape.gradient(total, logits).numpy()
+    assert np.all(np.isfinite(values.numpy())) and np.all(np.isfinite(grads))
+    assert np.linalg.norm(grads, axis=1).max() <= loss.logit_lipschitz(5) * (1 + 1e-5)
+
+
+def test_labels_of_the_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match="do not match logits"):
+        losses.TauCategoricalCrossentropy().call(tf.zeros((4,)), tf.zeros((4, 4)))

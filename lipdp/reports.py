@@ -1,0 +1,533 @@
+"""``lipdp report RUN_DIR``: an HTML and a Markdown report of a training run.
+
+:func:`make_report` reads what ``lipdp train`` saved (see
+:mod:`lipdp.training`) and writes ``RUN_DIR/report.html`` (self-contained,
+figures embedded as base64 PNG) and ``RUN_DIR/report.md`` (figures as PNG
+files beside it). Sections:
+
+* the privacy statement (from ``privacy.json``) and epsilon against epochs;
+* training curves: test (held-out) and train curves, the latter computed on
+  private batches and not covered by the guarantee;
+* the sensitivity report (clipless runs): per layer, the bounds of
+  :func:`lipdp.sensitivity.propagate` and the noise std of each variable,
+  and the gradient-to-noise ratio logged during training by
+  :class:`lipdp.callbacks.GradientNoiseMonitor` on *held-out* data;
+* bound tightness: the largest true / bound ratio of per-sample gradient
+  norms on test samples (as :func:`lipdp.sensitivity.verify_bounds`, per
+  layer), which must not exceed 1;
+* calibration: expected calibration error (:func:`expected_calibration_error`)
+  and a reliability diagram on the test set;
+* the membership-inference audit (:mod:`lipdp.audit`), read from
+  ``audit.json`` or computed.
+
+Everything computed here from data uses the test split (held out, not
+private), except the audit, which needs the training set and says so.
+Figures use matplotlib's Agg canvas directly (no pyplot, no global backend).
+"""
+
+import base64
+import csv
+import dataclasses
+import html
+import io
+import json
+import math
+import os
+
+import numpy as np
+
+TOLERANCE = 1e-5  # a true/bound ratio above 1 + TOLERANCE is a bound violation
+
+
+# -- the run folder ---------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    """What ``lipdp train`` left in ``path``; the model and data load on first use."""
+
+    path: str
+    config: object
+    history: dict
+    privacy: dict
+    metrics: dict
+    data_dir: str = None
+    _model: object = None
+    _dataset: object = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            import tensorflow as tf
+
+            import lipdp  # noqa: F401  (registers the layers, losses and models)
+
+            self._model = tf.keras.models.load_model(os.path.join(self.path, "model.keras"))
+        return self._model
+
+    def dataset(self):
+        """The run's data set (``data_dir`` overrides the config's)."""
+        if self._dataset is None:
+            from lipdp import data
+
+            self._dataset = data.load(self.config.dataset.name, data_dir=self.data_dir or self.config.dataset.data_dir)
+        return self._dataset
+
+    @property
+    def clipping(self):
+        """The model's clipping rule (None: clipless, with analytic bounds)."""
+        return getattr(self.model, "clipping", None)
+
+
+def read_history(path):
+    """``history.csv`` as ``{column: float array}`` (empty cells are NaN)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = rows[0].keys() if rows else []
+    return {c: np.array([float(r[c]) if r.get(c) not in (None, "") else math.nan for r in rows]) for c in columns}
+
+
+def load_run(run_dir, data_dir=None):
+    """Reads a run folder written by :func:`lipdp.training.run`."""
+    from lipdp import config
+
+    def read_json(name):
+        with open(os.path.join(run_dir, name)) as handle:
+            return json.load(handle)
+
+    return Run(path=run_dir, config=config.load(os.path.join(run_dir, "config.yaml")),
+               history=read_history(os.path.join(run_dir, "history.csv")), privacy=read_json("privacy.json"),
+               metrics=read_json("metrics.json"), data_dir=data_dir)
+
+
+# -- calibration ------------------------------------------------------------------
+def calibration_bins(probs, labels, bins=15):
+    """Per equal-width confidence bin ``((i/bins, (i+1)/bins]``, the first closed): confidence, accuracy, count.
+
+    ``probs``: ``(n, classes)`` predicted probabilities; ``labels``: integer
+    labels ``(n,)`` or one-hot ``(n, classes)``. Empty bins hold NaN.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    labels = labels.argmax(axis=-1) if labels.ndim == 2 else labels
+    confidence = probs.max(axis=-1)
+    correct = (probs.argmax(axis=-1) == labels).astype(np.float64)
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, confidence, bins) / counts
+        accuracy = np.bincount(index, correct, bins) / counts
+    return mean_confidence, accuracy, counts
+
+
+def expected_calibration_error(probs, labels, bins=15):
+    """ECE: ``sum_b |B_b| / n * |accuracy(B_b) - confidence(B_b)|`` over equal-width confidence bins.
+
+    The confidence of a prediction is its largest probability; bin ``b``
+    holds confidences in ``((b-1)/bins, b/bins]`` (0 falls in the first).
+    """
+    confidence, accuracy, counts = calibration_bins(probs, labels, bins)
+    filled = counts > 0
+    return float(np.sum(counts[filled] * np.abs(accuracy[filled] - confidence[filled])) / counts.sum())
+
+
+def predicted_probabilities(model, x, batch_size=512):
+    """``softmax(tau * logits)``: the probabilities of the model's tau-CE loss (tau = 1 for other losses)."""
+    logits = model.predict(x, batch_size=batch_size, verbose=0).astype(np.float64)
+    scaled = loss_temperature(model) * logits
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def loss_temperature(model):
+    """The loss's temperature ``tau`` (``TauCategoricalCrossentropy``), else 1."""
+    return float(getattr(getattr(model, "loss", None), "tau", 1.0))
+
+
+# -- sensitivity --------------------------------------------------------------------
+def _fmt(value, spec=".4g"):
+    if value is None:
+        return "inf"
+    if isinstance(value, (list, tuple)):
+        return " + ".join(_fmt(v, spec) for v in value)
+    value = float(value)
+    return format(value, spec) if math.isfinite(value) else str(value)
+
+
+def _short(variable):
+    return variable.name.split("/")[-1].split(":")[0]
+
+
+def sensitivity_rows(model):
+    """Per layer call and variable: bounds, and the noise std on the gradient sum and on the averaged gradient."""
+    from lipdp import sensitivity
+
+    bounds = sensitivity.gradient_bound_tensors(model)
+    stds = {v.ref(): float(s) for v, s in zip(model.trainable_variables, model.noise_stddevs(bounds))}
+    batch = model.privacy.expected_batch_size
+    rows = []
+    for record in sensitivity.propagate(model):
+        layer_cells = [record.layer.name, type(record.layer).__name__, _fmt(record.input_bound),
+                       _fmt(record.cotangent_bound), _fmt(record.lipschitz, ".6g")]
+        for variable, bound in record.gradient_bounds or [(None, None)]:
+            if variable is None:
+                rows.append(layer_cells + ["-"] * 4)
+                continue
+            std = stds[variable.ref()]
+            rows.append(layer_cells + [_short(variable), _fmt(bound), _fmt(std), _fmt(std / batch)])
+            layer_cells = [""] * 5
+    return rows
+
+
+SENSITIVITY_HEADER = ["layer", "type", "input-norm bound", "cotangent bound", "Lipschitz", "variable",
+                      "per-sample gradient bound", "noise std (gradient sum)", "noise std (averaged gradient)"]
+
+
+@dataclasses.dataclass
+class Tightness:
+    """True / bound ratios of per-sample gradient norms: worst overall, per variable, and violations."""
+
+    max_ratio: float
+    ratios: list      # [(layer/variable, worst ratio)]
+    violations: list  # [(layer/variable, sample index, true norm, bound)]
+
+    @property
+    def ok(self):
+        return self.max_ratio <= 1 + TOLERANCE and not self.violations
+
+
+def bound_tightness(model, x, y, samples=128):
+    """Compares true per-sample gradient norms on the first ``samples`` (held-out) examples with the bounds.
+
+    Uses :func:`lipdp.sensitivity.verify_bounds` (true norms independent of
+    the bound code); variables are named ``layer/variable``.
+    """
+    from lipdp import sensitivity
+
+    result = sensitivity.verify_bounds(model, x[:samples], y[:samples], rtol=TOLERANCE)
+    return Tightness(result.max_ratio, list(result.ratios.items()), result.violations)
+
+
+# -- figures ----------------------------------------------------------------------------
+def _figure(width=5.0, height=3.4):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def png_bytes(figure):
+    """The figure as PNG bytes."""
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _epochs(history):
+    return np.asarray(history["epoch"]) + 1
+
+
+def _epoch_axis(axes):
+    from matplotlib.ticker import MaxNLocator
+
+    axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_series(history, series, ylabel, title):
+    """``series``: ``[(column, label, style)]`` against epochs; missing columns are skipped."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    for column, label, style in series:
+        if column in history:
+            axes.plot(_epochs(history), history[column], style, label=label)
+    _epoch_axis(axes)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    if len(series) > 1:
+        axes.legend(fontsize=7)
+    return figure
+
+
+def plot_training_curves(history):
+    """Loss and accuracy, train (private) and test (held out), side by side."""
+    figure = _figure(9.0, 3.4)
+    for position, metric in enumerate(("loss", "accuracy")):
+        axes = figure.add_subplot(1, 2, position + 1)
+        for column, label, style in ((metric, "train (private batches, not covered)", "--"),
+                                     (f"val_{metric}", "test (held out)", "-")):
+            if column in history:
+                axes.plot(_epochs(history), history[column], style, label=label)
+        _epoch_axis(axes)
+        axes.set_ylabel(metric)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    return figure
+
+
+def plot_reliability(probs, labels, bins=15):
+    """Reliability diagram: accuracy per confidence bin against the diagonal."""
+    confidence, accuracy, counts = calibration_bins(probs, labels, bins)
+    figure = _figure(4.2, 4.0)
+    axes = figure.add_subplot()
+    edges = np.linspace(0, 1, bins + 1)
+    filled = counts > 0
+    axes.bar(edges[:-1][filled], accuracy[filled], width=1 / bins, align="edge", edgecolor="black",
+             alpha=0.7, label="accuracy")
+    axes.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    axes.plot(confidence[filled], accuracy[filled], "o", color="C3", markersize=3, label="(confidence, accuracy)")
+    axes.set_xlabel("confidence")
+    axes.set_ylabel("accuracy")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.legend(fontsize=7, loc="upper left")
+    return figure
+
+
+# -- report blocks and their two renderings -------------------------------------------
+@dataclasses.dataclass
+class Block:
+    """One element of a report: ``kind`` in heading, text, warning, table, figure."""
+
+    kind: str
+    text: str = ""
+    rows: list = None
+    header: list = None
+    png: bytes = None
+    name: str = None
+
+
+def heading(text):
+    return Block("heading", text)
+
+
+def paragraph(text):
+    return Block("text", text)
+
+
+def warning(text):
+    return Block("warning", text)
+
+
+def table(header, rows):
+    return Block("table", header=[str(h) for h in header], rows=[[str(c) for c in row] for row in rows])
+
+
+def figure_block(name, figure, caption):
+    return Block("figure", caption, png=png_bytes(figure), name=name)
+
+
+def render_markdown(blocks, title):
+    lines = [f"# {title}", ""]
+    for block in blocks:
+        if block.kind == "heading":
+            lines += [f"## {block.text}", ""]
+        elif block.kind == "text":
+            lines += [block.text, ""]
+        elif block.kind == "warning":
+            lines += [f"> **WARNING: {block.text}**", ""]
+        elif block.kind == "table":
+            lines.append("| " + " | ".join(block.header) + " |")
+            lines.append("|" + "---|" * len(block.header))
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in block.rows]
+            lines.append("")
+        elif block.kind == "figure":
+            lines += [f"![{block.text}]({block.name})", "", f"*{block.text}*", ""]
+    return "\n".join(lines)
+
+
+_CSS = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #bbb;padding:2px 6px}"
+        ".warning{background:#fdd;border:2px solid #c00;padding:0.5em;font-weight:bold}"
+        "figure{margin:1em 0}figcaption{font-style:italic;font-size:0.9em}")
+
+
+def render_html(blocks, title):
+    escape = html.escape
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{escape(title)}</h1>"]
+    for block in blocks:
+        if block.kind == "heading":
+            parts.append(f"<h2>{escape(block.text)}</h2>")
+        elif block.kind == "text":
+            parts.append(f"<p>{escape(block.text)}</p>")
+        elif block.kind == "warning":
+            parts.append(f"<p class='warning'>WARNING: {escape(block.text)}</p>")
+        elif block.kind == "table":
+            head = "".join(f"<th>{escape(h)}</th>" for h in block.header)
+            body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        elif block.kind == "figure":
+            data = base64.b64encode(block.png).decode("ascii")
+            parts.append(f"<figure><img alt='{escape(block.text)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{escape(block.text)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# -- sections -------------------------------------------------------------------------
+PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "sampling_rate", "sampling", "expected_batch_size",
+                "steps", "steps_per_epoch", "dataset_size", "accountant", "noise_allocation")
+
+
+def format_value(value):
+    """How privacy.json values appear in the report (floats to 6 significant digits)."""
+    return format(value, ".6g") if isinstance(value, float) else str(value)
+
+
+def privacy_section(run):
+    blocks = [heading("Privacy guarantee"), paragraph(run.model.privacy_statement()),
+              table(["quantity", "value"], [(k, format_value(run.privacy[k])) for k in PRIVACY_KEYS
+                                            if k in run.privacy])]
+    if "epsilon" in run.history:
+        blocks.append(figure_block("report-epsilon.png", plot_series(
+            run.history, [("epsilon", "epsilon", "o-")], "epsilon", f"delta = {run.privacy['delta']:.3g}"),
+            "Epsilon spent against epochs (privacy accountant)."))
+    return blocks
+
+
+def training_section(run):
+    metrics = run.metrics
+    return [heading("Training curves"),
+            paragraph(f"Final test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4g} "
+                      f"on {metrics['test_size']} held-out examples ({metrics['data']}). Train curves are computed "
+                      "on private batches during training and are not covered by the privacy guarantee: "
+                      "do not publish them."),
+            figure_block("report-training.png", plot_training_curves(run.history),
+                         "Loss and accuracy against epochs: train (private, dashed) and test (held out, solid).")]
+
+
+def sensitivity_section(run):
+    from lipdp import baselines
+
+    model = run.model
+    blocks = [heading("Sensitivity")]
+    if run.clipping is not None:
+        blocks.append(paragraph(
+            f"Clipping run ({baselines.describe(model.clipping, model.clip_norm, model.gamma)}): per-sample "
+            "gradients are clipped, so there are no analytic per-layer bounds to report and no bound tightness "
+            "to check."))
+    else:
+        blocks += [paragraph(
+            "Per-layer certified bounds for the trained weights (float64). The noise std is given per "
+            "coordinate on the gradient sum, and on the averaged gradient the optimizer sees (the sum's std "
+            f"divided by the expected batch size qN = {model.privacy.expected_batch_size:.1f})."),
+            table(SENSITIVITY_HEADER, sensitivity_rows(model))]
+    blocks += gradient_noise_blocks(run.history)
+    return blocks
+
+
+def gradient_noise_blocks(history):
+    if "heldout_grad_to_noise" not in history:
+        return [paragraph("Gradient-to-noise ratio: not recorded by this run (no heldout_grad_to_noise column).")]
+    ratios = history["heldout_grad_to_noise"]
+    return [paragraph(
+        "Gradient-to-noise ratio: norm of the batch gradient sum over the expected norm of the added noise, "
+        "measured on a held-out (test) batch of the expected batch size at each epoch end, so it costs no "
+        f"privacy. Last epoch: {ratios[-1]:.4g}; range {np.nanmin(ratios):.4g} to {np.nanmax(ratios):.4g}."),
+        figure_block("report-grad-noise.png", plot_series(
+            history, [("heldout_grad_to_noise", "held-out gradient / noise", "o-")], "ratio",
+            "gradient-to-noise ratio (held-out data)"), "Gradient-to-noise ratio against epochs (held-out data).")]
+
+
+def tightness_section(run, samples):
+    if run.clipping is not None:
+        return []
+    dataset = run.dataset()
+    return tightness_blocks(bound_tightness(run.model, dataset.x_test, dataset.y_test, samples),
+                            min(samples, len(dataset.x_test)))
+
+
+def tightness_blocks(result, n):
+    """The bound-tightness section for a :class:`Tightness` on ``n`` held-out examples."""
+    blocks = [heading("Bound tightness"),
+              paragraph(f"Largest true / bound ratio of per-sample gradient norms over {n} test examples (held "
+                        f"out) and all variables: {result.max_ratio:.6g} (must be <= 1)."),
+              table(["variable", "worst true / bound"], [(k, f"{v:.6g}") for k, v in result.ratios])]
+    if not result.ok:
+        blocks.insert(1, warning(f"BOUND VIOLATED: a true per-sample gradient norm exceeds its certified bound "
+                                 f"(ratio {result.max_ratio:.6g} > 1 + {TOLERANCE:g}); the privacy guarantee "
+                                 f"does not hold. Violations: {result.violations[:5]}"))
+    return blocks
+
+
+def calibration_section(run, bins=15):
+    dataset = run.dataset()
+    probs = predicted_probabilities(run.model, dataset.x_test)
+    ece = expected_calibration_error(probs, dataset.y_test, bins)
+    tau = getattr(run.model.loss, "tau", None)
+    source = (f"softmax(tau * logits) with tau = {tau:g}, the loss's temperature" if tau is not None else
+              f"softmax(logits) (the loss, {type(run.model.loss).__name__}, has no temperature: a convention)")
+    return [heading("Calibration"),
+            paragraph(f"Expected calibration error on the test set ({len(probs)} examples, {bins} equal-width "
+                      f"confidence bins): ECE = {ece:.4f}. Probabilities are {source}. DP training is known to "
+                      "harm calibration (Bu et al. 2021)."),
+            figure_block("report-reliability.png", plot_reliability(probs, dataset.y_test, bins),
+                         "Reliability diagram on the test set.")]
+
+
+def audit_section(result):
+    blocks = [heading("Empirical privacy audit (membership inference)"), paragraph(
+        f"Attacks of tensorflow_privacy's membership-inference tools ({result['backend']} backend) on "
+        f"{result['members']} training examples (members) against {result['nonmembers']} test examples "
+        f"(non-members). (epsilon, delta) = ({result['epsilon']:.4g}, {result['delta']:.3g}) bounds the attacker's "
+        f"advantage by (e^eps - 1 + 2 delta) / (e^eps + 1) = {result['advantage_bound']:.4f} and the AUC by "
+        f"{result['auc_bound']:.4f}; an attack is flagged if it exceeds them by more than the sampling margin "
+        f"(advantage {result['margins']['advantage']:.3f}, AUC {result['margins']['auc']:.3f}). The bounds assume "
+        "members and non-members come from the same distribution: a train/test split in file order (e.g. "
+        "MNIST's t10k split 8,000/2,000, whose last images are harder) breaks this, and an attack can then "
+        f"exceed them without any privacy bug (data: {result.get('data', 'not recorded')}). The audit reads "
+        "the private training data: its numbers are a diagnostic and are not covered by the guarantee."),
+        table(["attack", "AUC", "advantage", "AUC bound", "advantage bound", "exceeds bound"],
+              [(name, f"{a['auc']:.4f}", f"{a['advantage']:.4f}", f"{result['auc_bound']:.4f}",
+                f"{result['advantage_bound']:.4f}", "YES" if a["exceeds_bound"] else "no")
+               for name, a in result["attacks"].items()])]
+    if result["exceeds_bound"]:
+        blocks.insert(1, warning("A membership-inference attack exceeds what (epsilon, delta)-DP allows beyond the "
+                                 "sampling margin: this indicates a bug in the privacy machinery."))
+    return blocks
+
+
+def _audit_result(run, audit):
+    from lipdp import audit as audit_lib
+
+    path = os.path.join(run.path, "audit.json")
+    if os.path.exists(path):
+        with open(path) as handle:
+            return json.load(handle)
+    return audit_lib.audit_run(run) if audit else None
+
+
+def report_blocks(run, audit=True, tightness_samples=128):
+    """All sections of the report for a loaded :class:`Run`."""
+    blocks = privacy_section(run) + training_section(run) + sensitivity_section(run)
+    blocks += tightness_section(run, tightness_samples) + calibration_section(run)
+    result = _audit_result(run, audit)
+    if result is not None:
+        blocks += audit_section(result)
+    return blocks
+
+
+def make_report(run_dir, audit=True, data_dir=None, tightness_samples=128):
+    """Writes ``report.html``, ``report.md`` and its PNG figures into ``run_dir``; returns their paths.
+
+    ``audit``: run the membership-inference audit (and write ``audit.json``)
+    when the run has none yet.
+    """
+    run = load_run(run_dir, data_dir=data_dir)
+    blocks = report_blocks(run, audit=audit, tightness_samples=tightness_samples)
+    title = f"lipdp run report: {os.path.basename(os.path.abspath(run_dir))}"
+    paths = {"html": os.path.join(run_dir, "report.html"), "md": os.path.join(run_dir, "report.md")}
+    with open(paths["html"], "w") as handle:
+        handle.write(render_html(blocks, title))
+    with open(paths["md"], "w") as handle:
+        handle.write(render_markdown(blocks, title))
+    for block in blocks:
+        if block.kind == "figure":
+            with open(os.path.join(run_dir, block.name), "wb") as handle:
+                handle.write(block.png)
+            paths[block.name] = os.path.join(run_dir, block.name)
+    return paths
