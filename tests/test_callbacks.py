@@ -81,3 +81,17 @@ def test_resume_from_backup_counts_steps_once(tmp_path):
     resumed.fit(sampler, epochs=epochs, verbose=0, callbacks=[tf.keras.callbacks.BackupAndRestore(backup)])
     assert int(resumed.privacy_steps) == int(reference.privacy_steps) == epochs * sampler.steps_per_epoch
     assert resumed.epsilon() == pytest.approx(reference.epsilon())
+
+
+def test_shuffled_sampling_refuses_to_resume_mid_epoch():
+    model = make_model()
+    sampler = make_sampler()
+    shuffle = lipdp.ShuffleSampler(sampler.x, sampler.y, batch_size=BATCH)
+    model.make_private(shuffle, noise_multiplier=1.0)
+    stop_after_one_step = tf.keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: setattr(model, "stop_training", True))
+    model.fit(shuffle, epochs=1, verbose=0, callbacks=[stop_after_one_step])
+    assert int(model.privacy_steps) == 1
+    with pytest.raises(ValueError, match="cannot resume mid-epoch"):
+        model.fit(shuffle, epochs=1, verbose=0)
+    assert int(model.privacy_steps) == 1

@@ -194,3 +194,74 @@ def test_save_and_load_round_trip(tmp_path, functional):
     np.testing.assert_allclose(loaded.predict(x[:20], verbose=0), model.predict(x[:20], verbose=0), atol=1e-6)
     loaded.fit(sampler, epochs=1, verbose=0)
     assert int(loaded.privacy_steps) == 2 * sampler.steps_per_epoch
+
+
+# -- regressions from the privacy audit --------------------------------------------------
+
+
+def test_noise_generator_is_neither_saved_nor_reproducible_from_the_saved_model(tmp_path):
+    x, y = make_data()
+    model = make_model(noise_seed=5)
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
+    model.make_private(sampler, noise_multiplier=1.0)
+    assert "noise_seed" not in model.get_config()
+    saved = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    assert not [name for name, _ in tf.train.list_variables(saved) if "noise" in name or "state" in name]
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    updates = []
+    for _ in range(2):
+        loaded = tf.keras.models.load_model(path)
+        loaded.train_on_batch(x[:0], y[:0])  # an empty batch: the update is the noise alone
+        updates.append(loaded.trainable_variables[0].numpy())
+    assert not np.allclose(updates[0], updates[1])
+
+
+def test_weights_with_spent_steps_need_their_policy(tmp_path):
+    x, y = make_data()
+    model = make_model()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
+    model.make_private(sampler, noise_multiplier=0.8)
+    model.fit(sampler, epochs=1, verbose=0)
+    model.save_weights(str(tmp_path / "w"))
+    fresh = make_model()
+    fresh.load_weights(str(tmp_path / "w"))
+    assert int(fresh.privacy_steps) == sampler.steps_per_epoch
+    with pytest.raises(ValueError, match="already took .* private steps"):
+        fresh.make_private(sampler, noise_multiplier=20.0)
+
+
+def test_fit_revalidates_a_recompiled_model():
+    x, y = make_data()
+    model = make_model()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
+    model.make_private(sampler, noise_multiplier=1.0)
+    model.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy(), steps_per_execution=10)
+    with pytest.raises(sensitivity.ModelNotSupportedError, match="steps_per_execution"):
+        model.fit(sampler, epochs=1, verbose=0)
+    assert int(model.privacy_steps) == 0
+
+
+def test_training_metrics_do_not_outlive_fit():
+    x, y = make_data()
+    model = make_model()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
+    model.make_private(sampler, noise_multiplier=1.0)
+    model.fit(sampler, epochs=1, verbose=0)
+    assert all(float(v) == 0.0 for m in model.metrics for v in m.variables)
+
+
+def test_outputs_with_positions_are_refused():
+    model = lipdp.DPSequential([tf.keras.Input((4, 6)), L.InputNormClip(1.0), L.LipschitzDense(3)])
+    model.compile("sgd", loss=lipdp.losses.MulticlassHinge())
+    x = np.zeros((20, 4, 6), np.float32)
+    y = np.zeros((20, 4, 3), np.float32)
+    with pytest.raises(sensitivity.ModelNotSupportedError, match="one logit vector per sample"):
+        model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=5), noise_multiplier=1.0)
+
+
+def test_samplers_refuse_non_finite_data():
+    x, y = make_data()
+    x[3, 2] = np.inf
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
