@@ -512,7 +512,10 @@ def _numpy_activation(name, x):
         return np.maximum(x, 0)
     if name == "abs":
         return np.abs(x)
-    group = {"groupsort2": 2, "groupsort4": 4, "fullsort": x.shape[-1]}[name]
+    if name == "groupsort2":  # channel i is paired with channel i + C/2
+        first, second = np.split(x, 2, axis=-1)
+        return np.concatenate([np.minimum(first, second), np.maximum(first, second)], axis=-1)
+    group = {"groupsort4": 4, "fullsort": x.shape[-1]}[name]
     return np.sort(x.reshape(x.shape[:-1] + (-1, group)), axis=-1).reshape(x.shape)
 
 
