@@ -139,12 +139,13 @@ class _LipschitzLinear(DPLayer):
             bounds.append((self.bias, math.sqrt(self.positions) * cotangent_bound))
         return bounds
 
-    def _lipschitz_config(self):
-        return {
-            "weight_constraint": self.weight_constraint,
-            "lipschitz_target": self.lipschitz_target,
-            "bias_bound": self.bias_bound,
-        }
+    def get_config(self):
+        config = super().get_config()
+        for key in _MANAGED_DEFAULTS:
+            config.pop(key, None)
+        config.update(weight_constraint=self.weight_constraint, lipschitz_target=self.lipschitz_target,
+                      bias_bound=self.bias_bound)
+        return config
 
 
 @tf.keras.utils.register_keras_serializable("lipdp")
@@ -186,13 +187,6 @@ class LipschitzDense(_LipschitzLinear, tf.keras.layers.Dense):
         self._pin_input_shape(input_shape)
         self.positions = math.prod(int(d) for d in input_shape[1:-1])
         self._project_initial_weights()
-
-    def get_config(self):
-        config = super().get_config()
-        for key in _MANAGED_DEFAULTS:
-            config.pop(key, None)
-        config.update(self._lipschitz_config())
-        return config
 
 
 @tf.keras.utils.register_keras_serializable("lipdp")
@@ -242,10 +236,3 @@ class LipschitzConv2D(_LipschitzLinear, tf.keras.layers.Conv2D):
         out_shape = self.compute_output_shape(input_shape)
         self.positions = int(out_shape[1]) * int(out_shape[2])
         self._project_initial_weights()
-
-    def get_config(self):
-        config = super().get_config()
-        for key in _MANAGED_DEFAULTS:
-            config.pop(key, None)
-        config.update(self._lipschitz_config())
-        return config
