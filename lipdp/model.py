@@ -72,6 +72,13 @@ class PrivacyPolicy:
         """Epsilon spent after ``steps`` noisy steps."""
         return accounting.compute_epsilon(**self._accounting_args(int(steps)))
 
+    def ledger(self, steps):
+        """The dp-accounting event of ``steps`` noisy steps (what happened, for any accountant)."""
+        args = self._accounting_args(int(steps))
+        for key in ("delta", "accountant"):
+            args.pop(key)
+        return accounting.training_event(**args)
+
     def max_steps(self, epsilon_budget):
         """The largest number of steps whose epsilon stays within the budget."""
         args = self._accounting_args(steps=0)
@@ -300,7 +307,8 @@ class DPModelMixin:
     def privacy_state(self):
         """What ``privacy.json`` records."""
         steps = int(self.privacy_steps)
-        return {"epsilon": self.privacy.epsilon(steps), "steps": steps, **self.privacy.to_dict()}
+        return {"epsilon": self.privacy.epsilon(steps), "steps": steps, **self.privacy.to_dict(),
+                "clipping": self.clipping, "ledger": accounting.ledger_to_json(self.privacy.ledger(steps))}
 
     def privacy_statement(self):
         """A one-paragraph, human-readable statement of the guarantee."""

@@ -265,3 +265,17 @@ def test_samplers_refuse_non_finite_data():
     x[3, 2] = np.inf
     with pytest.raises(ValueError, match="x contains NaN or inf"):
         lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
+
+
+def test_privacy_state_carries_the_dp_accounting_ledger():
+    x, y = make_data()
+    model = make_model()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
+    policy = model.make_private(sampler, noise_multiplier=1.3)
+    model.fit(sampler, epochs=1, verbose=0)
+    state = model.privacy_state()
+    event = lipdp.accounting.ledger_from_json(state["ledger"])
+    accountant = lipdp.accounting.make_accountant("rdp")
+    accountant.compose(event)
+    assert accountant.get_epsilon(policy.delta) == pytest.approx(state["epsilon"])
+    assert state["steps"] == sampler.steps_per_epoch and state["clipping"] is None
