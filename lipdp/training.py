@@ -92,9 +92,10 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
                        epochs=cfg.training.epochs if privacy.target_epsilon is not None else None,
                        delta=privacy.delta, accountant=privacy.accountant,
                        noise_allocation=privacy.noise_allocation)
+    backup = os.path.join(out_dir, "backup")
     extra = [callbacks.PrivacyLedger(),
              callbacks.GradientNoiseMonitor(dataset.x_test, dataset.y_test),  # held-out data only
-             tf.keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
+             tf.keras.callbacks.BackupAndRestore(backup),
              tf.keras.callbacks.CSVLogger(os.path.join(out_dir, "history.csv"), append=True)]
     if privacy.epsilon_budget is not None:
         extra.append(callbacks.BudgetStop(privacy.epsilon_budget))
@@ -103,6 +104,8 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
         print(f"privacy policy: {model.privacy}")
     model.fit(sampler, epochs=cfg.training.epochs, validation_data=(dataset.x_test, dataset.y_test),
               callbacks=extra, verbose=verbose)
+    if os.path.isdir(backup) and not os.listdir(backup):  # Keras empties it once training completes
+        os.rmdir(backup)
     return _write_artefacts(model, dataset, out_dir)
 
 
