@@ -1,6 +1,6 @@
 """Step time of clipless DP training against non-private training of the same model.
 
-Both train the same Lipschitz CNN (the architecture of ``configs/mnist.yaml``)
+Both train the same Lipschitz CNN (the architecture of ``configs/mnist_conv.yaml``)
 on the same random 28x28x1 batches with ``train_on_batch``; the only
 difference is the train step: Keras' default (mean loss, no noise) versus
 lipdp's (summed loss, certified bounds computed from the weights, Gaussian
@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def lipschitz_layers():
-    return training.build_layers(config_lib.load(os.path.join(ROOT, "configs", "mnist.yaml")), (28, 28, 1))
+    return training.build_layers(config_lib.load(os.path.join(ROOT, "configs", "mnist_conv.yaml")), (28, 28, 1))
 
 
 def make_model(private, x, y):
