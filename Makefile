@@ -16,7 +16,7 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lipdp train configs/digits.yaml --out runs/digits
+	$(BIN)/lipdp train configs/digits.yaml --out runs/digits-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
