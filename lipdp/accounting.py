@@ -221,9 +221,10 @@ def calibrate_noise_multiplier(*, target_epsilon, delta, sampling_rate, steps, a
 def _largest_within(epsilon_of, budget, infeasible):
     """Largest integer n in [0, infeasible) with ``epsilon_of(n) <= budget``.
 
-    Assumes ``epsilon_of`` is non-decreasing, ``epsilon_of(0) <= budget`` and
-    ``epsilon_of(infeasible) > budget``. Exponential search, then bisection,
-    keeping ``epsilon_of(feasible) <= budget < epsilon_of(infeasible)``.
+    Assumes ``epsilon_of`` is non-decreasing and ``epsilon_of(0) <= budget``;
+    ``epsilon_of`` is only evaluated below ``infeasible``. Exponential search,
+    then bisection, keeping ``epsilon_of(feasible) <= budget`` and
+    ``infeasible`` either the bound given or a value over budget.
     """
     feasible, probe = 0, 1
     while probe < infeasible and epsilon_of(probe) <= budget:
@@ -276,11 +277,9 @@ def max_steps(*, epsilon_budget, delta, sampling_rate, noise_multiplier, account
         return compute_epsilon(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps, delta=delta,
                                accountant=accountant, sampling=sampling, steps_per_epoch=steps_per_epoch)
 
-    if epsilon(upper) <= epsilon_budget:
-        return int(upper)
-    # For "shuffle", eps(upper) is the epsilon of ceil(upper / unit) epochs.
-    units = _largest_within(lambda n: epsilon(n * unit), epsilon_budget, -(-int(upper) // unit))
-    return units * unit
+    # Search [0, ceil(upper / unit)] without evaluating the (slow, for PLD) far end first.
+    units = _largest_within(lambda n: epsilon(n * unit), epsilon_budget, -(-int(upper) // unit) + 1)
+    return min(units * unit, int(upper))
 
 
 def epochs_for_budget(*, epsilon_budget, delta, sampling_rate, noise_multiplier, steps_per_epoch, accountant="rdp",

@@ -251,3 +251,21 @@ def test_ledger_from_json_rejects_non_events():
     for bad in ({"class_name": "importlib"}, {"class_name": "Mapping"}, {"noise_multiplier": 1.0}):
         with pytest.raises(PrivacyParameterError, match="not a dp_accounting event"):
             accounting.ledger_from_json(bad)
+
+
+def test_max_steps_with_pld_is_exact_and_never_evaluates_huge_step_counts(monkeypatch):
+    args = dict(delta=1e-5, sampling_rate=0.1, noise_multiplier=2.0, accountant="pld")
+    budget = accounting.compute_epsilon(steps=40, **args) * 1.0001
+    evaluated = []
+    real = accounting.compute_epsilon
+
+    def recording(**kwargs):
+        evaluated.append(kwargs["steps"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(accounting, "compute_epsilon", recording)
+    steps = accounting.max_steps(epsilon_budget=budget, **args)
+    assert steps == 40
+    assert real(steps=41, **args) > budget
+    # PLD at 10**7 steps takes minutes: the search must stay near the answer
+    assert max(evaluated) <= 64
