@@ -22,10 +22,9 @@ import sys
 def _train(args):
     from lipdp import config, training
 
-    overrides = list(args.set or [])
+    cfg = config.load(args.config, args.set or [])
     if args.data_dir:
-        overrides.append(f"dataset.data_dir={args.data_dir}")
-    cfg = config.load(args.config, overrides)
+        cfg.dataset.data_dir = args.data_dir  # a path, not a YAML value
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     model, metrics = training.run(cfg, out, verbose=args.verbose)
     print(f"\ntest accuracy {metrics['test_accuracy']:.4f} on {metrics['test_size']} held-out examples "
@@ -119,12 +118,11 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    from lipdp.accounting import PrivacyParameterError
-    from lipdp.config import ConfigError
+    from lipdp.data import DataUnavailableError
 
     try:
         args.func(args)
-    except (ConfigError, PrivacyParameterError, FileExistsError) as error:
+    except (ValueError, FileExistsError, DataUnavailableError) as error:  # config, privacy, model, data errors
         print(f"lipdp: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -129,7 +129,48 @@ def from_dict(data):
     """Validated :class:`Config` from a plain mapping."""
     config = _build(Config, data or {})
     validate_layers(config.model.layers)
+    validate_values(config)
     return config
+
+
+def _check_choice(path, value, choices):
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+
+
+def _check_positive(path, value):
+    if value is not None and not value > 0:
+        raise ConfigError(f"{path}: must be > 0, got {value!r}")
+
+
+def validate_values(config):
+    """Checks choices, ranges and the either/or rules before any data is loaded."""
+    from lipdp import accounting, baselines, losses, model
+
+    _check_choice("model.clipping", config.model.clipping, (None,) + tuple(baselines.CLIPPING_RULES))
+    _check_choice("sampling.kind", config.sampling.kind, accounting.SAMPLINGS)
+    _check_choice("privacy.accountant", config.privacy.accountant, accounting.ACCOUNTANTS)
+    _check_choice("privacy.noise_allocation", config.privacy.noise_allocation, model.NOISE_ALLOCATIONS)
+    for path, value in (("model.input_norm", config.model.input_norm), ("model.clip_norm", config.model.clip_norm),
+                        ("model.gamma", config.model.gamma), ("sampling.batch_size", config.sampling.batch_size),
+                        ("training.epochs", config.training.epochs),
+                        ("optimizer.learning_rate", config.optimizer.learning_rate),
+                        ("privacy.target_epsilon", config.privacy.target_epsilon),
+                        ("privacy.noise_multiplier", config.privacy.noise_multiplier),
+                        ("privacy.epsilon_budget", config.privacy.epsilon_budget)):
+        _check_positive(path, value)
+    if (config.privacy.target_epsilon is None) == (config.privacy.noise_multiplier is None):
+        raise ConfigError("privacy: set exactly one of target_epsilon and noise_multiplier (to replace a "
+                          "config's target, also --set privacy.target_epsilon=null)")
+    loss_names = [n for n, c in vars(losses).items()
+                  if inspect.isclass(c) and issubclass(c, losses.LipschitzLoss) and c is not losses.LipschitzLoss]
+    _check_choice("loss.type", config.loss.type, loss_names)
+    accepted = _accepted_arguments(getattr(losses, config.loss.type))
+    for key in config.loss.params:
+        if key not in accepted:
+            raise _unknown_key("loss.params.", key, sorted(accepted))
 
 
 def load(path, overrides=()):

@@ -93,10 +93,6 @@ def validate(model):
     nodes = _graph_nodes(model)
     if len(model.outputs) != 1:
         raise ModelNotSupportedError(f"the model has {len(model.outputs)} outputs; exactly one is supported")
-    if model.outputs[0].shape.rank != 2:
-        raise ModelNotSupportedError(
-            f"the model output has shape {model.outputs[0].shape}; the loss bounds assume one logit vector "
-            "per sample, shape (batch, classes): add lipdp.layers.Flatten or a global pooling before the last layer")
     model_loss(model)
     for node in nodes:
         layer = node.layer
@@ -106,6 +102,10 @@ def validate(model):
             raise ModelNotSupportedError(
                 f"layer {layer.name!r} ({type(layer).__name__}) has no privacy bound; use "
                 f"{_replacement_hint(layer)}")
+    if model.outputs[0].shape.rank != 2:
+        raise ModelNotSupportedError(
+            f"the model output has shape {model.outputs[0].shape}; the loss bounds assume one logit vector "
+            "per sample, shape (batch, classes): add lipdp.layers.Flatten or a global pooling before the last layer")
     input_ids = {str(id(t)) for t in model.inputs}
     for node in nodes:
         if node.is_input or isinstance(node.layer, InputNormClip):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import tensorflow as tf
@@ -51,8 +52,25 @@ def test_privacy_prints_epsilon_matching_the_accountant(capsys):
 def test_privacy_calibrates_noise_for_a_target(capsys):
     cli.main(["privacy", "--dataset-size", "60000", "--batch-size", "256", "--epochs", "10",
               "--target-epsilon", "2", "--delta", "1e-5"])
-    out = capsys.readouterr().out
-    assert "noise multiplier =" in out and "<= 2" in out
+    sigma = float(re.search(r"noise multiplier = ([0-9.e+-]+)", capsys.readouterr().out).group(1))
+    args = dict(sampling_rate=256 / 60000, steps=10 * round(60000 / 256), delta=1e-5)
+    assert accounting.compute_epsilon(noise_multiplier=sigma, **args) <= 2.0
+    assert accounting.compute_epsilon(noise_multiplier=sigma * 0.98, **args) > 2.0  # close to the smallest
+
+
+@pytest.mark.parametrize("override, message", [
+    ("privacy.noise_multiplier=1.0", "exactly one of target_epsilon and noise_multiplier"),
+    ("model.clipping=flatt", r"model.clipping: 'flatt' is not one of .*did you mean 'flat'"),
+    ("sampling.kind=shufle", "sampling.kind: 'shufle'"),
+    ("loss.params.taux=3", r"loss.params.taux: unknown key \(did you mean 'tau'"),
+    ("sampling.batch_size=0", "sampling.batch_size: must be > 0"),
+    ("privacy.accountant=prv", "privacy.accountant"),
+    ("model.layers=[{type: Flatten}, {type: Dense, units: 10}]", "use lipdp.layers.LipschitzDense"),
+])
+def test_train_value_errors_are_clear_and_exit_2(tmp_path, capsys, override, message):
+    code = cli.main(["train", DIGITS, "--out", str(tmp_path / "r"), "--verbose", "0", "--set", override])
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_privacy_refuses_large_delta(capsys):
