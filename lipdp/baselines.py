@@ -120,13 +120,24 @@ def rule_sensitivity(clipping, clip_norm=1.0):
     return 1.0 if clipping == "automatic" else float(clip_norm)
 
 
+#: The weights aim ``CLIP_MARGIN`` below the sensitivity: the norms come from
+#: float32 arithmetic (fast norms agree with exact per-example gradients to
+#: ~1e-5 relative), so a contribution computed at exactly ``R`` could exceed it.
+CLIP_MARGIN = 1e-4
+
+
 def clip_weights(clipping, norms, clip_norm=1.0, gamma=0.01):
-    """Per-example weights ``w_i`` of the rule, from the gradient norms ``||g_i||``."""
-    clip_norm = tf.cast(clip_norm, norms.dtype)
+    """Per-example weights ``w_i`` of the rule, from the gradient norms ``||g_i||``.
+
+    Each rule targets ``(1 - CLIP_MARGIN)`` times its sensitivity, so float32
+    rounding in the norms cannot push one example's contribution past it.
+    """
+    target = tf.cast(1.0 - CLIP_MARGIN, norms.dtype)
+    clip_norm = tf.cast(clip_norm, norms.dtype) * target
     if clipping == "flat":
         return clip_norm / tf.maximum(norms, clip_norm)
     if clipping == "automatic":
-        return 1.0 / (norms + tf.cast(gamma, norms.dtype))
+        return target / (norms + tf.cast(gamma, norms.dtype))
     if clipping == "global":
         return tf.cast(norms <= clip_norm, norms.dtype)
     raise ValueError(f"clipping={clipping!r} is not one of {CLIPPING_RULES}")

@@ -140,7 +140,7 @@ def test_clipped_sum_is_the_weighted_sum_of_per_example_gradients(name):
 
     per_example = tf.vectorized_map(one_example, (tf.convert_to_tensor(x), tf.convert_to_tensor(y)))
     norms = np.sqrt(sum(np.sum(np.square(g.numpy()).reshape(len(x), -1), axis=1) for g in per_example))
-    weights = np.minimum(1.0, model.clip_norm / norms)
+    weights = np.minimum(1.0, model.clip_norm * (1 - baselines.CLIP_MARGIN) / norms)
     _, _, sums, _ = model.private_gradient_sums(x, y)
     for g, total in zip(per_example, sums):
         expected = np.tensordot(weights, g.numpy(), axes=1)
@@ -206,10 +206,10 @@ def test_each_example_contributes_at_most_the_sensitivity(clipping):
         without, _ = flat_sums(everything[everything != j])
         contributions.append(np.linalg.norm(total - without))
     contributions = np.array(contributions)
-    assert contributions.max() <= sensitivity_value * (1 + 1e-4), contributions
+    assert contributions.max() <= sensitivity_value, contributions  # the margin absorbs float32 rounding
     huge = contributions[[0, 3, 6]]
     if clipping == "flat":
-        np.testing.assert_allclose(huge, clip_norm, rtol=1e-4)  # clipped exactly to R
+        np.testing.assert_allclose(huge, clip_norm * (1 - baselines.CLIP_MARGIN), rtol=1e-5)  # clipped to R
         np.testing.assert_allclose(contributions[[1, 2]], norms[[1, 2]], rtol=1e-4)  # small ones untouched
     elif clipping == "automatic":
         np.testing.assert_allclose(huge, 1.0, rtol=1e-3)  # ||g|| / (||g|| + gamma) -> 1
@@ -277,7 +277,7 @@ def test_flat_clipping_matches_tensorflow_privacy_dp_sgd(monkeypatch):
     monkeypatch.setattr(ours, "noise_stddevs", lambda bounds: [tf.zeros((), tf.float64) for _ in bounds])
     ours.train_on_batch(x[:batch], y[:batch])
 
-    optimizer = DPKerasSGDOptimizer(l2_norm_clip=clip_norm, noise_multiplier=0.0, num_microbatches=batch,
+    optimizer = DPKerasSGDOptimizer(l2_norm_clip=clip_norm * (1 - baselines.CLIP_MARGIN), noise_multiplier=0.0, num_microbatches=batch,
                                     learning_rate=lr)
     per_example = tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction="none")
     with tf.GradientTape() as tape:
