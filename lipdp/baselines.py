@@ -176,8 +176,8 @@ def _has_graph(layer):
     return isinstance(layer, tf.keras.Model) and getattr(layer, "_is_graph_network", False)
 
 
-def model_loss(model):
-    """The compiled loss: a lipdp loss or a ``tf.keras.losses.Loss`` instance."""
+def per_example_loss(model):
+    """The compiled loss, whose ``call`` gives per-example values: a ``tf.keras.losses.Loss`` instance."""
     loss = getattr(model, "loss", None)
     if isinstance(loss, (LipschitzLoss, tf.keras.losses.Loss)):
         return loss
@@ -193,7 +193,7 @@ def validate(model):
             "the model has no layer graph yet: give it an input shape (tf.keras.Input(...) as first layer)")
     if len(model.outputs) != 1:
         raise ModelNotSupportedError(f"the model has {len(model.outputs)} outputs; exactly one is supported")
-    model_loss(model)
+    per_example_loss(model)
     calls = _graph_layers(model)
     owners = {}
     for layer, _ in calls:
@@ -420,7 +420,7 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
         fallback.setdefault(id(layer), (layer, []))[1].append((args, kwargs, flat_outputs))
         return outputs, None
 
-    loss = model_loss(model)
+    loss = per_example_loss(model)
     with tape:
         y_pred, _ = gradient_clipping_utils.model_forward_pass(model, x, generator_fn=generator_fn)
         losses = per_sample_losses(loss, y, y_pred)

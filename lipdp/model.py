@@ -158,7 +158,9 @@ class DPModelMixin:
 
         See ``PrivacyPolicy.from_sampler`` for the arguments. Raises
         :class:`lipdp.sensitivity.ModelNotSupportedError` naming any layer,
-        loss or setting that has no certified bound.
+        loss or setting that has no certified bound. Switches TensorFloat-32
+        off process-wide (on GPUs it rounds matmuls to ~1e-3, far above the
+        bounds' margin).
         """
         self._validate_for_privacy()
         policy = PrivacyPolicy.from_sampler(sampler, **policy_args)
@@ -260,6 +262,12 @@ class DPModelMixin:
         ]
 
     def train_step(self, data):
+        """One private step on ``data``, counted in ``privacy_steps``.
+
+        The accountant assumes ``data`` was drawn by the policy's sampler:
+        ``fit`` guarantees it; ``train_on_batch`` or a custom loop (tests,
+        benchmarks) must ensure it themselves.
+        """
         if self.privacy is None:
             raise NotPrivateError("call model.make_private(sampler, ...) before fit")
         x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)

@@ -182,29 +182,11 @@ SENSITIVITY_HEADER = ["layer", "type", "input-norm bound", "cotangent bound", "L
                       "per-sample gradient bound", "noise std (gradient sum)", "noise std (averaged gradient)"]
 
 
-@dataclasses.dataclass
-class Tightness:
-    """True / bound ratios of per-sample gradient norms: worst overall, per variable, and violations."""
-
-    max_ratio: float
-    ratios: list      # [(layer/variable, worst ratio)]
-    violations: list  # [(layer/variable, sample index, true norm, bound)]
-
-    @property
-    def ok(self):
-        return self.max_ratio <= 1 + TOLERANCE and not self.violations
-
-
 def bound_tightness(model, x, y, samples=128):
-    """Compares true per-sample gradient norms on the first ``samples`` (held-out) examples with the bounds.
-
-    Uses :func:`lipdp.sensitivity.verify_bounds` (true norms independent of
-    the bound code); variables are named ``layer/variable``.
-    """
+    """:func:`lipdp.sensitivity.verify_bounds` on the first ``samples`` (held-out) examples."""
     from lipdp import sensitivity
 
-    result = sensitivity.verify_bounds(model, x[:samples], y[:samples], rtol=TOLERANCE)
-    return Tightness(result.max_ratio, list(result.ratios.items()), result.violations)
+    return sensitivity.verify_bounds(model, x[:samples], y[:samples], rtol=TOLERANCE)
 
 
 # -- figures ----------------------------------------------------------------------------
@@ -442,11 +424,11 @@ def tightness_section(run, samples):
 
 
 def tightness_blocks(result, n):
-    """The bound-tightness section for a :class:`Tightness` on ``n`` held-out examples."""
+    """The bound-tightness section for a :class:`lipdp.sensitivity.Verification` on ``n`` held-out examples."""
     blocks = [heading("Bound tightness"),
               paragraph(f"Largest true / bound ratio of per-sample gradient norms over {n} test examples (held "
                         f"out) and all variables: {result.max_ratio:.6g} (must be <= 1)."),
-              table(["variable", "worst true / bound"], [(k, f"{v:.6g}") for k, v in result.ratios])]
+              table(["variable", "worst true / bound"], [(k, f"{v:.6g}") for k, v in result.ratios.items()])]
     if not result.ok:
         blocks.insert(1, warning(f"BOUND VIOLATED: a true per-sample gradient norm exceeds its certified bound "
                                  f"(ratio {result.max_ratio:.6g} > 1 + {TOLERANCE:g}); the privacy guarantee "

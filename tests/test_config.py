@@ -53,3 +53,26 @@ def test_overrides_reach_nested_keys_and_list_items(tmp_path):
     assert cfg.loss.params == {"tau": 4}
     with pytest.raises(config.ConfigError, match="key=value"):
         config.load(path, ["privacy.noise_multiplier"])
+
+
+INPUT_SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_shipped_configs_build_a_private_model_that_steps(path):
+    import numpy as np
+
+    from lipdp import sampling, training
+
+    cfg = config.load(path)
+    shape = INPUT_SHAPES[cfg.dataset.name]
+    rng = np.random.default_rng(0)
+    n = 4 * cfg.sampling.batch_size
+    x = rng.random((n,) + shape, dtype=np.float32)
+    y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, n)]
+    model = training.build_model(cfg, shape)
+    sampler = sampling.make_sampler(cfg.sampling.kind, x, y, batch_size=cfg.sampling.batch_size)
+    policy = model.make_private(sampler, target_epsilon=cfg.privacy.target_epsilon, epochs=cfg.training.epochs,
+                                delta=0.1 / n)
+    model.train_on_batch(x[:8], y[:8])
+    assert int(model.privacy_steps) == 1 and policy.noise_multiplier > 0

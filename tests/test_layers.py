@@ -469,7 +469,8 @@ def test_dense_without_bias_has_only_a_kernel_bound():
 
 
 @pytest.mark.parametrize("kind", ["conv", "dense"])
-def test_layer_reused_on_more_positions_keeps_its_bias_bound(kind):
+def test_layer_reused_on_more_positions_is_refused(kind):
+    """The bias bounds count positions: a second call with more positions would exceed them."""
     if kind == "conv":
         layer = L.LipschitzConv2D(2, 3, bias_bound=1.0)
         small, large = (1, 4, 4, 1), (1, 8, 8, 1)
@@ -478,11 +479,8 @@ def test_layer_reused_on_more_positions_keeps_its_bias_bound(kind):
         small, large = (1, 3), (1, 5, 3)
     layer(tf.zeros(small))
     layer.bias.assign([0.6, 0.8])
-    try:
-        out = layer(tf.zeros(large))
-    except (ValueError, tf.errors.InvalidArgumentError):
-        return  # refusing the new shape is a valid fix
-    assert norms(out)[0] <= float(layer.output_bound(f64(0.0))) * (1 + RTOL)
+    with pytest.raises(ValueError, match="incompatible with the layer"):
+        layer(tf.zeros(large))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,11 +689,8 @@ def test_layer_centering_refuses_the_batch_axis(axes):
 def test_layer_centering_refuses_a_negative_alias_of_the_batch_axis():
     layer = L.LayerCentering(axes=(-2,))
     x = np.array([[1.0, 2.0], [3.0, 5.0]], np.float32)
-    try:
-        batch = layer(x).numpy()
-    except ValueError:
-        return  # refusing it is a valid fix
-    np.testing.assert_array_equal(batch[:1], layer(x[:1]).numpy())
+    with pytest.raises(ValueError, match="include the batch axis"):
+        layer(x)
 
 
 def test_input_norm_clip_bounds_and_identity_inside_the_ball():
@@ -796,20 +791,10 @@ def test_add_and_average_bounds_in_a_functional_model():
 
 
 @pytest.mark.parametrize("merge", [L.Add, L.Average])
-def test_merge_of_broadcast_shapes_keeps_its_bounds(merge):
-    layer = merge()
-    a = tf.zeros((1, 4, 4, 3))
-    b = tf.ones((1, 1, 1, 3))
-    try:
-        with tf.GradientTape() as tape:
-            tape.watch(b)
-            out = layer([a, b])
-    except ValueError:
-        return  # refusing broadcasting is a valid fix
-    z = tf.ones_like(out)
-    grad_b = tape.gradient(out, b, output_gradients=z)
-    assert norms(out)[0] <= float(layer.output_bound([f64(0.0), f64(norms(b)[0])])) * (1 + RTOL)
-    assert norms(grad_b)[0] <= float(layer.input_cotangent_bound(f64(norms(z)[0]))[1]) * (1 + RTOL)
+def test_merge_of_broadcast_shapes_is_refused(merge):
+    """Broadcasting repeats an input over positions, multiplying its norm and cotangent."""
+    with pytest.raises(ValueError, match="no broadcasting"):
+        merge()([tf.zeros((1, 4, 4, 3)), tf.ones((1, 1, 1, 3))])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import lipdp
-from lipdp import cli, reports
+from lipdp import cli, reports, sensitivity
 from lipdp import layers as L
 from lipdp.callbacks import GradientNoiseMonitor
 
@@ -93,8 +93,9 @@ def test_report_sections_and_held_out_measurements(run_dir):
 def test_sensitivity_table_noise_std_is_the_models(run_dir):
     run = reports.load_run(run_dir)
     model = run.model
-    stds = model.noise_stddevs(lipdp.sensitivity.gradient_bound_tensors(model))
-    expected = float(stds[0]) / run.privacy["expected_batch_size"]
+    bounds = [float(b) for b in lipdp.sensitivity.gradient_bound_tensors(model)]
+    assert run.privacy["noise_allocation"] == "global"  # one std: sigma * ||bounds||_2, on the sum
+    expected = run.privacy["noise_multiplier"] * np.linalg.norm(bounds) / run.privacy["expected_batch_size"]
     rows = reports.sensitivity_rows(model)
     kernels = [row for row in rows if row[5] == "kernel"]
     assert len(kernels) == 2 and kernels[0][8] == f"{expected:.4g}"
@@ -121,8 +122,8 @@ def test_report_refuses_a_folder_without_a_run(tmp_path):
 
 
 def test_violated_bounds_and_audits_beyond_the_bound_are_flagged():
-    fine = reports.Tightness(0.8, [("dense/kernel", 0.8)], [])
-    broken = reports.Tightness(1.2, [("dense/kernel", 1.2)], [("dense/kernel", 3, 1.2, 1.0)])
+    fine = sensitivity.Verification(0.8, {"dense/kernel": 0.8}, [])
+    broken = sensitivity.Verification(1.2, {"dense/kernel": 1.2}, [("dense/kernel", 3, 1.2, 1.0)])
     assert not any(b.kind == "warning" for b in reports.tightness_blocks(fine, 10))
     assert "BOUND VIOLATED" in reports.render_markdown(reports.tightness_blocks(broken, 10), "t")
     result = {"backend": "x", "members": 5, "nonmembers": 5, "epsilon": 1.0, "delta": 0.0, "advantage_bound": 0.46,

@@ -50,7 +50,7 @@ class GroupSort(DPLayer, tf.keras.layers.Layer):
 
 @tf.keras.utils.register_keras_serializable("lipdp")
 class FullSort(GroupSort):
-    """Sorts the whole last axis. Bounds: output ``||x||``, Lipschitz 1."""
+    """Sorts the whole last axis. Bounds: output ``||x||``, Lipschitz 1, no variables."""
 
     def __init__(self, **kwargs):
         kwargs.pop("group_size", None)
@@ -59,7 +59,7 @@ class FullSort(GroupSort):
 
 @tf.keras.utils.register_keras_serializable("lipdp")
 class ReLU(DPLayer, tf.keras.layers.Layer):
-    """``max(x, 0)``. Bounds: output ``<= ||x||``, Lipschitz 1 (Jacobian diag in {0,1})."""
+    """``max(x, 0)``. Bounds: output ``<= ||x||``, Lipschitz 1 (Jacobian diag in {0,1}), no variables."""
 
     def call(self, inputs):
         return tf.nn.relu(inputs)
@@ -67,7 +67,7 @@ class ReLU(DPLayer, tf.keras.layers.Layer):
 
 @tf.keras.utils.register_keras_serializable("lipdp")
 class Abs(DPLayer, tf.keras.layers.Layer):
-    """``|x|``. Bounds: output ``= ||x||``, Lipschitz 1 (Jacobian diag in {-1,1})."""
+    """``|x|``. Bounds: output ``= ||x||``, Lipschitz 1 (Jacobian diag in {-1,1}), no variables."""
 
     def call(self, inputs):
         return tf.abs(inputs)
