@@ -22,12 +22,8 @@ import privacy_utility as common  # noqa: E402  (banner, runs, tables shared by 
 
 
 def run_methods(args):
-    """``[(name, overrides)]``: clipless, then each clipping rule at each norm (if supported)."""
-    chosen = [("clipless", [])]
-    if not common.clipping_supported():
-        print("note: clipping parts skipped: lipdp.baselines / DPSequential(clipping=...) unavailable")
-        return chosen
-    return chosen + [(f"{rule} R={norm:g}", [f"model.clipping={rule}", f"model.clip_norm={norm}"])
+    """``[(name, overrides)]``: clipless, then each clipping rule at each norm."""
+    return [("clipless", [])] + [(f"{rule} R={norm:g}", [f"model.clipping={rule}", f"model.clip_norm={norm}"])
                      for rule in args.rules for norm in args.clip_norms]
 
 

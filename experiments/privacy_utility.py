@@ -21,15 +21,14 @@ printed (the loader's ``source``) says which split was used.
 
 import argparse
 import csv
-import importlib.util
-import inspect
 import json
 import os
 import platform
 import sys
 
+from lipdp.baselines import CLIPPING_RULES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLIPPING_RULES = ("flat", "automatic", "global")
 
 
 # -- helpers shared by the experiment scripts --------------------------------------------
@@ -43,14 +42,6 @@ def banner():
     print(f"machine: {info['machine']}, nproc={info['nproc']}, GPUs={info['gpus']}, TF {info['tensorflow']}")
     print(f"command: {info['command']}")
     return info
-
-
-def clipping_supported():
-    """Whether ``lipdp.baselines`` exists and ``DPSequential`` takes ``clipping``."""
-    from lipdp import DPSequential
-
-    return (importlib.util.find_spec("lipdp.baselines") is not None
-            and "clipping" in inspect.signature(DPSequential.__init__).parameters)
 
 
 def write_rows(path, rows):
@@ -128,13 +119,9 @@ def non_private_accuracy(cfg, dataset):
 
 
 def methods(requested):
-    """``[(name, overrides)]``: clipless, and the clipping rules when supported."""
-    chosen = [("clipless", [])]
+    """``[(name, overrides)]``: clipless, and the requested clipping rules."""
     rules = [m for m in requested if m in CLIPPING_RULES]
-    if rules and not clipping_supported():
-        print(f"note: clipping baselines {rules} skipped: lipdp.baselines / DPSequential(clipping=...) unavailable")
-        rules = []
-    return chosen + [(rule, [f"model.clipping={rule}"]) for rule in rules]
+    return [("clipless", [])] + [(rule, [f"model.clipping={rule}"]) for rule in rules]
 
 
 # -- this experiment ------------------------------------------------------------------------

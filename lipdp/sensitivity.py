@@ -184,6 +184,14 @@ def compute_bounds(model):
     return {name: float(b) for name, b in zip(variable_names(model), bounds)}
 
 
+def _single_sample_gradients(model, loss, sample):
+    """Gradients of one sample's loss (a batch of one) w.r.t. the trainable variables."""
+    xi, yi = sample
+    with tf.GradientTape() as tape:
+        value = tf.reduce_sum(loss.call(yi[None], model(xi[None], training=True)))
+    return tape.gradient(value, model.trainable_variables)
+
+
 def per_sample_gradient_norms(model, x, y):
     """True per-sample gradient norms, shape ``(batch, num_variables)``.
 
@@ -191,13 +199,9 @@ def per_sample_gradient_norms(model, x, y):
     with ``tf.vectorized_map``; shares nothing with the bound code.
     """
     loss = model_loss(model)
-    variables = model.trainable_variables
 
     def one_sample(sample):
-        xi, yi = sample
-        with tf.GradientTape() as tape:
-            per_sample_loss = tf.reduce_sum(loss.call(yi[None], model(xi[None], training=True)))
-        grads = tape.gradient(per_sample_loss, variables)
+        grads = _single_sample_gradients(model, loss, sample)
         return tf.stack([tf.norm(tf.reshape(tf.cast(g, tf.float64), [-1])) for g in grads])
 
     x = tf.convert_to_tensor(x, tf.float32)
@@ -241,12 +245,11 @@ def verify_bounds(model, x, y, rtol=1e-5):
 def worst_case_inputs(model, x, y, steps=30, step_size=0.5):
     """Gradient ascent on the inputs to maximise the per-sample gradient norm.
 
-    Maximises the sum over samples of the squared total gradient norm relative
-    to its bound, with normalised ascent steps scaled to the input norm. Used
-    to look for adversarial violations of the bounds.
+    Maximises the sum over samples of the squared total per-sample gradient
+    norm, with per-sample normalised ascent steps scaled to the mean input
+    norm. Used to look for adversarial violations of the bounds.
     """
     loss = model_loss(model)
-    variables = model.trainable_variables
     x = tf.Variable(tf.convert_to_tensor(x, tf.float32))
     y = tf.convert_to_tensor(y, tf.float32)
     scale = tf.reduce_mean(tf.norm(tf.reshape(x, [x.shape[0], -1]), axis=1)) + 1e-6
@@ -255,10 +258,7 @@ def worst_case_inputs(model, x, y, steps=30, step_size=0.5):
     def ascent_step():
         with tf.GradientTape() as outer:
             def one_sample(sample):
-                xi, yi = sample
-                with tf.GradientTape() as tape:
-                    value = tf.reduce_sum(loss.call(yi[None], model(xi[None], training=True)))
-                grads = tape.gradient(value, variables)
+                grads = _single_sample_gradients(model, loss, sample)
                 return tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads])
 
             objective = tf.reduce_sum(tf.map_fn(one_sample, (x, y), fn_output_signature=tf.float32))

@@ -28,9 +28,6 @@ from lipdp import callbacks, config as config_lib, data, losses, sampling, sensi
 from lipdp.layers import InputNormClip
 from lipdp.model import DPSequential
 
-ARTEFACTS = ("config.yaml", "history.csv", "model.keras", "sensitivity.txt", "privacy.json", "metrics.json")
-
-
 class RunExistsError(FileExistsError):
     """The output folder already holds a completed run."""
 
