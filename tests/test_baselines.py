@@ -15,8 +15,8 @@ K = tf.keras.layers
 CE = tf.keras.losses.CategoricalCrossentropy(from_logits=True)
 
 
-def reference_norms(model, x, y):
-    """Whole-model per-example gradient norms from independent one-example gradients (no fast rule)."""
+def per_example_gradients(model, x, y):
+    """Independent one-example gradients (no fast rule): one ``(batch, *shape)`` array per variable."""
     variables = model.trainable_variables
 
     def one_example(sample):
@@ -24,11 +24,17 @@ def reference_norms(model, x, y):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(baselines.per_sample_losses(model.loss, yi[None], model(xi[None], training=True)))
         grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(g), tf.float64)))
-                                 for g in grads]))
+        return [tf.cast(tf.convert_to_tensor(g), tf.float64) for g in grads]
 
-    return tf.vectorized_map(one_example, (tf.convert_to_tensor(x), tf.convert_to_tensor(y)),
-                             fallback_to_while_loop=True).numpy()
+    grads = tf.vectorized_map(one_example, (tf.convert_to_tensor(x), tf.convert_to_tensor(y)),
+                              fallback_to_while_loop=True)
+    return [g.numpy() for g in grads]
+
+
+def reference_norms(model, x, y):
+    """Whole-model per-example gradient norms from :func:`per_example_gradients`."""
+    grads = per_example_gradients(model, x, y)
+    return np.sqrt(sum(np.sum(np.square(g).reshape(len(g), -1), axis=1) for g in grads))
 
 
 def images(n=6, size=9, channels=3, classes=4, seed=0):
@@ -128,22 +134,13 @@ def test_clipped_sum_is_the_weighted_sum_of_per_example_gradients(name):
     """The second (weighted) backward pass gives sum_i min(1, R/||g_i||) g_i."""
     tf.keras.utils.set_random_seed(0)
     model, (x, y) = MODELS[name]()
-    model.clip_norm = float(np.median(reference_norms(model, x, y)))  # half of the examples are clipped
-    variables = model.trainable_variables
-
-    def one_example(sample):
-        xi, yi = sample
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(baselines.per_sample_losses(model.loss, yi[None], model(xi[None], training=True)))
-        grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return [tf.convert_to_tensor(g) for g in grads]
-
-    per_example = tf.vectorized_map(one_example, (tf.convert_to_tensor(x), tf.convert_to_tensor(y)))
-    norms = np.sqrt(sum(np.sum(np.square(g.numpy()).reshape(len(x), -1), axis=1) for g in per_example))
+    per_example = per_example_gradients(model, x, y)
+    norms = np.sqrt(sum(np.sum(np.square(g).reshape(len(x), -1), axis=1) for g in per_example))
+    model.clip_norm = float(np.median(norms))  # half of the examples are clipped
     weights = np.minimum(1.0, model.clip_norm * (1 - baselines.CLIP_MARGIN) / norms)
     _, _, sums, _ = model.private_gradient_sums(x, y)
     for g, total in zip(per_example, sums):
-        expected = np.tensordot(weights, g.numpy(), axes=1)
+        expected = np.tensordot(weights, g, axes=1)
         np.testing.assert_allclose(total.numpy(), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
