@@ -27,18 +27,31 @@ class PrivacyBudgetExhausted(RuntimeError):
 class PrivacyLedger(tf.keras.callbacks.Callback):
     """Adds ``epsilon`` and ``delta`` (spent so far) to every epoch's logs.
 
-    Before the first step of each ``fit`` (after any ``BackupAndRestore``
-    restore) it also checks that shuffled sampling starts at an epoch
-    boundary (see ``DPModelMixin.check_sampling_alignment``).
+    It also keeps a calibrated plan: when the noise was calibrated to a
+    ``target_epsilon`` for ``planned_steps``, training stops after that many
+    steps, and a ``fit`` with no step left raises
+    :class:`PrivacyBudgetExhausted`. Before the first step of each ``fit``
+    (after any ``BackupAndRestore`` restore) it checks that shuffled sampling
+    starts at an epoch boundary (``DPModelMixin.check_sampling_alignment``).
     """
 
     def on_train_begin(self, logs=None):
-        self._aligned = False
+        self._checked = False
 
     def on_train_batch_begin(self, batch, logs=None):
-        if not self._aligned:
-            self.model.check_sampling_alignment()
-            self._aligned = True
+        if self._checked:
+            return
+        self.model.check_sampling_alignment()
+        if self.model.steps_left() == 0:
+            raise PrivacyBudgetExhausted(
+                f"the noise was calibrated for {self.model.privacy.planned_steps} steps to reach "
+                f"epsilon={self.model.privacy.target_epsilon}, and they were all taken; "
+                "to train longer, start from fresh weights with a plan of more epochs")
+        self._checked = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.steps_left() == 0:
+            self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

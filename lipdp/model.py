@@ -36,6 +36,8 @@ are not covered by the guarantee.
 
 import dataclasses
 import math
+from typing import Optional
+
 import tensorflow as tf
 
 from lipdp import accounting, baselines, sensitivity
@@ -45,7 +47,12 @@ NOISE_ALLOCATIONS = ("global", "per-layer")
 
 @dataclasses.dataclass(frozen=True)
 class PrivacyPolicy:
-    """Everything the accountant needs to know about a training run."""
+    """Everything the accountant needs to know about a training run.
+
+    With a ``target_epsilon``, ``planned_steps`` is the number of steps the
+    noise was calibrated for: training stops there (see
+    :class:`lipdp.callbacks.PrivacyLedger`), so the target is never exceeded.
+    """
 
     noise_multiplier: float
     delta: float
@@ -56,6 +63,8 @@ class PrivacyPolicy:
     steps_per_epoch: int
     accountant: str = "rdp"
     noise_allocation: str = "global"
+    target_epsilon: Optional[float] = None
+    planned_steps: Optional[int] = None
 
     def __post_init__(self):
         accounting.validate_delta(self.delta, self.dataset_size)
@@ -101,19 +110,25 @@ class PrivacyPolicy:
             raise ValueError("give exactly one of noise_multiplier and target_epsilon")
         delta = 0.1 / sampler.dataset_size if delta is None else delta
         accounting.validate_delta(delta, sampler.dataset_size)
+        planned_steps = None
         if target_epsilon is not None:
             if not epochs:
                 raise ValueError("target_epsilon needs the number of epochs to calibrate the noise")
+            planned_steps = int(epochs) * sampler.steps_per_epoch
             noise_multiplier = accounting.calibrate_noise_multiplier(
                 target_epsilon=target_epsilon, delta=delta, sampling_rate=sampler.sampling_rate,
-                steps=int(epochs) * sampler.steps_per_epoch, accountant=accountant, sampling=sampler.kind,
+                steps=planned_steps, accountant=accountant, sampling=sampler.kind,
                 steps_per_epoch=sampler.steps_per_epoch)
+        elif epochs is not None:
+            raise ValueError("epochs is only used to calibrate a target_epsilon; the noise multiplier is given")
         return cls(noise_multiplier=float(noise_multiplier), delta=float(delta),
                    dataset_size=int(sampler.dataset_size), sampling=sampler.kind,
                    sampling_rate=float(sampler.sampling_rate),
                    expected_batch_size=float(sampler.expected_batch_size),
                    steps_per_epoch=int(sampler.steps_per_epoch), accountant=accountant,
-                   noise_allocation=noise_allocation)
+                   noise_allocation=noise_allocation,
+                   target_epsilon=None if target_epsilon is None else float(target_epsilon),
+                   planned_steps=planned_steps)
 
 
 class NotPrivateError(RuntimeError):
@@ -223,6 +238,12 @@ class DPModelMixin:
                                callbacks=callbacks, **kwargs)
         finally:
             self.reset_metrics()  # training metrics are private: keep them out of a saved model
+
+    def steps_left(self):
+        """Steps the calibrated plan still allows (``None`` when the noise was given, not calibrated)."""
+        if self.privacy.planned_steps is None:
+            return None
+        return max(0, self.privacy.planned_steps - int(self.privacy_steps))
 
     def check_sampling_alignment(self):
         """Refuses to start shuffled sampling in the middle of an accounted epoch.

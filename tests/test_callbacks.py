@@ -95,3 +95,15 @@ def test_shuffled_sampling_refuses_to_resume_mid_epoch():
     with pytest.raises(ValueError, match="cannot resume mid-epoch"):
         model.fit(shuffle, epochs=1, verbose=0)
     assert int(model.privacy_steps) == 1
+
+
+def test_a_calibrated_plan_is_never_exceeded():
+    model, sampler = make_model(), make_sampler()
+    policy = model.make_private(sampler, target_epsilon=3.0, epochs=2)
+    assert policy.planned_steps == 2 * sampler.steps_per_epoch
+    history = model.fit(sampler, epochs=5, verbose=0)
+    assert int(model.privacy_steps) == policy.planned_steps
+    assert history.history["epsilon"][-1] <= 3.0
+    with pytest.raises(PrivacyBudgetExhausted, match="calibrated for 20 steps"):
+        model.fit(sampler, epochs=1, verbose=0)
+    assert int(model.privacy_steps) == policy.planned_steps
