@@ -44,6 +44,18 @@ def banner():
     return info
 
 
+def plot_methods(axes, rows, x_key, y_key, xlabel, ylabel):
+    """One line per method of ``rows`` (dicts), x on a log2 scale."""
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r[x_key], r[y_key]) for r in rows if r["method"] == method)
+        axes.plot(*zip(*points), "o-", label=method)
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+
+
 def write_rows(path, rows):
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -132,16 +144,9 @@ def plot(rows, non_private, path):
     figure = Figure(figsize=(5.5, 3.8))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["epsilon"], r["test_accuracy"]) for r in rows if r["method"] == method)
-        axes.plot(*zip(*points), "o-", label=method)
     if non_private is not None:
         axes.axhline(non_private, color="k", linestyle="--", label="non-private")
-    axes.set_xscale("log", base=2)
-    axes.set_xlabel("epsilon (spent)")
-    axes.set_ylabel("test accuracy")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    plot_methods(axes, rows, "epsilon", "test_accuracy", "epsilon (spent)", "test accuracy")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 

@@ -51,15 +51,8 @@ def plot(rows, path):
     for position, (key, label) in enumerate((("ms_per_step", "median step time (ms)"),
                                              ("peak_rss_mib", "peak RSS (MiB, process)"))):
         axes = figure.add_subplot(1, 2, position + 1)
-        for method in dict.fromkeys(r["method"] for r in rows):
-            points = [(r["batch"], r[key]) for r in rows if r["method"] == method]
-            axes.plot(*zip(*points), "o-", label=method)
-        axes.set_xscale("log", base=2)
+        common.plot_methods(axes, rows, "batch", key, "batch size", label)
         axes.set_yscale("log" if key == "ms_per_step" else "linear")
-        axes.set_xlabel("batch size")
-        axes.set_ylabel(label)
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
