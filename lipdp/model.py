@@ -184,8 +184,6 @@ class DPModelMixin:
                 f"these weights already took {int(self.privacy_steps)} private steps under "
                 f"{'an unknown policy (weights loaded without it)' if self.privacy is None else self.privacy}; "
                 "resume from the saved model with the same policy, or start from fresh weights")
-        # TF32 matmuls/convolutions (default on recent GPUs) round to ~1e-3 relative,
-        # far above the certified bounds' margin.
         tf.config.experimental.enable_tensor_float_32_execution(False)
         self.privacy = policy
         return policy

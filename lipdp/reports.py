@@ -153,19 +153,16 @@ def _fmt(value, spec=".4g"):
     return format(value, spec) if math.isfinite(value) else str(value)
 
 
-def _short(variable):
-    return variable.name.split("/")[-1].split(":")[0]
-
-
 def sensitivity_rows(model):
     """Per layer call and variable: bounds, and the noise std on the gradient sum and on the averaged gradient."""
     from lipdp import sensitivity
 
-    bounds = sensitivity.gradient_bound_tensors(model)
+    records = sensitivity.propagate(model)
+    bounds = sensitivity.gradient_bound_tensors(model, records)
     stds = {v.ref(): float(s) for v, s in zip(model.trainable_variables, model.noise_stddevs(bounds))}
     batch = model.privacy.expected_batch_size
     rows = []
-    for record in sensitivity.propagate(model):
+    for record in records:
         layer_cells = [record.layer.name, type(record.layer).__name__, _fmt(record.input_bound),
                        _fmt(record.cotangent_bound), _fmt(record.lipschitz, ".6g")]
         for variable, bound in record.gradient_bounds or [(None, None)]:
@@ -173,7 +170,7 @@ def sensitivity_rows(model):
                 rows.append(layer_cells + ["-"] * 4)
                 continue
             std = stds[variable.ref()]
-            rows.append(layer_cells + [_short(variable), _fmt(bound), _fmt(std), _fmt(std / batch)])
+            rows.append(layer_cells + [sensitivity.short_variable_name(variable), _fmt(bound), _fmt(std), _fmt(std / batch)])
             layer_cells = [""] * 5
     return rows
 

@@ -155,14 +155,15 @@ def propagate(model) -> List[LayerBounds]:
     return records[::-1]
 
 
-def gradient_bound_tensors(model):
+def gradient_bound_tensors(model, records=None):
     """Bounds aligned with ``model.trainable_variables`` (float64 scalars).
 
     A layer called several times (shared weights) gets the sum of the bounds
-    of its calls. Raises if a trainable variable gets no bound.
+    of its calls. Raises if a trainable variable gets no bound. ``records``:
+    the result of :func:`propagate`, when the caller already has it.
     """
     by_variable = {}
-    for record in propagate(model):
+    for record in propagate(model) if records is None else records:
         for variable, bound in record.gradient_bounds:
             key = variable.ref()
             by_variable[key] = by_variable[key] + bound if key in by_variable else bound
@@ -172,10 +173,15 @@ def gradient_bound_tensors(model):
     return [by_variable[v.ref()] for v in model.trainable_variables]
 
 
+def short_variable_name(variable):
+    """``kernel`` for ``dense/kernel:0``."""
+    return variable.name.split("/")[-1].split(":")[0]
+
+
 def variable_names(model):
     """Unique names ``layer/variable`` aligned with ``model.trainable_variables``."""
     owners = {v.ref(): layer.name for layer in model.layers for v in layer.trainable_weights}
-    return [f"{owners[v.ref()]}/{v.name.split('/')[-1].split(':')[0]}" for v in model.trainable_variables]
+    return [f"{owners[v.ref()]}/{short_variable_name(v)}" for v in model.trainable_variables]
 
 
 def compute_bounds(model):
@@ -275,8 +281,9 @@ def worst_case_inputs(model, x, y, steps=30, step_size=0.5):
 def report(model):
     """A readable per-layer table of the bounds (one row per layer call)."""
     rows = [("layer", "type", "input bound", "cotangent bound", "Lipschitz", "gradient bounds")]
-    for record in propagate(model):
-        grads = ", ".join(f"{v.name.split('/')[-1].split(':')[0]}={float(b):.4g}"
+    records = propagate(model)
+    for record in records:
+        grads = ", ".join(f"{short_variable_name(v)}={float(b):.4g}"
                           for v, b in record.gradient_bounds) or "-"
         inputs = record.input_bound if isinstance(record.input_bound, list) else [record.input_bound]
         rows.append((record.layer.name, type(record.layer).__name__,
@@ -285,7 +292,7 @@ def report(model):
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    bounds = gradient_bound_tensors(model)
+    bounds = gradient_bound_tensors(model, records)
     total = float(tf.norm(tf.stack(bounds))) if bounds else 0.0
     lines.append(f"\nglobal sensitivity (l2 norm of all variable bounds): {total:.6g}")
     return "\n".join(lines)
