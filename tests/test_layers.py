@@ -101,6 +101,16 @@ def kernel_gradient(layer, x, z):
     return grads
 
 
+def assert_bias_gradient_bound_attained(layer, x, z, label):
+    """A cotangent constant over positions makes ||grad b|| = sqrt(P) ||z||: the bound must hold and be attained."""
+    (_, g_bias), = kernel_gradient(layer, x, z)
+    _, (_, bias_bound) = layer.gradient_bounds(f64(norms(x)[0]), f64(norms(z)[0]))
+    measured = np.linalg.norm(g_bias.numpy())
+    assert measured <= float(bias_bound) * (1 + RTOL)
+    assert measured == pytest.approx(float(bias_bound), rel=1e-4)
+    tightness(label, measured / float(bias_bound))
+
+
 # ---------------------------------------------------------------------------------------------
 # LipschitzConv2D
 # ---------------------------------------------------------------------------------------------
@@ -287,12 +297,7 @@ def test_conv_bias_trap_sqrt_positions_is_attained(case):
 
     z = np.broadcast_to(np.random.default_rng(5).normal(size=out_shape[-1]), (1,) + out_shape)
     x = np.random.default_rng(6).normal(size=(1,) + in_shape)
-    (_, g_bias), = kernel_gradient(layer, x, z)
-    _, (_, bias_bound) = layer.gradient_bounds(f64(norms(x)[0]), f64(norms(z)[0]))
-    measured = np.linalg.norm(g_bias.numpy())
-    assert measured <= float(bias_bound) * (1 + RTOL)
-    assert measured == pytest.approx(float(bias_bound), rel=1e-4)
-    tightness(f"conv {case} bias trap (x=0 output, constant z)", measured / float(bias_bound))
+    assert_bias_gradient_bound_attained(layer, x, z, f"conv {case} bias trap (x=0 output, constant z)")
 
 
 def _deel_lip_border_averaged_factor(kernel_size, input_hw):
@@ -447,12 +452,7 @@ def test_dense_bias_trap_sqrt_positions_is_attained(shape, units):
     assert norms(out)[0] == pytest.approx(bound, rel=1e-4)
     z = np.broadcast_to(np.random.default_rng(8).normal(size=units), (1,) + shape[:-1] + (units,))
     x = np.random.default_rng(9).normal(size=(1,) + shape)
-    (_, g_bias), = kernel_gradient(layer, x, z)
-    _, (_, bias_bound) = layer.gradient_bounds(f64(norms(x)[0]), f64(norms(z)[0]))
-    measured = np.linalg.norm(g_bias.numpy())
-    assert measured <= float(bias_bound) * (1 + RTOL)
-    assert measured == pytest.approx(float(bias_bound), rel=1e-4)
-    tightness(f"dense {shape} bias trap", measured / float(bias_bound))
+    assert_bias_gradient_bound_attained(layer, x, z, f"dense {shape} bias trap")
 
 
 def test_dense_without_bias_has_only_a_kernel_bound():
