@@ -68,10 +68,16 @@ Any other layer with trainable variables -- or a layer called more than once
 gradients of *that layer only*: its recorded outputs are watched, and
 ``tf.vectorized_map`` over examples computes the vector-Jacobian product of
 the layer with each example's cotangent. A warning names the layer once.
-Layers without trainable variables need nothing.
+Layers without trainable variables need nothing. The clipped sum of a
+fallback layer's variables is formed from these same per-example gradients
+(``sum_i w_i g_i``), not from the forward pass: a layer with randomness of
+its own (dropout inside ``MultiHeadAttention``) draws new masks when it is
+run again per example, and only the gradients whose norms were measured are
+guaranteed to be clipped.
 
 A second, weighted backward pass of ``sum_i stop_gradient(w_i) loss_i``
-through the *same* forward pass gives ``sum_i w_i g_i``. This relies on the
+through the *same* forward pass gives ``sum_i w_i g_i`` for every other
+variable. This relies on the
 backward pass being linear in the cotangent, which holds for ordinary
 autodiff; layers with custom gradients that are not (``lipdp.layers.
 ClipGradient``) are refused, as are layers that mix examples
@@ -337,11 +343,16 @@ def _warn_fallback(layer, reason):
 
 
 # -- the fallback: per-example gradients of one layer ---------------------------
-def _fallback_squared_norms(layer, calls, cotangents):
-    """Per-example squared norm of ``layer``'s variable gradients, summed over its ``calls``.
+def _fallback_gradients(layer, calls, cotangents):
+    """Per-example gradients of ``layer``'s variables, summed over its ``calls``: ``[(B, *shape)]``.
 
     ``calls``: ``[(args, kwargs, flat_outputs)]``; ``cotangents``: for each
-    call, the gradients of the summed loss w.r.t. ``flat_outputs``.
+    call, the gradients of the summed loss w.r.t. ``flat_outputs``. The layer
+    is run again per example, so a layer with its own randomness (dropout
+    inside ``MultiHeadAttention``) draws other masks than in the forward pass:
+    these gradients are therefore both the ones whose norms are measured *and*
+    the ones summed (see :func:`clipped_gradient_sums`), never the forward
+    pass's.
     """
     variables = layer.trainable_variables
     structures, mapped = [], []
@@ -363,9 +374,15 @@ def _fallback_squared_norms(layer, calls, cotangents):
                 output_grads.extend(c[None] for c in cots)
         grads = tape.gradient(outputs, variables, output_gradients=output_grads,
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads])
+        return [tf.convert_to_tensor(g) for g in grads]
 
     return tf.vectorized_map(one_example, mapped, fallback_to_while_loop=True)
+
+
+def _squared_norms(per_example_grads):
+    """``sum_v ||g_v,i||^2`` for per-example gradients ``[(B, *shape)]``."""
+    return tf.add_n([tf.reduce_sum(tf.square(tf.reshape(tf.cast(g, tf.float32), [tf.shape(g)[0], -1])), axis=1)
+                     for g in per_example_grads])
 
 
 # -- forward pass with norms ---------------------------------------------------
@@ -389,12 +406,16 @@ def _shared_layers(model):
 
 @_no_autograph
 def forward_with_norms(model, x, y, registry=None, outer_tape=None):
-    """One forward pass and one backward pass to the layers: ``(y_pred, per_sample_loss, norms)``.
+    """One forward pass and one backward pass to the layers.
 
-    ``norms`` is the whole-model l2 norm of each example's loss gradient.
-    Called under ``outer_tape`` (recording), the norm computation is kept off
-    that tape, so a weighted loss can be differentiated through the same
-    forward pass (see :func:`clipped_gradient_sums`).
+    Returns ``(y_pred, per_sample_loss, norms, fallback_grads)``: ``norms`` is
+    the whole-model l2 norm of each example's loss gradient, and
+    ``fallback_grads`` maps ``variable.ref()`` to the ``(B, *shape)``
+    per-example gradients of every variable of a fallback layer (the ones the
+    norms were measured on). Called under ``outer_tape`` (recording), the norm
+    computation is kept off that tape, so a weighted loss can be
+    differentiated through the same forward pass (see
+    :func:`clipped_gradient_sums`).
     """
     from tensorflow_privacy.privacy.fast_gradient_clipping import gradient_clipping_utils
 
@@ -429,14 +450,16 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
         watched = [base for base, _ in fast] + [call[2] for _, calls in fallback.values() for call in calls]
         grads = tape.gradient(total, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         squared = [fn(g) for (_, fn), g in zip(fast, grads[:len(fast)])]
-        position = len(fast)
+        position, fallback_grads = len(fast), {}
         for layer, calls in fallback.values():
-            squared.append(_fallback_squared_norms(layer, calls, grads[position:position + len(calls)]))
+            per_example = _fallback_gradients(layer, calls, grads[position:position + len(calls)])
+            fallback_grads.update({v.ref(): g for v, g in zip(layer.trainable_variables, per_example)})
+            squared.append(_squared_norms(per_example))
             position += len(calls)
         squared = [tf.cast(s, tf.float32) for s in squared]
         norms = tf.sqrt(tf.add_n(squared)) if squared else tf.zeros_like(losses)
         norms = tf.debugging.check_numerics(norms, "per-example gradient norms (NaN or Inf in the data?)")
-    return y_pred, losses, norms
+    return y_pred, losses, norms, fallback_grads
 
 
 @_no_autograph
@@ -459,13 +482,21 @@ def clipped_gradient_sums(model, x, y, registry=None):
     that ``||bounds||_2 = S`` ("global" allocation) and ``sqrt(k) * bound = S``
     ("per-layer" allocation).
     """
-    variables = model.trainable_variables
     with tf.GradientTape() as outer:
-        y_pred, losses, norms = forward_with_norms(model, x, y, registry=registry, outer_tape=outer)
+        y_pred, losses, norms, fallback_grads = forward_with_norms(
+            model, x, y, registry=registry, outer_tape=outer)
         weights = tf.stop_gradient(clip_weights(model.clipping, norms, model.clip_norm, model.gamma))
         weighted = tf.reduce_sum(tf.cast(weights, losses.dtype) * losses)
-    sums = outer.gradient(weighted, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    sums = [tf.convert_to_tensor(g) for g in sums]  # densify IndexedSlices (embeddings)
+    from_forward = [v for v in model.trainable_variables if v.ref() not in fallback_grads]
+    forward_sums = outer.gradient(weighted, from_forward, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    forward_sums = dict(zip((v.ref() for v in from_forward), forward_sums))
+    sums = []
+    for variable in model.trainable_variables:
+        if variable.ref() in fallback_grads:  # the measured per-example gradients, weighted and summed
+            per_example = fallback_grads[variable.ref()]
+            sums.append(tf.tensordot(tf.cast(weights, per_example.dtype), per_example, axes=1))
+        else:
+            sums.append(tf.convert_to_tensor(forward_sums[variable.ref()]))  # densify IndexedSlices (embeddings)
     return y_pred, losses, sums, sensitivity_bounds(model)
 
 

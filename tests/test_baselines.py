@@ -216,6 +216,27 @@ def test_each_example_contributes_at_most_the_sensitivity(clipping):
         np.testing.assert_allclose(contributions[[1, 2]], norms[[1, 2]], rtol=1e-4)  # kept unchanged
 
 
+def test_fallback_layer_with_dropout_contributes_at_most_the_clip_norm():
+    """Dropout inside a fallback layer draws new masks when run again per example.
+
+    The clipped sum used to come from the forward pass (one mask) while the
+    norm was measured on a recomputation (another mask): 1.4-2.2 x the clip
+    norm in half of the trials. A batch of one example: the sum is its contribution.
+    """
+    tf.keras.utils.set_random_seed(3)
+    inp = tf.keras.Input((4, 6))
+    attention = K.MultiHeadAttention(num_heads=2, key_dim=3, dropout=0.5)(inp, inp)
+    model = compiled(lipdp.DPModel(inp, K.Dense(3)(K.Flatten()(attention)), clipping="flat", clip_norm=0.01))
+    x = np.random.default_rng(0).normal(size=(1, 4, 6)).astype("float32") * 5
+    y = np.eye(3, dtype="float32")[[1]]
+    contributions = []
+    for _ in range(30):
+        _, _, sums, _ = model.private_gradient_sums(x, y)
+        contributions.append(np.linalg.norm(np.concatenate([g.numpy().ravel() for g in sums]).astype(np.float64)))
+    assert max(contributions) <= 0.01
+    assert min(contributions) > 0.009  # the gradient is far above the clip norm: every trial is clipped
+
+
 @pytest.mark.parametrize("clipping", baselines.CLIPPING_RULES)
 def test_noise_std_is_sigma_times_sensitivity_under_both_allocations(clipping):
     x, y = vectors(n=200)

@@ -28,7 +28,7 @@ import pytest
 import tensorflow as tf
 
 import lipdp.layers as L
-from lipdp import losses
+from lipdp import losses, sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -537,6 +537,29 @@ def test_activation_bounds_and_jacobian(name, shape):
             np.testing.assert_allclose(jac.T @ jac, np.eye(jac.shape[1]), atol=1e-6)  # (signed) permutation
     if name != "relu":
         np.testing.assert_allclose(norms(out), norms(x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["groupsort2", "groupsort4", "fullsort"])
+def test_sorting_backward_pass_is_a_permutation_at_exact_ties(name):
+    """At ties tf.minimum/tf.maximum both route their cotangent to one input (norm sqrt 2)."""
+    layer = ACTIVATIONS[name]()
+    tied = np.array([[0.5] * 8, [0.5, -1, 2, 0.5, 0.5, -1, 2, 0.5], [0.0] * 8, [1, 1, 1, 1, -3, -3, -3, -3]],
+                    dtype="float32")
+    for jac in _jacobian_matrices(layer, tied):
+        np.testing.assert_array_equal(jac.T @ jac, np.eye(8))
+
+
+def test_groupsort_tie_does_not_break_the_kernel_bound():
+    """The review's reproduction: identity kernel, tied pre-activations, ratio was sqrt 2."""
+    model = tf.keras.Sequential([tf.keras.Input((2,)), L.InputNormClip(1.0), L.LipschitzDense(2), L.GroupSort(),
+                                 L.LipschitzDense(2)])
+    model.compile(loss=losses.TauCategoricalCrossentropy(100.0))
+    model.layers[1].kernel.assign(np.eye(2))
+    model.layers[3].kernel.assign(np.diag([1.0, -1.0]))
+    x = np.array([[0.70710677, 0.70710677]], "float32")
+    result = sensitivity.verify_bounds(model, x, np.array([[0.0, 1.0]], "float32"), rtol=0)
+    assert not result.violations
+    assert result.max_ratio == pytest.approx(1.0, abs=1e-5)  # attained: the check is not vacuous
 
 
 def test_groupsort_refuses_bad_groups():

@@ -11,6 +11,19 @@ import tensorflow as tf
 from lipdp.layers.base import DPLayer
 
 
+def _sort_pairs(first, second):
+    """``(min, max)`` of two tensors, whose backward pass is a permutation, ties included.
+
+    ``tf.minimum`` and ``tf.maximum`` each send the cotangent to ``first`` when
+    ``first == second``, so at a tie both cotangents reach ``first``: the
+    backward map has norm ``sqrt 2``, which breaks the Lipschitz bound. One
+    strict comparison decides the swap, so every entry of the output comes
+    from exactly one entry of the input, at ties too.
+    """
+    swap = first > second
+    return tf.concat([tf.where(swap, second, first), tf.where(swap, first, second)], axis=-1)
+
+
 @tf.keras.utils.register_keras_serializable("lipdp")
 class GroupSort(DPLayer, tf.keras.layers.Layer):
     """Sorts the last axis in groups of ``group_size`` (GroupSort-2 by default).
@@ -18,7 +31,8 @@ class GroupSort(DPLayer, tf.keras.layers.Layer):
     Groups are disjoint sets of channels; for ``group_size=2`` channel ``i`` is
     paired with channel ``i + C/2``. Bounds: output ``||x||`` (a permutation
     of the entries), Lipschitz 1 (the Jacobian is a permutation matrix), no
-    variables.
+    variables. Ties are routed as a permutation in the backward pass too
+    (see ``_sort_pairs``; ``tf.sort`` does so through its top-k indices).
     ``group_size=None`` sorts the whole last axis (FullSort).
     """
 
@@ -37,8 +51,7 @@ class GroupSort(DPLayer, tf.keras.layers.Layer):
 
     def call(self, inputs):
         if self.group_size == 2:  # pairs channel i with i + C/2: slicing, 4x faster than reshaping
-            first, second = tf.split(inputs, 2, axis=-1)
-            return tf.concat([tf.minimum(first, second), tf.maximum(first, second)], axis=-1)
+            return _sort_pairs(*tf.split(inputs, 2, axis=-1))
         if self.group_size is None:
             return tf.sort(inputs, axis=-1)
         groups = tf.reshape(inputs, tf.concat([tf.shape(inputs)[:-1], [-1, self.group_size]], 0))
