@@ -93,7 +93,7 @@ import tensorflow as tf
 
 from lipdp.layers import ClipGradient, LipschitzConv2D, LipschitzDense
 from lipdp.losses import LipschitzLoss
-from lipdp.sensitivity import ModelNotSupportedError
+from lipdp.sensitivity import ModelNotSupportedError, check_precision
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +199,7 @@ def validate(model):
             "the model has no layer graph yet: give it an input shape (tf.keras.Input(...) as first layer)")
     if len(model.outputs) != 1:
         raise ModelNotSupportedError(f"the model has {len(model.outputs)} outputs; exactly one is supported")
+    check_precision(model)
     per_example_loss(model)
     calls = _graph_layers(model)
     owners = {}

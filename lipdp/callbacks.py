@@ -19,8 +19,10 @@ are discarded together with the weights they produced.
 import numpy as np
 import tensorflow as tf
 
+from lipdp.errors import LipdpError
 
-class PrivacyBudgetExhausted(RuntimeError):
+
+class PrivacyBudgetExhausted(LipdpError, RuntimeError):
     """No noisy step fits in what is left of the budget."""
 
 
@@ -54,7 +56,7 @@ class PrivacyLedger(tf.keras.callbacks.Callback):
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
+        if logs is not None and self.model.accountable:  # an unaccountable model has no epsilon to log
             logs["epsilon"] = self.model.epsilon()
             logs["delta"] = self.model.privacy.delta
 

@@ -6,9 +6,10 @@
 ``lipdp privacy --dataset-size N --batch-size B --epochs E
 (--noise-multiplier S | --target-epsilon EPS) --delta D``
     prints epsilon, or the noise multiplier that reaches a target.
-``lipdp report RUN_DIR [--no-audit] [--data-dir DIR]``
+``lipdp report RUN_DIR [--no-audit] [--public] [--data-dir DIR]``
     writes ``report.html`` and ``report.md`` into a run folder (see
-    :mod:`lipdp.reports`).
+    :mod:`lipdp.reports`); ``--public`` writes ``public-report.*`` without the
+    sections computed from private training records.
 ``lipdp audit RUN_DIR [--seed S] [--data-dir DIR]``
     runs the membership-inference audit and writes ``audit.json`` (see
     :mod:`lipdp.audit`).
@@ -33,18 +34,25 @@ def _train(args):
     print(f"artefacts written to {out}/")
 
 
+def _round_up(value, digits=6):
+    """``value`` to ``digits`` significant digits, rounded up: a printed noise multiplier keeps the target."""
+    shown = float(f"{value:.{digits}g}")
+    return shown if shown >= value else float(f"{value * (1 + 10.0 ** (1 - digits)):.{digits}g}")
+
+
 def _privacy(args):
-    from lipdp import accounting
+    from lipdp import accounting, sampling
 
     if (args.noise_multiplier is None) == (args.target_epsilon is None):
         raise SystemExit("give exactly one of --noise-multiplier and --target-epsilon")
     accounting.validate_delta(args.delta, args.dataset_size)
     if not 0 < args.batch_size <= args.dataset_size:
         raise SystemExit(f"--batch-size must be in 1..{args.dataset_size}")
+    if args.epochs < 1:
+        raise SystemExit("--epochs must be >= 1")
     rate = args.batch_size / args.dataset_size
-    steps_per_epoch = (max(1, round(1 / rate)) if args.sampling == "poisson"
-                       else args.dataset_size // args.batch_size)
-    common = dict(delta=args.delta, sampling_rate=rate, steps=int(round(args.epochs * steps_per_epoch)),
+    steps_per_epoch = sampling.steps_per_epoch(args.sampling, args.dataset_size, args.batch_size)
+    common = dict(delta=args.delta, sampling_rate=rate, steps=args.epochs * steps_per_epoch,
                   accountant=args.accountant, sampling=args.sampling, steps_per_epoch=steps_per_epoch)
     print(f"sampling: {args.sampling}, rate q={rate:.6g}, {common['steps']} steps "
           f"({steps_per_epoch} per epoch), accountant: {args.accountant}")
@@ -52,8 +60,8 @@ def _privacy(args):
         epsilon = accounting.compute_epsilon(noise_multiplier=args.noise_multiplier, **common)
         print(f"epsilon = {epsilon:.6g} at delta = {args.delta:g} with noise multiplier {args.noise_multiplier:g}")
     else:
-        sigma = accounting.calibrate_noise_multiplier(target_epsilon=args.target_epsilon, **common)
-        epsilon = accounting.compute_epsilon(noise_multiplier=sigma, **common)
+        sigma = _round_up(accounting.calibrate_noise_multiplier(target_epsilon=args.target_epsilon, **common))
+        epsilon = accounting.compute_epsilon(noise_multiplier=sigma, **common)  # of the printed value
         print(f"noise multiplier = {sigma:.6g} reaches epsilon = {epsilon:.6g} <= {args.target_epsilon:g} "
               f"at delta = {args.delta:g}")
 
@@ -67,7 +75,8 @@ def _completed_run(run_dir):
 def _report(args):
     from lipdp import reports
 
-    paths = reports.make_report(_completed_run(args.run_dir), audit=not args.no_audit, data_dir=args.data_dir)
+    paths = reports.make_report(_completed_run(args.run_dir), audit=not args.no_audit, data_dir=args.data_dir,
+                                public=args.public)
     print(f"report written to {paths['html']} and {paths['md']}")
 
 
@@ -94,7 +103,8 @@ def parser():
     privacy = commands.add_parser("privacy", help="epsilon for a noise level, or the noise for a target epsilon")
     privacy.add_argument("--dataset-size", type=int, required=True)
     privacy.add_argument("--batch-size", type=int, required=True, help="expected batch size")
-    privacy.add_argument("--epochs", type=float, required=True)
+    privacy.add_argument("--epochs", type=int, required=True,
+                         help="whole epochs; an epoch is ceil(N / B) Poisson steps or N // B shuffled batches")
     privacy.add_argument("--noise-multiplier", type=float)
     privacy.add_argument("--target-epsilon", type=float)
     privacy.add_argument("--delta", type=float, required=True)
@@ -105,6 +115,9 @@ def parser():
     report = commands.add_parser("report", help="HTML and Markdown report of a run folder")
     report.add_argument("run_dir")
     report.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit if not done")
+    report.add_argument("--public", action="store_true",
+                        help="leave out what private training records were used for (train curves, audit); "
+                             "writes public-report.html / .md")
     report.add_argument("--data-dir", help="local folder with the dataset files (overrides the run's config)")
     report.set_defaults(func=_report)
 

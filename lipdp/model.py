@@ -41,6 +41,7 @@ from typing import Optional
 import tensorflow as tf
 
 from lipdp import accounting, baselines, sensitivity
+from lipdp.errors import LipdpError
 
 NOISE_ALLOCATIONS = ("global", "per-layer")
 
@@ -131,19 +132,53 @@ class PrivacyPolicy:
                    planned_steps=planned_steps)
 
 
-class NotPrivateError(RuntimeError):
-    """A DP model was asked to train before ``make_private`` was called."""
+class NotPrivateError(LipdpError, RuntimeError):
+    """A DP model was asked to train or account in a way its guarantee does not cover."""
 
 
 class DPModelMixin:
     """Clipless DP training for Keras models (see the module docstring)."""
 
-    def _init_privacy(self, privacy=None, noise_seed=None, clipping=None, clip_norm=1.0, gamma=0.01):
+    def _init_privacy(self, privacy=None, noise_seed=None, clipping=None, clip_norm=1.0, gamma=0.01,
+                      accountable=True):
         self._set_clipping(clipping, clip_norm, gamma)
         self.privacy_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="privacy_steps")
-        self._loss_tracker = tf.keras.metrics.Mean(name="loss")
+        # The loss tracker sums losses over private Poisson batches (its count is the true number of sampled
+        # records): kept out of tracking, so no checkpoint (BackupAndRestore) or saved model holds its state.
+        object.__setattr__(self, "_loss_tracker", tf.keras.metrics.Mean(name="loss"))
         self._set_privacy(privacy)
         self._seed_noise(noise_seed)
+        self.accountable = bool(accountable)
+        # Open only while fit() iterates a sampler (or for good once the model is unaccountable); kept out of
+        # tracking like the noise generator, so no checkpoint or saved model carries it.
+        object.__setattr__(self, "_sampler_gate", tf.Variable(not self.accountable, trainable=False))
+
+    def allow_unaccounted_steps(self):
+        """Escape hatch for benchmarks and tests: lets ``train_on_batch`` and custom loops take steps.
+
+        Such steps do not come from the policy's sampler, so no accountant
+        covers them: the model becomes **unaccountable for good** (saved with
+        it in its config). ``epsilon()``, ``privacy_state()`` and
+        ``privacy_statement()`` then raise :class:`NotPrivateError`.
+        """
+        self.accountable = False
+        self._sampler_gate.assign(True)
+        return self
+
+    def _check_accountable(self):
+        if not self.accountable:
+            raise NotPrivateError(
+                "this model is unaccountable: allow_unaccounted_steps() let it take steps outside a sampler's fit, "
+                "which no privacy accountant covers; train fresh weights with fit(sampler) for a guarantee")
+
+    def train_on_batch(self, *args, **kwargs):
+        """Refused unless :meth:`allow_unaccounted_steps` was called: a fixed batch is no Poisson sample."""
+        if self.accountable:
+            raise NotPrivateError(
+                "train_on_batch takes a step on a batch the accountant never sampled (no amplification applies); "
+                "train with fit(sampler), or call model.allow_unaccounted_steps() for benchmarks and tests, "
+                "which makes the model unaccountable for good")
+        return super().train_on_batch(*args, **kwargs)
 
     def _set_privacy(self, privacy):
         self.privacy = None if privacy is None else PrivacyPolicy(**privacy)
@@ -231,10 +266,12 @@ class DPModelMixin:
         callbacks = list(callbacks or [])
         if not any(isinstance(c, PrivacyLedger) for c in callbacks):
             callbacks.insert(0, PrivacyLedger())
+        self._sampler_gate.assign(True)
         try:
             return super().fit(x.dataset(), epochs=epochs, steps_per_epoch=x.steps_per_epoch,
                                callbacks=callbacks, **kwargs)
         finally:
+            self._sampler_gate.assign(not self.accountable)
             self.reset_metrics()  # training metrics are private: keep them out of a saved model
 
     def steps_left(self):
@@ -283,20 +320,25 @@ class DPModelMixin:
     def train_step(self, data):
         """One private step on ``data``, counted in ``privacy_steps``.
 
-        The accountant assumes ``data`` was drawn by the policy's sampler:
-        ``fit`` guarantees it; ``train_on_batch`` or a custom loop (tests,
-        benchmarks) must ensure it themselves.
+        The accountant assumes ``data`` was drawn by the policy's sampler, so
+        the step runs only inside ``fit(sampler)``: called any other way (a
+        custom loop, the compiled train function) it fails before touching
+        the weights, unless :meth:`allow_unaccounted_steps` was called.
         """
         if self.privacy is None:
             raise NotPrivateError("call model.make_private(sampler, ...) before fit")
         x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
         if sample_weight is not None:
             raise ValueError("sample weights are not supported in DP training")
-        y_pred, per_sample_loss, gradient_sums, bounds = self.private_gradient_sums(x, y)
-        noisy = self.noisy_gradients(gradient_sums, bounds)
-        self.optimizer.apply_gradients(zip(noisy, self.trainable_variables))
-        self.privacy_steps.assign_add(1)
-        return self._update_metrics(y, y_pred, per_sample_loss)
+        gate = tf.debugging.Assert(self._sampler_gate, [
+            "lipdp: a private step outside fit(sampler) is not accounted; use fit(sampler) or "
+            "model.allow_unaccounted_steps()"])
+        with tf.control_dependencies([gate]):  # nothing of the step runs before the check passed
+            y_pred, per_sample_loss, gradient_sums, bounds = self.private_gradient_sums(x, y)
+            noisy = self.noisy_gradients(gradient_sums, bounds)
+            self.optimizer.apply_gradients(zip(noisy, self.trainable_variables))
+            self.privacy_steps.assign_add(1)
+            return self._update_metrics(y, y_pred, per_sample_loss)
 
     def private_gradient_sums(self, x, y):
         """The batch's gradient sum and the per-sample bound of each variable's share of it.
@@ -329,10 +371,12 @@ class DPModelMixin:
     # -- reporting -----------------------------------------------------------
     def epsilon(self):
         """Epsilon spent so far (at the policy's delta)."""
+        self._check_accountable()
         return self.privacy.epsilon(int(self.privacy_steps))
 
     def privacy_state(self):
         """What ``privacy.json`` records."""
+        self._check_accountable()
         steps = int(self.privacy_steps)
         return {"epsilon": self.privacy.epsilon(steps), "steps": steps, **self.privacy.to_dict(),
                 "clipping": self.clipping, "ledger": accounting.ledger_to_json(self.privacy.ledger(steps))}
@@ -355,17 +399,20 @@ class DPModelMixin:
 
     def get_config(self):
         privacy = None if self.privacy is None else self.privacy.to_dict()
-        return {**super().get_config(), "privacy": privacy,
+        return {**super().get_config(), "privacy": privacy, "accountable": self.accountable,
                 "clipping": self.clipping, "clip_norm": self.clip_norm, "gamma": self.gamma}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         privacy = config.pop("privacy", None)
+        accountable = config.pop("accountable", True)
         clipping = {key: config.pop(key) for key in ("clipping", "clip_norm", "gamma") if key in config}
         model = super().from_config(config, custom_objects)
         model._set_privacy(privacy)
         model._set_clipping(**clipping)
+        if not accountable:
+            model.allow_unaccounted_steps()
         return model
 
 

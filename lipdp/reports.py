@@ -21,7 +21,13 @@ files beside it). Sections:
   ``audit.json`` or computed.
 
 Everything computed here from data uses the test split (held out, not
-private), except the audit, which needs the training set and says so.
+private), except two sections that are **not covered by the guarantee** and
+say so in a warning at their top: the train curves (losses and accuracy on
+private batches) and the membership-inference audit (it reads the training
+records). ``make_report(..., public=True)`` (``lipdp report --public``)
+leaves both out and writes ``public-report.html`` / ``public-report.md``
+(figures prefixed ``public-``), which hold only what the weights' guarantee
+and held-out data cover.
 Figures use matplotlib's Agg canvas directly (no pyplot, no global backend).
 """
 
@@ -231,13 +237,13 @@ def plot_series(history, series, ylabel, title):
     return figure
 
 
-def plot_training_curves(history):
-    """Loss and accuracy, train (private) and test (held out), side by side."""
+def plot_training_curves(history, public=False):
+    """Loss and accuracy, train (private; left out when ``public``) and test (held out), side by side."""
     figure = _figure(9.0, 3.4)
     for position, metric in enumerate(("loss", "accuracy")):
         axes = figure.add_subplot(1, 2, position + 1)
-        for column, label, style in ((metric, "train (private batches, not covered)", "--"),
-                                     (f"val_{metric}", "test (held out)", "-")):
+        series = [(metric, "train (private batches, not covered)", "--")] if not public else []
+        for column, label, style in series + [(f"val_{metric}", "test (held out)", "-")]:
             if column in history:
                 axes.plot(_epochs(history), history[column], style, label=label)
         _epoch_axis(axes)
@@ -269,7 +275,7 @@ def plot_reliability(probs, labels, bins=15):
 # -- report blocks and their two renderings -------------------------------------------
 @dataclasses.dataclass
 class Block:
-    """One element of a report: ``kind`` in heading, text, warning, table, figure."""
+    """One element of a report: ``kind`` in heading, text, warning, not_covered, table, figure."""
 
     kind: str
     text: str = ""
@@ -291,6 +297,11 @@ def warning(text):
     return Block("warning", text)
 
 
+def not_covered():
+    """The banner at the top of a section computed from private training records."""
+    return Block("not_covered", NOT_COVERED)
+
+
 def table(header, rows):
     return Block("table", header=[str(h) for h in header], rows=[[str(c) for c in row] for row in rows])
 
@@ -308,6 +319,8 @@ def render_markdown(blocks, title):
             lines += [block.text, ""]
         elif block.kind == "warning":
             lines += [f"> **WARNING: {block.text}**", ""]
+        elif block.kind == "not_covered":
+            lines += [f"> **{block.text}**", ""]
         elif block.kind == "table":
             lines.append("| " + " | ".join(block.header) + " |")
             lines.append("|" + "---|" * len(block.header))
@@ -321,6 +334,7 @@ def render_markdown(blocks, title):
 _CSS = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;line-height:1.4}"
         "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #bbb;padding:2px 6px}"
         ".warning{background:#fdd;border:2px solid #c00;padding:0.5em;font-weight:bold}"
+        ".not-covered{background:#ffe;border:2px solid #b80;padding:0.5em;font-weight:bold}"
         "figure{margin:1em 0}figcaption{font-style:italic;font-size:0.9em}")
 
 
@@ -335,6 +349,8 @@ def render_html(blocks, title):
             parts.append(f"<p>{escape(block.text)}</p>")
         elif block.kind == "warning":
             parts.append(f"<p class='warning'>WARNING: {escape(block.text)}</p>")
+        elif block.kind == "not_covered":
+            parts.append(f"<p class='not-covered'>{escape(block.text)}</p>")
         elif block.kind == "table":
             head = "".join(f"<th>{escape(h)}</th>" for h in block.header)
             body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in block.rows)
@@ -368,13 +384,21 @@ def privacy_section(run):
     return blocks
 
 
-def training_section(run):
+NOT_COVERED = ("Not covered by the privacy guarantee: this section is computed from private training records. "
+               "Do not publish it; `lipdp report --public` leaves it out.")
+
+
+def training_section(run, public=False):
     metrics = run.metrics
-    return [heading("Training curves"),
-            paragraph(f"Final test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4g} "
-                      f"on {metrics['test_size']} held-out examples ({metrics['data']}). Train curves are computed "
-                      "on private batches during training and are not covered by the privacy guarantee: "
-                      "do not publish them."),
+    summary = (f"Final test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4g} "
+               f"on {metrics['test_size']} held-out examples ({metrics['data']}).")
+    if public:
+        return [heading("Test curves"), paragraph(summary),
+                figure_block("report-training.png", plot_training_curves(run.history, public=True),
+                             "Loss and accuracy against epochs on the test set (held out).")]
+    return [heading("Training curves"), not_covered(),
+            paragraph(f"{summary} Train curves are computed on private batches during training and are not "
+                      "covered by the privacy guarantee: do not publish them."),
             figure_block("report-training.png", plot_training_curves(run.history),
                          "Loss and accuracy against epochs: train (private, dashed) and test (held out, solid).")]
 
@@ -449,7 +473,7 @@ def calibration_section(run, bins=15):
 
 
 def audit_section(result):
-    blocks = [heading("Empirical privacy audit (membership inference)"), paragraph(
+    blocks = [heading("Empirical privacy audit (membership inference)"), not_covered(), paragraph(
         f"Attacks of tensorflow_privacy's membership-inference tools ({result['backend']} backend) on "
         f"{result['members']} training examples (members) against {result['nonmembers']} test examples "
         f"(non-members). (epsilon, delta) = ({result['epsilon']:.4g}, {result['delta']:.3g}) bounds the attacker's "
@@ -465,7 +489,7 @@ def audit_section(result):
                 f"{result['advantage_bound']:.4f}", "YES" if a["exceeds_bound"] else "no")
                for name, a in result["attacks"].items()])]
     if result["exceeds_bound"]:
-        blocks.insert(1, warning("A membership-inference attack exceeds what (epsilon, delta)-DP allows beyond the "
+        blocks.insert(2, warning("A membership-inference attack exceeds what (epsilon, delta)-DP allows beyond the "
                                  "sampling margin: this indicates a bug in the privacy machinery."))
     return blocks
 
@@ -480,26 +504,33 @@ def _audit_result(run, audit):
     return audit_lib.audit_run(run) if audit else None
 
 
-def report_blocks(run, audit=True, tightness_samples=128):
-    """All sections of the report for a loaded :class:`Run`."""
-    blocks = privacy_section(run) + training_section(run) + sensitivity_section(run)
+def report_blocks(run, audit=True, tightness_samples=128, public=False):
+    """All sections of the report for a loaded :class:`Run` (``public``: only what the guarantee covers)."""
+    blocks = privacy_section(run) + training_section(run, public) + sensitivity_section(run)
     blocks += tightness_section(run, tightness_samples) + calibration_section(run)
-    result = _audit_result(run, audit)
+    result = None if public else _audit_result(run, audit)
     if result is not None:
         blocks += audit_section(result)
+    if public:
+        for block in blocks:
+            if block.kind == "figure":
+                block.name = f"public-{block.name}"
     return blocks
 
 
-def make_report(run_dir, audit=True, data_dir=None, tightness_samples=128):
+def make_report(run_dir, audit=True, data_dir=None, tightness_samples=128, public=False):
     """Writes ``report.html``, ``report.md`` and its PNG figures into ``run_dir``; returns their paths.
 
     ``audit``: run the membership-inference audit (and write ``audit.json``)
-    when the run has none yet.
+    when the run has none yet. ``public``: leave out the sections computed
+    from private training records (train curves, audit) and write
+    ``public-report.html`` / ``public-report.md`` instead.
     """
     run = load_run(run_dir, data_dir=data_dir)
-    blocks = report_blocks(run, audit=audit, tightness_samples=tightness_samples)
-    title = f"lipdp run report: {os.path.basename(os.path.abspath(run_dir))}"
-    paths = {"html": os.path.join(run_dir, "report.html"), "md": os.path.join(run_dir, "report.md")}
+    blocks = report_blocks(run, audit=audit, tightness_samples=tightness_samples, public=public)
+    title = f"lipdp {'public ' if public else ''}run report: {os.path.basename(os.path.abspath(run_dir))}"
+    prefix = "public-" if public else ""
+    paths = {"html": os.path.join(run_dir, f"{prefix}report.html"), "md": os.path.join(run_dir, f"{prefix}report.md")}
     with open(paths["html"], "w") as handle:
         handle.write(render_html(blocks, title))
     with open(paths["md"], "w") as handle:

@@ -15,10 +15,32 @@ seed (``seed=...``) must not be published, or the guarantee degrades to the
 one without amplification. The default ``seed=None`` draws OS entropy.
 """
 
+import math
+
 import numpy as np
 import tensorflow as tf
 
 from lipdp.accounting import SAMPLINGS
+
+
+def steps_per_epoch(kind, dataset_size, batch_size):
+    """The one rule for the length of an epoch, used by samplers, accounting and the CLI.
+
+    * ``"poisson"``: ``ceil(N / B)`` steps for an expected batch size ``B = q N``
+      (``ceil(1 / q)``), so that ``E`` epochs make at least ``E`` expected
+      passes over the data: ``N = 60,000, B = 256`` gives 235 steps per epoch
+      (``1 / q = 234.375``). ``1 / q`` is rounded to 9 decimals first, so an
+      exact ratio such as ``N / B = 10`` is not pushed to 11 by float rounding.
+    * ``"shuffle"``: ``N // B`` full batches (the remainder is dropped).
+
+    ``E`` epochs are ``E * steps_per_epoch`` steps; fractional epochs are not
+    a unit of training.
+    """
+    if kind == "poisson":
+        return max(1, math.ceil(round(dataset_size / batch_size, 9)))
+    if kind == "shuffle":
+        return dataset_size // batch_size
+    raise ValueError(f"unknown sampler kind {kind!r}; choose one of {', '.join(SAMPLINGS)}")
 
 
 def _check_arrays(x, y):
@@ -98,8 +120,8 @@ class PoissonSampler(_SeedStream):
 
     @property
     def steps_per_epoch(self):
-        """Steps making one expected pass over the data: ``max(1, round(1 / q))``."""
-        return max(1, round(1 / self.sampling_rate))
+        """``ceil(1 / q)``: at least one expected pass over the data (see :func:`steps_per_epoch`)."""
+        return steps_per_epoch(self.kind, self.dataset_size, self.expected_batch_size)
 
     def sample_indices(self, rng):
         """Draws one batch: sorted indices, each included with probability q.
@@ -160,8 +182,8 @@ class ShuffleSampler(_SeedStream):
 
     @property
     def steps_per_epoch(self):
-        """Full batches per epoch, ``N // batch_size``."""
-        return self.dataset_size // self.batch_size
+        """Full batches per epoch, ``N // batch_size`` (see :func:`steps_per_epoch`)."""
+        return steps_per_epoch(self.kind, self.dataset_size, self.batch_size)
 
     def epoch_indices(self, rng):
         """Draws one epoch: an int array of shape ``(steps_per_epoch, batch_size)`` of distinct indices.

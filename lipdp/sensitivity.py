@@ -24,13 +24,10 @@ from typing import List
 import numpy as np
 import tensorflow as tf
 
+from lipdp.errors import ModelNotSupportedError
 from lipdp.layers import DPLayer, InputNormClip
-from lipdp.layers.base import as_bound
+from lipdp.layers.base import HALF_PRECISION, ROUNDING_MARGIN, as_bound, refuse_half_precision
 from lipdp.losses import LipschitzLoss
-
-
-class ModelNotSupportedError(ValueError):
-    """The model cannot be given a certified per-sample gradient bound."""
 
 
 _REPLACEMENTS = {
@@ -88,9 +85,29 @@ def model_loss(model):
         f"lipdp.losses (TauCategoricalCrossentropy, MulticlassHinge, HingeKR, KCosineSimilarity).{hint}")
 
 
+def check_precision(model):
+    """Refuses float16 / bfloat16 anywhere: the global policy, a layer's policy, a variable.
+
+    Bounds and clipping thresholds hold up to float32 rounding; in half
+    precision the noise itself would also be drawn in half precision.
+    """
+    global_policy = tf.keras.mixed_precision.global_policy()
+    if {global_policy.compute_dtype, global_policy.variable_dtype} & set(HALF_PRECISION):
+        raise ModelNotSupportedError(
+            f"the global Keras dtype policy is {global_policy.name!r}; DP bounds need float32 or float64: "
+            "call tf.keras.mixed_precision.set_global_policy('float32') before building the model")
+    for layer in model._flatten_layers(include_self=True):
+        refuse_half_precision(layer)
+    for variable in model.variables:
+        if variable.dtype.base_dtype.name in HALF_PRECISION:
+            raise ModelNotSupportedError(
+                f"variable {variable.name} is {variable.dtype.name}; DP bounds need float32 or float64")
+
+
 def validate(model):
     """Raises :class:`ModelNotSupportedError` naming the first problem found."""
     nodes = _graph_nodes(model)
+    check_precision(model)
     if len(model.outputs) != 1:
         raise ModelNotSupportedError(f"the model has {len(model.outputs)} outputs; exactly one is supported")
     model_loss(model)
@@ -127,8 +144,17 @@ class LayerBounds:
     gradient_bounds: list
 
 
+def _with_margin(bound):
+    """``bound * (1 + ROUNDING_MARGIN)``: every stated bound covers float32 rounding."""
+    return bound * (1.0 + ROUNDING_MARGIN)
+
+
 def propagate(model) -> List[LayerBounds]:
-    """Runs both passes and returns the bounds of every layer call, inputs first."""
+    """Runs both passes and returns the bounds of every layer call, inputs first.
+
+    Every bound a layer or the loss states is inflated by
+    :data:`lipdp.layers.base.ROUNDING_MARGIN` as it is used.
+    """
     validate(model)
     nodes = [node for node in _graph_nodes(model) if not node.is_input]
     loss = model_loss(model)
@@ -136,10 +162,10 @@ def propagate(model) -> List[LayerBounds]:
     for node in nodes:
         inputs = [norms.get(i) for i in node.flat_input_ids]
         node_input = inputs if node.layer.multi_input else inputs[0]
-        out = node.layer.output_bound(node_input)
+        out = _with_margin(node.layer.output_bound(node_input))
         norms.update({i: out for i in node.flat_output_ids})
     output = model.outputs[0]
-    cotangents = {str(id(output)): as_bound(loss.logit_lipschitz(int(output.shape[-1])))}
+    cotangents = {str(id(output)): _with_margin(as_bound(loss.logit_lipschitz(int(output.shape[-1]))))}
     records = []
     for node in reversed(nodes):
         layer = node.layer
@@ -149,8 +175,9 @@ def propagate(model) -> List[LayerBounds]:
         upstream = layer.input_cotangent_bound(cotangent)
         upstream = upstream if layer.multi_input else [upstream]
         for input_id, bound in zip(node.flat_input_ids, upstream):
-            cotangents[input_id] = cotangents.get(input_id, as_bound(0.0)) + bound
+            cotangents[input_id] = cotangents.get(input_id, as_bound(0.0)) + _with_margin(bound)
         grads = layer.gradient_bounds(node_input, cotangent) if layer.trainable else []
+        grads = [(variable, _with_margin(bound)) for variable, bound in grads]
         records.append(LayerBounds(layer, node_input, cotangent, layer.lipschitz_constant(), grads))
     return records[::-1]
 

@@ -25,7 +25,7 @@ def test_train_writes_every_artefact_and_refuses_to_overwrite(tmp_path, capsys):
     for key in ("epsilon", "delta", "noise_multiplier", "sampling_rate", "steps", "sampling", "accountant"):
         assert key in privacy
     assert privacy["epsilon"] <= 4.0 and privacy["sampling"] == "poisson"
-    assert privacy["steps"] == 2 * round(1437 / 256)
+    assert privacy["steps"] == 2 * 6  # ceil(1437 / 256) = 6 steps per epoch
     model = tf.keras.models.load_model(os.path.join(out, "model.keras"))
     assert int(model.privacy_steps) == privacy["steps"]
     printed = capsys.readouterr().out
@@ -44,8 +44,8 @@ def test_privacy_prints_epsilon_matching_the_accountant(capsys):
     cli.main(["privacy", "--dataset-size", "60000", "--batch-size", "256", "--epochs", "10",
               "--noise-multiplier", "1.1", "--delta", "1e-5"])
     out = capsys.readouterr().out
-    expected = accounting.compute_epsilon(sampling_rate=256 / 60000, noise_multiplier=1.1,
-                                          steps=10 * round(60000 / 256), delta=1e-5)
+    assert "2350 steps (235 per epoch)" in out  # ceil(60000 / 256) = 235, not round(234.375) = 234
+    expected = accounting.compute_epsilon(sampling_rate=256 / 60000, noise_multiplier=1.1, steps=2350, delta=1e-5)
     assert f"epsilon = {expected:.6g}" in out
 
 
@@ -53,7 +53,7 @@ def test_privacy_calibrates_noise_for_a_target(capsys):
     cli.main(["privacy", "--dataset-size", "60000", "--batch-size", "256", "--epochs", "10",
               "--target-epsilon", "2", "--delta", "1e-5"])
     sigma = float(re.search(r"noise multiplier = ([0-9.e+-]+)", capsys.readouterr().out).group(1))
-    args = dict(sampling_rate=256 / 60000, steps=10 * round(60000 / 256), delta=1e-5)
+    args = dict(sampling_rate=256 / 60000, steps=2350, delta=1e-5)
     assert accounting.compute_epsilon(noise_multiplier=sigma, **args) <= 2.0
     assert accounting.compute_epsilon(noise_multiplier=sigma * 0.98, **args) > 2.0  # close to the smallest
 

@@ -559,7 +559,7 @@ def test_groupsort_tie_does_not_break_the_kernel_bound():
     x = np.array([[0.70710677, 0.70710677]], "float32")
     result = sensitivity.verify_bounds(model, x, np.array([[0.0, 1.0]], "float32"), rtol=0)
     assert not result.violations
-    assert result.max_ratio == pytest.approx(1.0, abs=1e-5)  # attained: the check is not vacuous
+    assert result.max_ratio > 0.999  # attained up to the rounding margins: the check is not vacuous
 
 
 def test_groupsort_refuses_bad_groups():

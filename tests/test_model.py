@@ -46,6 +46,7 @@ def test_update_noise_has_the_calibrated_std(allocation):
     x, y = make_data()
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH, seed=0)
     model.make_private(sampler, noise_multiplier=SIGMA, noise_allocation=allocation)
+    model.allow_unaccounted_steps()  # the same fixed batch 40 times: a measurement, not a private run
     batch_x, batch_y = x[:50], y[:50]
     start = [v.numpy().copy() for v in model.trainable_variables]
     grads = true_gradient_sums(model, batch_x, batch_y)
@@ -75,6 +76,7 @@ def test_loss_is_normalised_by_the_expected_batch_size():
     model = make_model(big_constraints=True)
     x, y = make_data()
     model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=SIGMA)
+    model.allow_unaccounted_steps()
     batch_x, batch_y = x[:10], y[:10]  # realised batch much smaller than qN = 40
     start = [v.numpy().copy() for v in model.trainable_variables]
     grads = true_gradient_sums(model, batch_x, batch_y)
@@ -94,6 +96,7 @@ def test_empty_batch_is_a_noise_only_step():
     model = make_model()
     x, y = make_data()
     model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=SIGMA)
+    model.allow_unaccounted_steps()
     before = [v.numpy().copy() for v in model.trainable_variables]
     model.train_on_batch(x[:0], y[:0])
     assert int(model.privacy_steps) == 1
@@ -106,7 +109,7 @@ def test_same_seed_gives_same_noise():
     for _ in range(2):
         model = make_model(noise_seed=7)
         model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=SIGMA)
-        model.train_on_batch(x[:20], y[:20])
+        model.allow_unaccounted_steps().train_on_batch(x[:20], y[:20])
         results.append(model.trainable_variables[0].numpy())
     np.testing.assert_array_equal(results[0], results[1])
 
@@ -148,6 +151,63 @@ def test_make_private_validates_the_model_up_front():
         model.make_private(sampler, noise_multiplier=1.0)
 
 
+HALF_PRECISION_CASES = [("global policy", p) for p in ("float16", "bfloat16", "mixed_float16", "mixed_bfloat16")] + [
+    (where, dtype) for where in ("input clip", "dense") for dtype in ("float16", "bfloat16")]
+
+
+@pytest.mark.parametrize("where, half", HALF_PRECISION_CASES)
+@pytest.mark.parametrize("clipping", [None, "flat"])
+def test_half_precision_is_refused(where, half, clipping):
+    """A float16 InputNormClip let clipped norms reach 1.0006 of the bound, and noise was drawn in float16."""
+    x, y = make_data()
+    previous = tf.keras.mixed_precision.global_policy()
+    try:
+        with pytest.raises(sensitivity.ModelNotSupportedError, match="float32"):
+            if where == "global policy":
+                tf.keras.mixed_precision.set_global_policy(half)
+            layer_dtype = {"dtype": half} if where != "global policy" else {}
+            model = lipdp.DPSequential([
+                tf.keras.Input((6,)), L.InputNormClip(2.0, **(layer_dtype if where == "input clip" else {})),
+                L.LipschitzDense(3, **(layer_dtype if where == "dense" else {}))], clipping=clipping)
+            model.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy())
+            model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=1.0)
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
+
+
+def test_steps_outside_a_sampler_fit_are_refused(tmp_path):
+    """After a plan was used up, train_on_batch used to run and be counted as Poisson steps."""
+    x, y = make_data()
+    model = make_model()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
+    model.make_private(sampler, target_epsilon=2.0, epochs=1)
+    model.fit(sampler, epochs=1, verbose=0)
+    start = [v.numpy().copy() for v in model.trainable_variables]
+    with pytest.raises(lipdp.model.NotPrivateError, match="allow_unaccounted_steps"):
+        model.train_on_batch(x[:20], y[:20])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside fit"):  # the compiled step, in a custom loop
+        model.make_train_function()(iter([(tf.constant(x[:20]), tf.constant(y[:20]))]))
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(start, model.trainable_variables))
+    assert int(model.privacy_steps) == sampler.steps_per_epoch
+    assert model.epsilon() <= 2.0
+
+
+def test_unaccounted_steps_make_the_model_unaccountable_for_good(tmp_path):
+    x, y = make_data()
+    model = make_model()
+    model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=1.0)
+    model.allow_unaccounted_steps().train_on_batch(x[:20], y[:20])
+    for report in (model.epsilon, model.privacy_state, model.privacy_statement):
+        with pytest.raises(lipdp.model.NotPrivateError, match="unaccountable"):
+            report()
+    model.save(tmp_path / "m.keras")
+    loaded = tf.keras.models.load_model(tmp_path / "m.keras")
+    assert not loaded.accountable
+    with pytest.raises(lipdp.model.NotPrivateError, match="unaccountable"):
+        loaded.epsilon()
+    assert make_model().accountable
+
+
 def test_impossible_privacy_requests_raise():
     x, y = make_data()
     model = make_model()
@@ -164,6 +224,7 @@ def test_nan_inputs_raise():
     x, y = make_data()
     model = make_model()
     model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=1.0)
+    model.allow_unaccounted_steps()
     bad = x[:5].copy()
     bad[2, 1] = np.nan
     with pytest.raises(tf.errors.InvalidArgumentError, match="NaN"):
@@ -211,10 +272,24 @@ def test_noise_generator_is_neither_saved_nor_reproducible_from_the_saved_model(
     model.save(path)
     updates = []
     for _ in range(2):
-        loaded = tf.keras.models.load_model(path)
+        loaded = tf.keras.models.load_model(path).allow_unaccounted_steps()
         loaded.train_on_batch(x[:0], y[:0])  # an empty batch: the update is the noise alone
         updates.append(loaded.trainable_variables[0].numpy())
     assert not np.allclose(updates[0], updates[1])
+
+
+def test_checkpoints_written_during_fit_hold_no_metric_state(tmp_path):
+    """The loss tracker's count is the true number of Poisson-sampled records: not for a backup folder."""
+    x, y = make_data()
+    model = make_model()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
+    model.make_private(sampler, noise_multiplier=1.0)
+    backup = str(tmp_path / "backup")
+    model.fit(sampler, epochs=1, verbose=0, callbacks=[tf.keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: tf.train.Checkpoint(model=model).save(backup))])
+    names = [name for name, _ in tf.train.list_variables(tf.train.latest_checkpoint(str(tmp_path)))]
+    assert any("privacy_steps" in name for name in names)
+    assert not [name for name in names if "total" in name or "/count" in name or "tracker" in name], names
 
 
 def test_weights_with_spent_steps_need_their_policy(tmp_path):

@@ -192,3 +192,21 @@ def test_gradient_noise_monitor_is_inversely_proportional_to_the_noise():
     logs = {}
     monitor.on_epoch_end(0, logs)
     assert logs["heldout_grad_to_noise"] == pytest.approx(ratios[1])
+
+
+def test_non_private_sections_are_marked_and_left_out_of_the_public_report(run_dir):
+    """Train curves and the audit read private records: flagged in report.*, absent from public-report.*."""
+    markdown = read(os.path.join(run_dir, "report.md"))
+    assert markdown.count("Not covered by the privacy guarantee: this section") == 2  # train curves and audit
+    assert "train (private" in read(os.path.join(run_dir, "report.html"))
+    assert cli.main(["report", run_dir, "--public"]) == 0
+    public_md = read(os.path.join(run_dir, "public-report.md"))
+    public_html = read(os.path.join(run_dir, "public-report.html"))
+    for page in (public_md, public_html):
+        assert "not covered by the privacy guarantee" not in page.lower() and "membership" not in page.lower()
+        assert "differentially private" in page  # the privacy statement is kept
+    assert "public-report-training.png" in public_md
+    assert os.path.exists(os.path.join(run_dir, "public-report-training.png"))
+    run = reports.load_run(run_dir)
+    public_blocks = reports.report_blocks(run, public=True, tightness_samples=4)
+    assert not any(b.kind == "not_covered" for b in public_blocks)

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from lipdp.accounting import SAMPLINGS
+from lipdp import sampling
 from lipdp.sampling import PoissonSampler, ShuffleSampler, make_sampler
 
 # Bounds below are 5 standard errors of the sampling distribution: with the
@@ -80,9 +81,12 @@ def test_poisson_dataset_elements():
     assert not all(np.array_equal(a, b) for (_, a), b in zip(batches, other))
 
 
-@pytest.mark.parametrize("q,steps", [(0.01, 100), (0.3, 3), (0.7, 1), (1.0, 1), (0.004, 250)])
-def test_poisson_steps_per_epoch(q, steps):
+@pytest.mark.parametrize("q,steps", [(0.01, 100), (0.3, 4), (0.7, 2), (1.0, 1), (0.004, 250), (0.1, 10),
+                                     (256 / 60000, 235), (0.07, 15)])
+def test_poisson_steps_per_epoch_is_ceil_of_one_over_q(q, steps):
+    """One rule everywhere: E epochs make at least E expected passes (235, not round(234.375) = 234)."""
     assert PoissonSampler(*_data(10), sampling_rate=q).steps_per_epoch == steps
+    assert sampling.steps_per_epoch("poisson", 10, 10 * q) == steps
 
 
 def test_poisson_attributes_and_errors():

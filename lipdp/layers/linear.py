@@ -12,7 +12,14 @@ import math
 import tensorflow as tf
 from deel.lip.constraints import SpectralConstraint
 
-from lipdp.layers.base import DPLayer, as_bound, certified_spectral_norm, l2_norm, window_overlap
+from lipdp.layers.base import (
+    DPLayer,
+    as_bound,
+    certified_spectral_norm,
+    l2_norm,
+    refuse_half_precision,
+    window_overlap,
+)
 
 WEIGHT_CONSTRAINTS = ("orthogonal", "spectral", "frobenius")
 
@@ -183,6 +190,7 @@ class LipschitzDense(_LipschitzLinear, tf.keras.layers.Dense):
         )
 
     def build(self, input_shape):
+        refuse_half_precision(self)
         super().build(input_shape)
         self._pin_input_shape(input_shape)
         self.positions = math.prod(int(d) for d in input_shape[1:-1])
@@ -231,6 +239,7 @@ class LipschitzConv2D(_LipschitzLinear, tf.keras.layers.Conv2D):
         )
 
     def build(self, input_shape):
+        refuse_half_precision(self)
         super().build(input_shape)
         self._pin_input_shape(input_shape)
         out_shape = self.compute_output_shape(input_shape)
