@@ -8,7 +8,7 @@ Methods, all through ``model.train_on_batch`` on the same batch (SGD, 28x28x1 in
 * ``clipless``: lipdp's Lipschitz version of the same CNN (LipschitzConv2D, GroupSort,
   LipschitzDense), noise on certified bounds, no per-example work;
 * ``fast_clipping``: ``lipdp.DPSequential(clipping="flat")`` on the plain CNN (fast per-example
-  norms + weighted second backward pass, :mod:`lipdp.baselines`);
+  norms + weighted second backward pass, :mod:`lipdp.clipping`);
 * ``tfp_dpsgd``: tensorflow_privacy's ``DPKerasSGDOptimizer`` with
   ``num_microbatches = batch size`` (vectorised per-example Jacobians).
 

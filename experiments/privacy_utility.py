@@ -5,7 +5,7 @@ Every private run is a ``lipdp.training.run`` of one config (default
 kept under ``--out/runs/``. The noise multiplier for each target epsilon is
 calibrated once and shared by all methods (same sampler, same steps, so the
 same guarantee). Clipping baselines (``model.clipping = flat | automatic |
-global`` of :mod:`lipdp.baselines`) train the *same* layers with per-example
+global`` of :mod:`lipdp.clipping`) train the *same* layers with per-example
 clipping to ``--clip-norm`` instead of certified bounds: only the gradient
 mechanism differs. The non-private reference trains the same layers with
 plain Keras on the same batch size and epochs.
@@ -26,7 +26,7 @@ import os
 import platform
 import sys
 
-from lipdp.baselines import CLIPPING_RULES
+from lipdp.clipping import RULES as CLIPPING_RULES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,18 +3,22 @@
 Entry points: :class:`DPSequential` / :class:`DPModel` (``make_private`` then
 ``fit``), :mod:`lipdp.layers`, :mod:`lipdp.losses`, :mod:`lipdp.sensitivity`,
 :mod:`lipdp.accounting`, samplers in :mod:`lipdp.sampling`, callbacks in
-:mod:`lipdp.callbacks`, data loaders in :mod:`lipdp.data`, clipping baselines
-in :mod:`lipdp.baselines`; reports and audits in :mod:`lipdp.reports` and
+:mod:`lipdp.callbacks`, data loaders in :mod:`lipdp.data`, gradient mechanisms
+in :mod:`lipdp.mechanisms` (certified bounds, or the clipping rules of
+:mod:`lipdp.clipping`), errors under :class:`lipdp.errors.LipdpError`;
+reports and audits in :mod:`lipdp.reports` and
 :mod:`lipdp.audit` (imported on demand: they need matplotlib/scikit-learn).
 """
 
-from lipdp import accounting, baselines, callbacks, data, layers, losses, sensitivity
-from lipdp.model import DPModel, DPSequential, PrivacyPolicy
+from lipdp import accounting, callbacks, clipping, data, errors, layers, losses, mechanisms, sensitivity
+from lipdp.accounting import PrivacyPolicy
+from lipdp.errors import LipdpError
+from lipdp.model import DPModel, DPSequential
 from lipdp.sampling import PoissonSampler, ShuffleSampler
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DPModel", "DPSequential", "PoissonSampler", "PrivacyPolicy", "ShuffleSampler",
-    "accounting", "baselines", "callbacks", "data", "layers", "losses", "sensitivity",
+    "DPModel", "DPSequential", "LipdpError", "PoissonSampler", "PrivacyPolicy", "ShuffleSampler",
+    "accounting", "callbacks", "clipping", "data", "errors", "layers", "losses", "mechanisms", "sensitivity",
 ]

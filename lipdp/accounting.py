@@ -34,16 +34,16 @@ All public functions take keyword-only arguments and raise
 """
 
 import collections
+import dataclasses
 import functools
 import math
 import numbers
+from typing import Optional
 
 import dp_accounting
 from dp_accounting import dp_event
+from lipdp.errors import PrivacyParameterError
 
-
-class PrivacyParameterError(ValueError):
-    """A privacy parameter is invalid, or the requested guarantee is impossible."""
 
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -357,3 +357,93 @@ def ledger_from_json(data):
         PrivacyParameterError: ``data`` names something else than an event.
     """
     return dp_event.DpEvent.from_named_tuple(_json_to_named_tuple(data))
+
+
+#: How the noise of per-variable sensitivities is spread (see :meth:`lipdp.mechanisms.Sensitivity.noise_stddevs`).
+NOISE_ALLOCATIONS = ("global", "per-layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPolicy:
+    """Everything the accountant needs to know about a training run.
+
+    With a ``target_epsilon``, ``planned_steps`` is the number of steps the
+    noise was calibrated for: training stops there (see
+    :class:`lipdp.callbacks.PrivacyLedger`), so the target is never exceeded.
+    """
+
+    noise_multiplier: float
+    delta: float
+    dataset_size: int
+    sampling: str
+    sampling_rate: float
+    expected_batch_size: float
+    steps_per_epoch: int
+    accountant: str = "rdp"
+    noise_allocation: str = "global"
+    target_epsilon: Optional[float] = None
+    planned_steps: Optional[int] = None
+
+    def __post_init__(self):
+        validate_delta(self.delta, self.dataset_size)
+        if self.noise_allocation not in NOISE_ALLOCATIONS:
+            raise ValueError(f"noise_allocation={self.noise_allocation!r} is not one of {NOISE_ALLOCATIONS}")
+        compute_epsilon(**self._accounting_args(steps=1))  # validates the rest
+
+    def _accounting_args(self, steps):
+        return dict(sampling_rate=self.sampling_rate, noise_multiplier=self.noise_multiplier, steps=steps,
+                    delta=self.delta, accountant=self.accountant, sampling=self.sampling,
+                    steps_per_epoch=self.steps_per_epoch)
+
+    def epsilon(self, steps):
+        """Epsilon spent after ``steps`` noisy steps."""
+        return compute_epsilon(**self._accounting_args(int(steps)))
+
+    def ledger(self, steps):
+        """The dp-accounting event of ``steps`` noisy steps (what happened, for any accountant)."""
+        args = self._accounting_args(int(steps))
+        for key in ("delta", "accountant"):
+            args.pop(key)
+        return training_event(**args)
+
+    def max_steps(self, epsilon_budget):
+        """The largest number of steps whose epsilon stays within the budget."""
+        args = self._accounting_args(steps=0)
+        args.pop("steps")
+        return max_steps(epsilon_budget=epsilon_budget, **args)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_sampler(cls, sampler, *, noise_multiplier=None, target_epsilon=None, epochs=None, delta=None,
+                     accountant="rdp", noise_allocation="global"):
+        """Policy for ``sampler``; the noise is given or calibrated to a target epsilon.
+
+        ``delta`` defaults to ``1 / (10 N)``. With ``target_epsilon``, ``epochs``
+        is required and the noise multiplier is the smallest whose epsilon after
+        ``epochs * steps_per_epoch`` steps does not exceed the target.
+        """
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        delta = 0.1 / sampler.dataset_size if delta is None else delta
+        validate_delta(delta, sampler.dataset_size)
+        planned_steps = None
+        if target_epsilon is not None:
+            if not epochs:
+                raise ValueError("target_epsilon needs the number of epochs to calibrate the noise")
+            planned_steps = int(epochs) * sampler.steps_per_epoch
+            noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=target_epsilon, delta=delta, sampling_rate=sampler.sampling_rate,
+                steps=planned_steps, accountant=accountant, sampling=sampler.kind,
+                steps_per_epoch=sampler.steps_per_epoch)
+        elif epochs is not None:
+            raise ValueError("epochs is only used to calibrate a target_epsilon; the noise multiplier is given")
+        return cls(noise_multiplier=float(noise_multiplier), delta=float(delta),
+                   dataset_size=int(sampler.dataset_size), sampling=sampler.kind,
+                   sampling_rate=float(sampler.sampling_rate),
+                   expected_batch_size=float(sampler.expected_batch_size),
+                   steps_per_epoch=int(sampler.steps_per_epoch), accountant=accountant,
+                   noise_allocation=noise_allocation,
+                   target_epsilon=None if target_epsilon is None else float(target_epsilon),
+                   planned_steps=planned_steps)

@@ -19,11 +19,8 @@ are discarded together with the weights they produced.
 import numpy as np
 import tensorflow as tf
 
-from lipdp.errors import LipdpError
+from lipdp.errors import PrivacyBudgetExhausted
 
-
-class PrivacyBudgetExhausted(LipdpError, RuntimeError):
-    """No noisy step fits in what is left of the budget."""
 
 
 class PrivacyLedger(tf.keras.callbacks.Callback):

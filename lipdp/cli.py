@@ -131,12 +131,12 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    from lipdp.data import DataUnavailableError
+    from lipdp.errors import LipdpError
 
     try:
         args.func(args)
-    except (ValueError, FileExistsError, DataUnavailableError) as error:  # config, privacy, model, data errors
-        print(f"lipdp: error: {error}", file=sys.stderr)
+    except (LipdpError, ValueError) as error:  # lipdp's refusals (config, privacy, model, data, budget) and
+        print(f"lipdp: error: {error}", file=sys.stderr)  # the ValueErrors of layer arguments in a config
         return 2
     return 0
 

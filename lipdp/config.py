@@ -14,10 +14,8 @@ import typing
 from typing import Any, Dict, List, Optional
 
 import yaml
+from lipdp.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A config key is unknown, missing or of the wrong type."""
 
 
 @dataclasses.dataclass
@@ -147,12 +145,12 @@ def _check_positive(path, value):
 
 def validate_values(config):
     """Checks choices, ranges and the either/or rules before any data is loaded."""
-    from lipdp import accounting, baselines, losses, model
+    from lipdp import accounting, clipping, losses
 
-    _check_choice("model.clipping", config.model.clipping, (None,) + tuple(baselines.CLIPPING_RULES))
+    _check_choice("model.clipping", config.model.clipping, (None,) + tuple(clipping.RULES))
     _check_choice("sampling.kind", config.sampling.kind, accounting.SAMPLINGS)
     _check_choice("privacy.accountant", config.privacy.accountant, accounting.ACCOUNTANTS)
-    _check_choice("privacy.noise_allocation", config.privacy.noise_allocation, model.NOISE_ALLOCATIONS)
+    _check_choice("privacy.noise_allocation", config.privacy.noise_allocation, accounting.NOISE_ALLOCATIONS)
     for path, value in (("model.input_norm", config.model.input_norm), ("model.clip_norm", config.model.clip_norm),
                         ("model.gamma", config.model.gamma), ("sampling.batch_size", config.sampling.batch_size),
                         ("training.epochs", config.training.epochs),

@@ -41,6 +41,7 @@ import zlib
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from lipdp.errors import DataFormatError, DataUnavailableError
 
 __all__ = [
     "Dataset",
@@ -69,12 +70,6 @@ Split = Optional[Union[int, float]]
 T10K_TRAIN_FRACTION = 0.8
 
 
-class DataUnavailableError(RuntimeError):
-    """The data could not be obtained: the download failed or local files are missing."""
-
-
-class DataFormatError(ValueError):
-    """A local data file exists but is corrupt or not in the expected format."""
 
 
 @dataclasses.dataclass(repr=False)

@@ -8,22 +8,15 @@ One obvious entry point::
     model.make_private(sampler, target_epsilon=3.0, epochs=20, delta=1e-5)
     model.fit(sampler, epochs=20)       # epsilon appears in the progress bar
 
-The train step never computes a per-sample gradient. It differentiates the
-*sum* of per-sample losses, asks :mod:`lipdp.sensitivity` for the per-sample
-gradient bound of each variable *for the weights in use at this step*, adds
-Gaussian noise once, and divides by the *expected* batch size ``q N`` (a
-constant: dividing by the realised Poisson batch size would leak it). An
-empty batch is a valid step (noise only).
-
-Noise allocation, with ``sigma`` the noise multiplier and ``C_i`` the bound
-of variable ``i`` among ``k``:
-
-* ``"global"``: one sensitivity ``C = ||(C_1..C_k)||_2``, std ``sigma C`` on
-  every coordinate.
-* ``"per-layer"``: variable ``i`` gets std ``sigma sqrt(k) C_i``. ``k``
-  Gaussian mechanisms with noise multipliers ``sigma_i = sigma sqrt(k)``
-  compose exactly into one with ``1/sigma^2 = sum_i 1/sigma_i^2``, so the
-  accountant sees the single multiplier ``sigma`` in both cases.
+The train step never computes a per-sample gradient itself: the model's
+:class:`lipdp.mechanisms.GradientMechanism` returns the batch's gradient
+*sum* and its sensitivity -- clipless, the ordinary gradient of the summed
+per-sample losses and the certified bounds of :mod:`lipdp.sensitivity` for
+the weights in use at this step; with ``clipping=``, a clipping rule of
+:mod:`lipdp.clipping`. The model adds Gaussian noise once (allocation:
+:meth:`lipdp.mechanisms.Sensitivity.noise_stddevs`) and divides by the
+*expected* batch size ``q N`` (a constant: dividing by the realised Poisson
+batch size would leak it). An empty batch is a valid step (noise only).
 
 What is and is not covered: the guarantee covers the weights (every step's
 noisy update). The training loss and metrics Keras shows during ``fit`` are
@@ -34,114 +27,17 @@ cryptographically secure sampler. Hyper-parameter searches over private data
 are not covered by the guarantee.
 """
 
-import dataclasses
-import math
-from typing import Optional
-
 import tensorflow as tf
 
-from lipdp import accounting, baselines, sensitivity
-from lipdp.errors import LipdpError
-
-NOISE_ALLOCATIONS = ("global", "per-layer")
-
-
-@dataclasses.dataclass(frozen=True)
-class PrivacyPolicy:
-    """Everything the accountant needs to know about a training run.
-
-    With a ``target_epsilon``, ``planned_steps`` is the number of steps the
-    noise was calibrated for: training stops there (see
-    :class:`lipdp.callbacks.PrivacyLedger`), so the target is never exceeded.
-    """
-
-    noise_multiplier: float
-    delta: float
-    dataset_size: int
-    sampling: str
-    sampling_rate: float
-    expected_batch_size: float
-    steps_per_epoch: int
-    accountant: str = "rdp"
-    noise_allocation: str = "global"
-    target_epsilon: Optional[float] = None
-    planned_steps: Optional[int] = None
-
-    def __post_init__(self):
-        accounting.validate_delta(self.delta, self.dataset_size)
-        if self.noise_allocation not in NOISE_ALLOCATIONS:
-            raise ValueError(f"noise_allocation={self.noise_allocation!r} is not one of {NOISE_ALLOCATIONS}")
-        accounting.compute_epsilon(**self._accounting_args(steps=1))  # validates the rest
-
-    def _accounting_args(self, steps):
-        return dict(sampling_rate=self.sampling_rate, noise_multiplier=self.noise_multiplier, steps=steps,
-                    delta=self.delta, accountant=self.accountant, sampling=self.sampling,
-                    steps_per_epoch=self.steps_per_epoch)
-
-    def epsilon(self, steps):
-        """Epsilon spent after ``steps`` noisy steps."""
-        return accounting.compute_epsilon(**self._accounting_args(int(steps)))
-
-    def ledger(self, steps):
-        """The dp-accounting event of ``steps`` noisy steps (what happened, for any accountant)."""
-        args = self._accounting_args(int(steps))
-        for key in ("delta", "accountant"):
-            args.pop(key)
-        return accounting.training_event(**args)
-
-    def max_steps(self, epsilon_budget):
-        """The largest number of steps whose epsilon stays within the budget."""
-        args = self._accounting_args(steps=0)
-        args.pop("steps")
-        return accounting.max_steps(epsilon_budget=epsilon_budget, **args)
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_sampler(cls, sampler, *, noise_multiplier=None, target_epsilon=None, epochs=None, delta=None,
-                     accountant="rdp", noise_allocation="global"):
-        """Policy for ``sampler``; the noise is given or calibrated to a target epsilon.
-
-        ``delta`` defaults to ``1 / (10 N)``. With ``target_epsilon``, ``epochs``
-        is required and the noise multiplier is the smallest whose epsilon after
-        ``epochs * steps_per_epoch`` steps does not exceed the target.
-        """
-        if (noise_multiplier is None) == (target_epsilon is None):
-            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
-        delta = 0.1 / sampler.dataset_size if delta is None else delta
-        accounting.validate_delta(delta, sampler.dataset_size)
-        planned_steps = None
-        if target_epsilon is not None:
-            if not epochs:
-                raise ValueError("target_epsilon needs the number of epochs to calibrate the noise")
-            planned_steps = int(epochs) * sampler.steps_per_epoch
-            noise_multiplier = accounting.calibrate_noise_multiplier(
-                target_epsilon=target_epsilon, delta=delta, sampling_rate=sampler.sampling_rate,
-                steps=planned_steps, accountant=accountant, sampling=sampler.kind,
-                steps_per_epoch=sampler.steps_per_epoch)
-        elif epochs is not None:
-            raise ValueError("epochs is only used to calibrate a target_epsilon; the noise multiplier is given")
-        return cls(noise_multiplier=float(noise_multiplier), delta=float(delta),
-                   dataset_size=int(sampler.dataset_size), sampling=sampler.kind,
-                   sampling_rate=float(sampler.sampling_rate),
-                   expected_batch_size=float(sampler.expected_batch_size),
-                   steps_per_epoch=int(sampler.steps_per_epoch), accountant=accountant,
-                   noise_allocation=noise_allocation,
-                   target_epsilon=None if target_epsilon is None else float(target_epsilon),
-                   planned_steps=planned_steps)
-
-
-class NotPrivateError(LipdpError, RuntimeError):
-    """A DP model was asked to train or account in a way its guarantee does not cover."""
-
+from lipdp import accounting, mechanisms
+from lipdp.accounting import NOISE_ALLOCATIONS, PrivacyPolicy  # noqa: F401  (their home before 0.2)
+from lipdp.errors import ModelNotSupportedError, NotPrivateError
 
 class DPModelMixin:
     """Clipless DP training for Keras models (see the module docstring)."""
 
-    def _init_privacy(self, privacy=None, noise_seed=None, clipping=None, clip_norm=1.0, gamma=0.01,
-                      accountable=True):
-        self._set_clipping(clipping, clip_norm, gamma)
+    def _init_privacy(self, privacy=None, noise_seed=None, mechanism=None, accountable=True, **clipping):
+        self.mechanism = _resolve_mechanism(mechanism, **clipping)
         self.privacy_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="privacy_steps")
         # The loss tracker sums losses over private Poisson batches (its count is the true number of sampled
         # records): kept out of tracking, so no checkpoint (BackupAndRestore) or saved model holds its state.
@@ -198,16 +94,29 @@ class DPModelMixin:
             generator = tf.random.Generator.from_seed(noise_seed)
         object.__setattr__(self, "_noise", generator)
 
-    def _set_clipping(self, clipping, clip_norm=1.0, gamma=0.01):
-        """``clipping=None``: clipless; else a rule of :mod:`lipdp.baselines` (flat, automatic, global)."""
-        self.clipping, self.clip_norm, self.gamma = baselines.check_clipping(clipping, clip_norm, gamma)
+    @property
+    def clipping(self):
+        """The clipping rule's name, ``None`` for clipless training (the ``clipping=`` argument)."""
+        return None if self.mechanism.certifies_layer_bounds else self.mechanism.name
+
+    @property
+    def clip_norm(self):
+        return getattr(self.mechanism, "clip_norm", None)
+
+    @clip_norm.setter
+    def clip_norm(self, value):
+        self.mechanism = mechanisms.from_config({**self.mechanism.get_config(), "clip_norm": value})
+
+    @property
+    def gamma(self):
+        return getattr(self.mechanism, "gamma", None)
 
     # -- set-up --------------------------------------------------------------
     def make_private(self, sampler, **policy_args):
         """Validates the compiled model and sets its :class:`PrivacyPolicy` for ``sampler``.
 
         See ``PrivacyPolicy.from_sampler`` for the arguments. Raises
-        :class:`lipdp.sensitivity.ModelNotSupportedError` naming any layer,
+        :class:`lipdp.errors.ModelNotSupportedError` naming any layer,
         loss or setting that has no certified bound. Switches TensorFloat-32
         off process-wide (on GPUs it rounds matmuls to ~1e-3, far above the
         bounds' margin).
@@ -226,14 +135,11 @@ class DPModelMixin:
     def _validate_for_privacy(self):
         if getattr(self, "optimizer", None) is None:
             raise NotPrivateError("compile the model (optimizer and a lipdp.losses loss) before make_private")
-        if self.clipping is None:
-            sensitivity.validate(self)
-        else:
-            baselines.validate(self)
+        self.mechanism.validate(self)
         if getattr(self, "_steps_per_execution", None) is not None and int(self._steps_per_execution) != 1:
-            raise sensitivity.ModelNotSupportedError("steps_per_execution must be 1: one noisy update per step")
+            raise ModelNotSupportedError("steps_per_execution must be 1: one noisy update per step")
         if self.losses:
-            raise sensitivity.ModelNotSupportedError(
+            raise ModelNotSupportedError(
                 "the model has regularization losses; lipdp does not add them to the private gradient")
 
     def _check_sampler(self, sampler):
@@ -299,18 +205,20 @@ class DPModelMixin:
     def metrics(self):
         return [self._loss_tracker] + [m for m in super().metrics if m.name != "loss"]
 
-    def noise_stddevs(self, bounds):
-        """Per-variable noise standard deviation on the gradient *sum* (float64)."""
-        sigma = self.privacy.noise_multiplier
-        if self.privacy.noise_allocation == "global":
-            total = tf.norm(tf.stack(bounds))
-            return [sigma * total for _ in bounds]
-        scale = sigma * math.sqrt(len(bounds))
-        return [scale * bound for bound in bounds]
+    def noise_stddevs(self, sensitivity_):
+        """Per-variable noise standard deviation on the gradient *sum* (float64).
 
-    def noisy_gradients(self, gradient_sums, bounds):
-        """Adds noise calibrated to the per-variable ``bounds`` once, then divides by ``q N``."""
-        stddevs = self.noise_stddevs(bounds)
+        ``sensitivity_``: a :class:`lipdp.mechanisms.Sensitivity`, or a list
+        of per-variable bounds.
+        """
+        if not isinstance(sensitivity_, mechanisms.Sensitivity):
+            sensitivity_ = mechanisms.Sensitivity.of_variables(sensitivity_)
+        return sensitivity_.noise_stddevs(self.privacy.noise_multiplier, self.privacy.noise_allocation,
+                                          len(self.trainable_variables))
+
+    def noisy_gradients(self, gradient_sums, sensitivity_):
+        """Adds noise calibrated to ``sensitivity_`` once, then divides by ``q N``."""
+        stddevs = self.noise_stddevs(sensitivity_)
         return [
             (g + self._noise.normal(tf.shape(g), dtype=g.dtype) * tf.cast(std, g.dtype))
             / self.privacy.expected_batch_size
@@ -334,29 +242,22 @@ class DPModelMixin:
             "lipdp: a private step outside fit(sampler) is not accounted; use fit(sampler) or "
             "model.allow_unaccounted_steps()"])
         with tf.control_dependencies([gate]):  # nothing of the step runs before the check passed
-            y_pred, per_sample_loss, gradient_sums, bounds = self.private_gradient_sums(x, y)
-            noisy = self.noisy_gradients(gradient_sums, bounds)
+            y_pred, per_sample_loss, gradient_sums, sensitivity_ = self.private_gradient_sums(x, y)
+            noisy = self.noisy_gradients(gradient_sums, sensitivity_)
             self.optimizer.apply_gradients(zip(noisy, self.trainable_variables))
             self.privacy_steps.assign_add(1)
             return self._update_metrics(y, y_pred, per_sample_loss)
 
     def private_gradient_sums(self, x, y):
-        """The batch's gradient sum and the per-sample bound of each variable's share of it.
+        """``(y_pred, per_sample_loss, gradient_sums, sensitivity)`` from the model's mechanism.
 
-        Clipless: the ordinary gradient of the summed per-sample losses, and
-        the certified bounds of :mod:`lipdp.sensitivity` for the weights in
-        use. Returns ``(y_pred, per_sample_loss, gradient_sums, bounds)``.
-        With ``clipping`` set: the clipped sum and the rule's sensitivity
-        (:func:`lipdp.baselines.clipped_gradient_sums`).
+        Clipless (:class:`lipdp.sensitivity.CertifiedBounds`): the ordinary
+        gradient of the summed per-sample losses and the certified
+        per-variable bounds for the weights in use. Clipping: the clipped sum
+        and the rule's sensitivity (:mod:`lipdp.clipping`).
         """
-        if self.clipping is not None:
-            return baselines.clipped_gradient_sums(self, x, y)
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            per_sample_loss = self.loss.call(y, y_pred)
-            loss_sum = tf.reduce_sum(per_sample_loss)
-        gradient_sums = tape.gradient(loss_sum, self.trainable_variables)
-        return y_pred, per_sample_loss, gradient_sums, sensitivity.gradient_bound_tensors(self)
+        result = self.mechanism.gradient_sums(self, x, y)
+        return result.y_pred, result.per_sample_loss, result.sums, result.sensitivity
 
     def test_step(self, data):
         x, y, _ = tf.keras.utils.unpack_x_y_sample_weight(data)
@@ -384,8 +285,7 @@ class DPModelMixin:
     def privacy_statement(self):
         """A one-paragraph, human-readable statement of the guarantee."""
         state = self.privacy_state()
-        mechanism = ("certified per-sample gradient bounds" if self.clipping is None
-                     else baselines.describe(self.clipping, self.clip_norm, self.gamma))
+        mechanism = self.mechanism.describe()
         adjacency = ("adding or removing one example" if state["sampling"] == "poisson"
                      else "replacing one example (fixed-size shuffled batches, no amplification by subsampling)")
         return (
@@ -400,20 +300,35 @@ class DPModelMixin:
     def get_config(self):
         privacy = None if self.privacy is None else self.privacy.to_dict()
         return {**super().get_config(), "privacy": privacy, "accountable": self.accountable,
-                "clipping": self.clipping, "clip_norm": self.clip_norm, "gamma": self.gamma}
+                "mechanism": self.mechanism.get_config()}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         privacy = config.pop("privacy", None)
         accountable = config.pop("accountable", True)
-        clipping = {key: config.pop(key) for key in ("clipping", "clip_norm", "gamma") if key in config}
+        mechanism = config.pop("mechanism", None)
+        clipping = {key: config.pop(key) for key in _CLIPPING_ARGUMENTS if key in config}  # saved before 0.2
         model = super().from_config(config, custom_objects)
         model._set_privacy(privacy)
-        model._set_clipping(**clipping)
+        model.mechanism = _resolve_mechanism(mechanism, **clipping)
         if not accountable:
             model.allow_unaccounted_steps()
         return model
+
+
+_CLIPPING_ARGUMENTS = ("clipping", "clip_norm", "gamma")
+
+
+def _resolve_mechanism(mechanism=None, clipping=None, clip_norm=1.0, gamma=0.01):
+    """The model's :class:`lipdp.mechanisms.GradientMechanism`: given, from its config, or from ``clipping=``."""
+    if mechanism is None:
+        return mechanisms.build(clipping, clip_norm, gamma)
+    if clipping is not None:
+        raise ValueError("give a mechanism or clipping=, not both")
+    if isinstance(mechanism, mechanisms.GradientMechanism):
+        return mechanism
+    return mechanisms.from_config(mechanism)
 
 
 @tf.keras.utils.register_keras_serializable("lipdp")
@@ -421,15 +336,16 @@ class DPModel(DPModelMixin, tf.keras.Model):
     """Functional ``tf.keras.Model`` (DAGs, residual blocks) trained with clipless DP.
 
     ``clipping="flat" | "automatic" | "global"`` (with ``clip_norm``, ``gamma``)
-    trains by per-example clipping instead: see :mod:`lipdp.baselines`.
+    trains by per-example clipping instead (:mod:`lipdp.clipping`);
+    ``mechanism=`` takes any :class:`lipdp.mechanisms.GradientMechanism`.
     """
 
     def __init__(self, inputs, outputs, name=None, trainable=True, **kwargs):
         # Functional's exact signature, so Keras saves and revives it as a graph.
-        privacy, noise_seed = kwargs.pop("privacy", None), kwargs.pop("noise_seed", None)
-        clipping = {key: kwargs.pop(key) for key in ("clipping", "clip_norm", "gamma") if key in kwargs}
+        privacy = {key: kwargs.pop(key) for key in ("privacy", "noise_seed", "mechanism") if key in kwargs}
+        clipping = {key: kwargs.pop(key) for key in _CLIPPING_ARGUMENTS if key in kwargs}
         super().__init__(inputs, outputs, name=name, trainable=trainable, **kwargs)
-        self._init_privacy(privacy, noise_seed, **clipping)
+        self._init_privacy(**privacy, **clipping)
 
 
 @tf.keras.utils.register_keras_serializable("lipdp")
@@ -437,6 +353,6 @@ class DPSequential(DPModelMixin, tf.keras.Sequential):
     """``tf.keras.Sequential`` trained with clipless DP (or clipping: see :class:`DPModel`)."""
 
     def __init__(self, layers=None, name=None, privacy=None, noise_seed=None, clipping=None, clip_norm=1.0,
-                 gamma=0.01):
+                 gamma=0.01, mechanism=None):
         super().__init__(layers=layers, name=name)
-        self._init_privacy(privacy, noise_seed, clipping, clip_norm, gamma)
+        self._init_privacy(privacy, noise_seed, mechanism, clipping=clipping, clip_norm=clip_norm, gamma=gamma)

@@ -78,9 +78,9 @@ class Run:
         return self._dataset
 
     @property
-    def clipping(self):
-        """The model's clipping rule (None: clipless, with analytic bounds)."""
-        return getattr(self.model, "clipping", None)
+    def certified(self):
+        """Whether the run's gradient mechanism certifies per-layer bounds (clipless training)."""
+        return self.model.mechanism.certifies_layer_bounds
 
 
 def read_history(path):
@@ -404,13 +404,11 @@ def training_section(run, public=False):
 
 
 def sensitivity_section(run):
-    from lipdp import baselines
-
     model = run.model
     blocks = [heading("Sensitivity")]
-    if run.clipping is not None:
+    if not run.certified:
         blocks.append(paragraph(
-            f"Clipping run ({baselines.describe(model.clipping, model.clip_norm, model.gamma)}): per-sample "
+            f"Clipping run ({model.mechanism.describe()}): per-sample "
             "gradients are clipped, so there are no analytic per-layer bounds to report and no bound tightness "
             "to check."))
     else:
@@ -437,7 +435,7 @@ def gradient_noise_blocks(history):
 
 
 def tightness_section(run, samples):
-    if run.clipping is not None:
+    if not run.certified:
         return []
     dataset = run.dataset()
     return tightness_blocks(bound_tightness(run.model, dataset.x_test, dataset.y_test, samples),

@@ -15,7 +15,8 @@ the weights in use, never from data, and works inside a ``tf.function``.
 
 Public API: :func:`validate`, :func:`gradient_bound_tensors`,
 :func:`compute_bounds`, :func:`verify_bounds`, :func:`report`,
-:func:`worst_case_inputs`.
+:func:`worst_case_inputs`; :class:`CertifiedBounds`, the clipless
+:class:`lipdp.mechanisms.GradientMechanism`.
 """
 
 import dataclasses
@@ -24,6 +25,7 @@ from typing import List
 import numpy as np
 import tensorflow as tf
 
+from lipdp import mechanisms
 from lipdp.errors import ModelNotSupportedError
 from lipdp.layers import DPLayer, InputNormClip
 from lipdp.layers.base import HALF_PRECISION, ROUNDING_MARGIN, as_bound, refuse_half_precision
@@ -198,6 +200,34 @@ def gradient_bound_tensors(model, records=None):
     if missing:
         raise ModelNotSupportedError(f"no gradient bound for trainable variable(s) {missing}")
     return [by_variable[v.ref()] for v in model.trainable_variables]
+
+
+@mechanisms.register
+class CertifiedBounds(mechanisms.GradientMechanism):
+    """Clipless DP: the plain gradient of the summed per-sample losses, and certified per-variable bounds.
+
+    The sum is the ordinary batch gradient (no per-sample work); its
+    sensitivity is :func:`gradient_bound_tensors` for the weights in use at
+    this step.
+    """
+
+    name = "certified"
+    certifies_layer_bounds = True
+
+    def validate(self, model):
+        validate(model)
+
+    def gradient_sums(self, model, x, y):
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            per_sample_loss = model.loss.call(y, y_pred)
+            loss_sum = tf.reduce_sum(per_sample_loss)
+        sums = tape.gradient(loss_sum, model.trainable_variables)
+        return mechanisms.PrivateGradient(y_pred, per_sample_loss, sums,
+                                          mechanisms.Sensitivity.of_variables(gradient_bound_tensors(model)))
+
+    def describe(self):
+        return "certified per-sample gradient bounds"
 
 
 def short_variable_name(variable):

@@ -27,9 +27,7 @@ import yaml
 from lipdp import callbacks, config as config_lib, data, losses, sampling, sensitivity
 from lipdp.layers import InputNormClip
 from lipdp.model import DPSequential
-
-class RunExistsError(FileExistsError):
-    """The output folder already holds a completed run."""
+from lipdp.errors import RunExistsError
 
 
 def build_layers(cfg: config_lib.Config, input_shape):
@@ -51,8 +49,9 @@ def build_model(cfg: config_lib.Config, input_shape):
     loss_cls = getattr(losses, cfg.loss.type, None)
     if loss_cls is None or not isinstance(loss_cls, type) or not issubclass(loss_cls, losses.LipschitzLoss):
         raise config_lib.ConfigError(f"loss.type: {cfg.loss.type!r} is not a lipdp.losses loss")
-    optimizer = tf.keras.optimizers.get(
-        {"class_name": cfg.optimizer.name, "config": {"learning_rate": cfg.optimizer.learning_rate}})
+    optimizer = tf.keras.optimizers.get({  # not the legacy optimizer: model.keras drops a legacy one's state
+        "class_name": cfg.optimizer.name,
+        "config": {"learning_rate": cfg.optimizer.learning_rate, "is_legacy_optimizer": False}})
     model.compile(optimizer=optimizer, loss=loss_cls(**cfg.loss.params), metrics=["accuracy"])
     return model
 
@@ -114,10 +113,10 @@ def _write_artefacts(model, dataset, out_dir):
     with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=2)
     model.save(os.path.join(out_dir, "model.keras"))
-    if getattr(model, "clipping", None) is None:
+    if model.mechanism.certifies_layer_bounds:
         report = sensitivity.report(model)
     else:
-        report = f"clipping={model.clipping}: per-sample gradients clipped, no analytic bounds\n"
+        report = f"{model.mechanism.describe()}: per-sample gradients clipped, no analytic bounds\n"
     with open(os.path.join(out_dir, "sensitivity.txt"), "w") as handle:
         handle.write(report + "\n")
     state = model.privacy_state()

@@ -1,4 +1,4 @@
-"""Clipping baselines: fast per-example norms, clipping rules, shared noise/accounting, tf-privacy parity."""
+"""Clipping rules (lipdp.clipping): fast per-example norms, clipping rules, shared noise/accounting, tf-privacy parity."""
 
 import logging
 
@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 import lipdp
-from lipdp import baselines
+from lipdp import clipping as clip_lib
+from lipdp import mechanisms
 from lipdp import layers as L
 from lipdp import sensitivity
 
@@ -22,7 +23,7 @@ def per_example_gradients(model, x, y):
     def one_example(sample):
         xi, yi = sample
         with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(baselines.per_sample_losses(model.loss, yi[None], model(xi[None], training=True)))
+            loss = tf.reduce_sum(clip_lib.per_sample_losses(model.loss, yi[None], model(xi[None], training=True)))
         grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return [tf.cast(tf.convert_to_tensor(g), tf.float64) for g in grads]
 
@@ -124,7 +125,7 @@ def test_fast_norms_match_per_example_gradients(name):
     expected = reference_norms(model, x, y)
     methods = ("gram", "direct") if name.startswith("conv") else ("auto",)
     for method in methods:
-        norms = baselines.per_example_gradient_norms(model, x, y, baselines.make_layer_registry(method)).numpy()
+        norms = clip_lib.per_example_gradient_norms(model, x, y, clip_lib.make_layer_registry(method)).numpy()
         np.testing.assert_allclose(norms, expected, rtol=1e-4, err_msg=method)
     assert expected.min() > 0
 
@@ -137,7 +138,7 @@ def test_clipped_sum_is_the_weighted_sum_of_per_example_gradients(name):
     per_example = per_example_gradients(model, x, y)
     norms = np.sqrt(sum(np.sum(np.square(g).reshape(len(x), -1), axis=1) for g in per_example))
     model.clip_norm = float(np.median(norms))  # half of the examples are clipped
-    weights = np.minimum(1.0, model.clip_norm * (1 - baselines.CLIP_MARGIN) / norms)
+    weights = np.minimum(1.0, model.clip_norm * (1 - clip_lib.CLIP_MARGIN) / norms)
     _, _, sums, _ = model.private_gradient_sums(x, y)
     for g, total in zip(per_example, sums):
         expected = np.tensordot(weights, g, axes=1)
@@ -149,17 +150,17 @@ def test_fast_norms_inside_a_graph_with_an_unknown_batch_size():
     tf.keras.utils.set_random_seed(0)
     model, (x, y) = fallback_model()  # fast rules and the vectorized_map fallback
     spec = (tf.TensorSpec((None, 5)), tf.TensorSpec((None, 3)))
-    graph_norms = tf.function(lambda a, b: baselines.per_example_gradient_norms(model, a, b), input_signature=spec)
+    graph_norms = tf.function(lambda a, b: clip_lib.per_example_gradient_norms(model, a, b), input_signature=spec)
     np.testing.assert_allclose(graph_norms(x, y).numpy(), reference_norms(model, x, y), rtol=1e-4)
     assert graph_norms(x[:0], y[:0]).shape == (0,)
 
 
 def test_fallback_warns_once_naming_the_layer(caplog):
     model, (x, y) = fallback_model()
-    with caplog.at_level(logging.WARNING, logger="lipdp.baselines"):
-        baselines.per_example_gradient_norms(model, x, y)
-        baselines.per_example_gradient_norms(model, x, y)
-    messages = [r.getMessage() for r in caplog.records if r.name == "lipdp.baselines"]
+    with caplog.at_level(logging.WARNING, logger="lipdp.clipping.fast_norms"):
+        clip_lib.per_example_gradient_norms(model, x, y)
+        clip_lib.per_example_gradient_norms(model, x, y)
+    messages = [r.getMessage() for r in caplog.records if r.name == "lipdp.clipping.fast_norms"]
     assert sum("'prelu'" in m for m in messages) == 1
     assert sum("'shared_dense'" in m and "more than once" in m for m in messages) == 1
     assert len(messages) == 2  # the other Dense layers have a fast rule
@@ -180,14 +181,14 @@ def small_model(clipping, clip_norm=0.5, gamma=0.01):
     return compiled(model)
 
 
-@pytest.mark.parametrize("clipping", baselines.CLIPPING_RULES)
+@pytest.mark.parametrize("clipping", tuple(clip_lib.RULES))
 def test_each_example_contributes_at_most_the_sensitivity(clipping):
     """sum(batch) - sum(batch without j) is example j's contribution: its norm is at most S."""
     clip_norm = 5.0
     model = small_model(clipping, clip_norm=clip_norm)
     x, y = huge_batch()
     sensitivity_value = 1.0 if clipping == "automatic" else clip_norm
-    assert baselines.rule_sensitivity(clipping, clip_norm) == sensitivity_value
+    assert clip_lib.RULES[clipping](clip_norm).sensitivity() == sensitivity_value
 
     def flat_sums(keep):
         _, _, sums, bounds = model.private_gradient_sums(x[keep], y[keep])
@@ -195,7 +196,8 @@ def test_each_example_contributes_at_most_the_sensitivity(clipping):
 
     everything = np.arange(len(x))
     total, bounds = flat_sums(everything)
-    assert np.linalg.norm([float(b) for b in bounds]) == pytest.approx(sensitivity_value, rel=1e-12)
+    assert bounds.per_variable is None  # one whole-contribution sensitivity, no per-variable split
+    assert float(bounds.total) == pytest.approx(sensitivity_value, rel=1e-12)
     norms = reference_norms(model, x, y)
     assert norms[[0, 3, 6]].min() > 1e3 * clip_norm and norms[[1, 2, 4, 5, 7]].max() < clip_norm  # both regimes
     contributions = []
@@ -206,7 +208,7 @@ def test_each_example_contributes_at_most_the_sensitivity(clipping):
     assert contributions.max() <= sensitivity_value, contributions  # the margin absorbs float32 rounding
     huge = contributions[[0, 3, 6]]
     if clipping == "flat":
-        np.testing.assert_allclose(huge, clip_norm * (1 - baselines.CLIP_MARGIN), rtol=1e-5)  # clipped to R
+        np.testing.assert_allclose(huge, clip_norm * (1 - clip_lib.CLIP_MARGIN), rtol=1e-5)  # clipped to R
         np.testing.assert_allclose(contributions[[1, 2]], norms[[1, 2]], rtol=1e-4)  # small ones untouched
     elif clipping == "automatic":
         np.testing.assert_allclose(huge, 1.0, rtol=1e-3)  # ||g|| / (||g|| + gamma) -> 1
@@ -237,15 +239,15 @@ def test_fallback_layer_with_dropout_contributes_at_most_the_clip_norm():
     assert min(contributions) > 0.009  # the gradient is far above the clip norm: every trial is clipped
 
 
-@pytest.mark.parametrize("clipping", baselines.CLIPPING_RULES)
+@pytest.mark.parametrize("clipping", tuple(clip_lib.RULES))
 def test_noise_std_is_sigma_times_sensitivity_under_both_allocations(clipping):
     x, y = vectors(n=200)
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=20)
     expected = 0.7 * (1.0 if clipping == "automatic" else 2.0)
-    for allocation in lipdp.model.NOISE_ALLOCATIONS:
+    for allocation in lipdp.accounting.NOISE_ALLOCATIONS:
         model = small_model(clipping, clip_norm=2.0)
         model.make_private(sampler, noise_multiplier=0.7, noise_allocation=allocation)
-        stds = [float(s) for s in model.noise_stddevs(baselines.sensitivity_bounds(model))]
+        stds = [float(s) for s in model.noise_stddevs(mechanisms.Sensitivity.of_whole_contribution(model.mechanism.sensitivity()))]
         np.testing.assert_allclose(stds, expected, rtol=1e-12)
 
 
@@ -292,10 +294,10 @@ def test_flat_clipping_matches_tensorflow_privacy_dp_sgd(monkeypatch):
     assert (norms > clip_norm).sum() >= 3 and (norms < clip_norm).sum() >= 3  # clipping matters
 
     ours.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=batch), noise_multiplier=1.0)
-    monkeypatch.setattr(ours, "noise_stddevs", lambda bounds: [tf.zeros((), tf.float64) for _ in bounds])
+    monkeypatch.setattr(ours, "noise_stddevs", lambda sensitivity: [tf.zeros((), tf.float64) for _ in ours.trainable_variables])
     ours.allow_unaccounted_steps().train_on_batch(x[:batch], y[:batch])
 
-    optimizer = DPKerasSGDOptimizer(l2_norm_clip=clip_norm * (1 - baselines.CLIP_MARGIN), noise_multiplier=0.0, num_microbatches=batch,
+    optimizer = DPKerasSGDOptimizer(l2_norm_clip=clip_norm * (1 - clip_lib.CLIP_MARGIN), noise_multiplier=0.0, num_microbatches=batch,
                                     learning_rate=lr)
     per_example = tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction="none")
     with tf.GradientTape() as tape:
@@ -362,4 +364,4 @@ def test_save_and_load_a_clipped_model(tmp_path, functional):
     np.testing.assert_allclose(loaded.predict(x[:10], verbose=0), model.predict(x[:10], verbose=0), atol=1e-6)
     loaded.fit(sampler, epochs=1, verbose=0)
     assert int(loaded.privacy_steps) == 2 * sampler.steps_per_epoch
-    assert baselines.describe(model.clipping, model.clip_norm, model.gamma) in loaded.privacy_statement()
+    assert model.mechanism.describe() in loaded.privacy_statement()

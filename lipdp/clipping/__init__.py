@@ -1,0 +1,30 @@
+"""Clipping-based DP-SGD in the same framework: rules (:mod:`.rules`) and fast per-example norms (:mod:`.fast_norms`).
+
+``DPSequential(..., clipping="flat" | "automatic" | "global", clip_norm=R)``
+builds the rule of that name; each is a :class:`lipdp.mechanisms.GradientMechanism`
+sharing the models' noise, sampling and accounting with clipless training.
+"""
+
+from lipdp.clipping.fast_norms import (
+    conv2d_squared_norms,
+    forward_with_norms,
+    make_layer_registry,
+    per_example_gradient_norms,
+    per_sample_losses,
+    validate,
+)
+from lipdp.clipping.rules import (
+    CLIP_MARGIN,
+    RULES,
+    AutomaticClipping,
+    ClippingRule,
+    FlatClipping,
+    GlobalClipping,
+    register_rule,
+)
+
+__all__ = [
+    "CLIP_MARGIN", "RULES", "AutomaticClipping", "ClippingRule", "FlatClipping", "GlobalClipping",
+    "conv2d_squared_norms", "forward_with_norms", "make_layer_registry", "per_example_gradient_norms",
+    "per_sample_losses", "register_rule", "validate",
+]
