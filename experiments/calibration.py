@@ -6,7 +6,7 @@ over-confident, the more so with a small clipping norm. All runs here are
 same epsilon); the clipping runs train the same layers with
 ``model.clipping = flat`` (or ``--rules``) at each ``--clip-norms`` value.
 ECE uses 15 equal-width bins on the test set and the probabilities of the
-loss (``softmax(tau * logits)``, :func:`lipdp.reports.predicted_probabilities`).
+loss (``softmax(tau * logits)``, :func:`lipdp.calibration.predicted_probabilities`).
 
     python experiments/calibration.py --out runs/calibration
     python experiments/calibration.py --quick --out /tmp/calibration
@@ -55,7 +55,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    from lipdp import config, data, reports
+    from lipdp import calibration, config, data, runs
 
     info = common.banner()
     if args.quick:
@@ -73,16 +73,16 @@ def main(argv=None):
     for name, extra in run_methods(args):
         run_dir = os.path.join(args.out, "runs", name.replace(" ", "-").replace("=", ""))
         metrics, privacy = common.private_run(common.config_path(args), overrides + noise + extra, run_dir)
-        model = reports.load_run(run_dir).model
-        probs = reports.predicted_probabilities(model, dataset.x_test)
+        model = runs.load_run(run_dir).model
+        probs = calibration.predicted_probabilities(model, dataset.x_test)
         rows.append({"method": name, "epsilon": privacy["epsilon"], "delta": privacy["delta"],
                      "test_accuracy": metrics["test_accuracy"],
                      "mean_confidence": float(probs.max(axis=1).mean()),
-                     "ece": reports.expected_calibration_error(probs, dataset.y_test), "run_dir": run_dir})
-        figure = reports.plot_reliability(probs, dataset.y_test)
+                     "ece": calibration.expected_calibration_error(probs, dataset.y_test), "run_dir": run_dir})
+        figure = calibration.plot_reliability(probs, dataset.y_test)
         figure.suptitle(name, fontsize=10)
-        with open(os.path.join(args.out, f"reliability-{os.path.basename(run_dir)}.png"), "wb") as handle:
-            handle.write(reports.png_bytes(figure))
+        figure.tight_layout()
+        figure.savefig(os.path.join(args.out, f"reliability-{os.path.basename(run_dir)}.png"), dpi=100)
         print(f"  {name:<14} accuracy={rows[-1]['test_accuracy']:.4f} ECE={rows[-1]['ece']:.4f}", flush=True)
 
     common.print_table(rows, ["method", "epsilon", "test_accuracy", "mean_confidence", "ece"])

@@ -35,6 +35,8 @@ import os
 
 import numpy as np
 
+from lipdp import runs
+
 ATTACKS = ("threshold", "logistic_regression")
 
 
@@ -227,18 +229,15 @@ def audit(data, epsilon, delta, seed=0, backend="auto", confidence=0.95):
 
 
 def audit_run(run, seed=0, backend="auto", write=True, data_dir=None):
-    """Audits a ``lipdp train`` run (its folder, or a loaded :class:`lipdp.reports.Run`); writes ``audit.json``."""
-    from lipdp import reports
-
+    """Audits a ``lipdp train`` run (its folder, or a loaded :class:`lipdp.runs.Run`); writes ``audit.json``."""
     if isinstance(run, (str, os.PathLike)):
-        run = reports.load_run(run, data_dir=data_dir)
+        run = runs.load_run(run, data_dir=data_dir)
     dataset = run.dataset()
     data = attack_data(run.model, dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test)
     result = audit(data, run.privacy["epsilon"], run.privacy["delta"], seed=seed, backend=backend)
     result["data"] = dataset.source
     if write:
-        with open(os.path.join(run.path, "audit.json"), "w") as handle:
-            json.dump(result, handle, indent=2)
+        runs.write_json(run.path, runs.AUDIT, result)
     return result
 
 

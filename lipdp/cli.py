@@ -66,26 +66,20 @@ def _privacy(args):
               f"at delta = {args.delta:g}")
 
 
-def _completed_run(run_dir):
-    if not os.path.isfile(os.path.join(run_dir, "privacy.json")):
-        raise SystemExit(f"lipdp: error: {run_dir} is not a completed run folder (no privacy.json)")
-    return run_dir
-
-
 def _report(args):
-    from lipdp import reports
+    from lipdp import reports, runs
 
-    paths = reports.make_report(_completed_run(args.run_dir), audit=not args.no_audit, data_dir=args.data_dir,
+    paths = reports.make_report(runs.require_complete(args.run_dir), audit=not args.no_audit, data_dir=args.data_dir,
                                 public=args.public)
     print(f"report written to {paths['html']} and {paths['md']}")
 
 
 def _audit(args):
-    from lipdp import audit
+    from lipdp import audit, runs
 
-    result = audit.audit_run(_completed_run(args.run_dir), seed=args.seed, data_dir=args.data_dir)
+    result = audit.audit_run(runs.require_complete(args.run_dir), seed=args.seed, data_dir=args.data_dir)
     print(audit.summary(result))
-    print(f"written to {os.path.join(args.run_dir, 'audit.json')}")
+    print(f"written to {runs.path(args.run_dir, runs.AUDIT)}")
 
 
 def parser():

@@ -15,7 +15,7 @@ files beside it). Sections:
 * bound tightness: the largest true / bound ratio of per-sample gradient
   norms on test samples (as :func:`lipdp.sensitivity.verify_bounds`, per
   layer), which must not exceed 1;
-* calibration: expected calibration error (:func:`expected_calibration_error`)
+* calibration: expected calibration error (:func:`lipdp.calibration.expected_calibration_error`)
   and a reliability diagram on the test set;
 * the membership-inference audit (:mod:`lipdp.audit`), read from
   ``audit.json`` or computed.
@@ -32,135 +32,22 @@ Figures use matplotlib's Agg canvas directly (no pyplot, no global backend).
 """
 
 import base64
-import csv
 import dataclasses
 import html
 import io
-import json
-import math
 import os
 
 import numpy as np
 
+from lipdp import runs
+from lipdp.calibration import expected_calibration_error, new_figure, plot_reliability, predicted_probabilities
+
 TOLERANCE = 1e-5  # a true/bound ratio above 1 + TOLERANCE is a bound violation
 
 
-# -- the run folder ---------------------------------------------------------------
-@dataclasses.dataclass
-class Run:
-    """What ``lipdp train`` left in ``path``; the model and data load on first use."""
-
-    path: str
-    config: object
-    history: dict
-    privacy: dict
-    metrics: dict
-    data_dir: str = None
-    _model: object = None
-    _dataset: object = None
-
-    @property
-    def model(self):
-        if self._model is None:
-            import tensorflow as tf
-
-            import lipdp  # noqa: F401  (registers the layers, losses and models)
-
-            self._model = tf.keras.models.load_model(os.path.join(self.path, "model.keras"))
-        return self._model
-
-    def dataset(self):
-        """The run's data set (``data_dir`` overrides the config's)."""
-        if self._dataset is None:
-            from lipdp import data
-
-            self._dataset = data.load(self.config.dataset.name, data_dir=self.data_dir or self.config.dataset.data_dir)
-        return self._dataset
-
-    @property
-    def certified(self):
-        """Whether the run's gradient mechanism certifies per-layer bounds (clipless training)."""
-        return self.model.mechanism.certifies_layer_bounds
-
-
-def read_history(path):
-    """``history.csv`` as ``{column: float array}`` (empty cells are NaN)."""
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    columns = rows[0].keys() if rows else []
-    return {c: np.array([float(r[c]) if r.get(c) not in (None, "") else math.nan for r in rows]) for c in columns}
-
-
-def load_run(run_dir, data_dir=None):
-    """Reads a run folder written by :func:`lipdp.training.run`."""
-    from lipdp import config
-
-    def read_json(name):
-        with open(os.path.join(run_dir, name)) as handle:
-            return json.load(handle)
-
-    return Run(path=run_dir, config=config.load(os.path.join(run_dir, "config.yaml")),
-               history=read_history(os.path.join(run_dir, "history.csv")), privacy=read_json("privacy.json"),
-               metrics=read_json("metrics.json"), data_dir=data_dir)
-
-
-# -- calibration ------------------------------------------------------------------
-def calibration_bins(probs, labels, bins=15):
-    """Per equal-width confidence bin ``((i/bins, (i+1)/bins]``, the first closed): confidence, accuracy, count.
-
-    ``probs``: ``(n, classes)`` predicted probabilities; ``labels``: integer
-    labels ``(n,)`` or one-hot ``(n, classes)``. Empty bins hold NaN.
-    """
-    probs = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(labels)
-    labels = labels.argmax(axis=-1) if labels.ndim == 2 else labels
-    confidence = probs.max(axis=-1)
-    correct = (probs.argmax(axis=-1) == labels).astype(np.float64)
-    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    counts = np.bincount(index, minlength=bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_confidence = np.bincount(index, confidence, bins) / counts
-        accuracy = np.bincount(index, correct, bins) / counts
-    return mean_confidence, accuracy, counts
-
-
-def expected_calibration_error(probs, labels, bins=15):
-    """ECE: ``sum_b |B_b| / n * |accuracy(B_b) - confidence(B_b)|`` over equal-width confidence bins.
-
-    The confidence of a prediction is its largest probability; bin ``b``
-    holds confidences in ``((b-1)/bins, b/bins]`` (0 falls in the first).
-    """
-    confidence, accuracy, counts = calibration_bins(probs, labels, bins)
-    filled = counts > 0
-    return float(np.sum(counts[filled] * np.abs(accuracy[filled] - confidence[filled])) / counts.sum())
-
-
-def predicted_probabilities(model, x, batch_size=512):
-    """``softmax(tau * logits)``: the probabilities of the model's tau-CE loss (tau = 1 for other losses)."""
-    logits = model.predict(x, batch_size=batch_size, verbose=0).astype(np.float64)
-    scaled = loss_temperature(model) * logits
-    scaled -= scaled.max(axis=-1, keepdims=True)
-    exp = np.exp(scaled)
-    return exp / exp.sum(axis=-1, keepdims=True)
-
-
-def loss_temperature(model):
-    """The loss's temperature ``tau`` (``TauCategoricalCrossentropy``), else 1."""
-    return float(getattr(getattr(model, "loss", None), "tau", 1.0))
-
-
 # -- sensitivity --------------------------------------------------------------------
-def _fmt(value, spec=".4g"):
-    if value is None:
-        return "inf"
-    if isinstance(value, (list, tuple)):
-        return " + ".join(_fmt(v, spec) for v in value)
-    value = float(value)
-    return format(value, spec) if math.isfinite(value) else str(value)
-
-
 def sensitivity_rows(model):
-    """Per layer call and variable: bounds, and the noise std on the gradient sum and on the averaged gradient."""
+    """:func:`lipdp.sensitivity.bound_rows` plus the noise std on the gradient sum and on the averaged gradient."""
     from lipdp import sensitivity
 
     records = sensitivity.propagate(model)
@@ -168,21 +55,17 @@ def sensitivity_rows(model):
     stds = {v.ref(): float(s) for v, s in zip(model.trainable_variables, model.noise_stddevs(bounds))}
     batch = model.privacy.expected_batch_size
     rows = []
-    for record in records:
-        layer_cells = [record.layer.name, type(record.layer).__name__, _fmt(record.input_bound),
-                       _fmt(record.cotangent_bound), _fmt(record.lipschitz, ".6g")]
-        for variable, bound in record.gradient_bounds or [(None, None)]:
-            if variable is None:
-                rows.append(layer_cells + ["-"] * 4)
-                continue
-            std = stds[variable.ref()]
-            rows.append(layer_cells + [sensitivity.short_variable_name(variable), _fmt(bound), _fmt(std), _fmt(std / batch)])
-            layer_cells = [""] * 5
+    for cells, variable in sensitivity.bound_rows(model, records):
+        std = None if variable is None else stds[variable.ref()]
+        noise = ["-", "-"] if std is None else [sensitivity.format_bound(std), sensitivity.format_bound(std / batch)]
+        rows.append(cells + noise)
     return rows
 
 
-SENSITIVITY_HEADER = ["layer", "type", "input-norm bound", "cotangent bound", "Lipschitz", "variable",
-                      "per-sample gradient bound", "noise std (gradient sum)", "noise std (averaged gradient)"]
+def sensitivity_header():
+    from lipdp import sensitivity
+
+    return sensitivity.BOUND_HEADER + ["noise std (gradient sum)", "noise std (averaged gradient)"]
 
 
 def bound_tightness(model, x, y, samples=128):
@@ -193,15 +76,6 @@ def bound_tightness(model, x, y, samples=128):
 
 
 # -- figures ----------------------------------------------------------------------------
-def _figure(width=5.0, height=3.4):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height))
-    FigureCanvasAgg(figure)
-    return figure
-
-
 def png_bytes(figure):
     """The figure as PNG bytes."""
     buffer = io.BytesIO()
@@ -223,7 +97,7 @@ def _epoch_axis(axes):
 
 def plot_series(history, series, ylabel, title):
     """``series``: ``[(column, label, style)]`` against epochs; missing columns are skipped."""
-    figure = _figure()
+    figure = new_figure()
     axes = figure.add_subplot()
     for column, label, style in series:
         if column in history:
@@ -239,7 +113,7 @@ def plot_series(history, series, ylabel, title):
 
 def plot_training_curves(history, public=False):
     """Loss and accuracy, train (private; left out when ``public``) and test (held out), side by side."""
-    figure = _figure(9.0, 3.4)
+    figure = new_figure(9.0, 3.4)
     for position, metric in enumerate(("loss", "accuracy")):
         axes = figure.add_subplot(1, 2, position + 1)
         series = [(metric, "train (private batches, not covered)", "--")] if not public else []
@@ -250,25 +124,6 @@ def plot_training_curves(history, public=False):
         axes.set_ylabel(metric)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
-    return figure
-
-
-def plot_reliability(probs, labels, bins=15):
-    """Reliability diagram: accuracy per confidence bin against the diagonal."""
-    confidence, accuracy, counts = calibration_bins(probs, labels, bins)
-    figure = _figure(4.2, 4.0)
-    axes = figure.add_subplot()
-    edges = np.linspace(0, 1, bins + 1)
-    filled = counts > 0
-    axes.bar(edges[:-1][filled], accuracy[filled], width=1 / bins, align="edge", edgecolor="black",
-             alpha=0.7, label="accuracy")
-    axes.plot([0, 1], [0, 1], "k--", label="perfect calibration")
-    axes.plot(confidence[filled], accuracy[filled], "o", color="C3", markersize=3, label="(confidence, accuracy)")
-    axes.set_xlabel("confidence")
-    axes.set_ylabel("accuracy")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1)
-    axes.legend(fontsize=7, loc="upper left")
     return figure
 
 
@@ -416,7 +271,7 @@ def sensitivity_section(run):
             "Per-layer certified bounds for the trained weights (float64). The noise std is given per "
             "coordinate on the gradient sum, and on the averaged gradient the optimizer sees (the sum's std "
             f"divided by the expected batch size qN = {model.privacy.expected_batch_size:.1f})."),
-            table(SENSITIVITY_HEADER, sensitivity_rows(model))]
+            table(sensitivity_header(), sensitivity_rows(model))]
     blocks += gradient_noise_blocks(run.history)
     return blocks
 
@@ -495,15 +350,13 @@ def audit_section(result):
 def _audit_result(run, audit):
     from lipdp import audit as audit_lib
 
-    path = os.path.join(run.path, "audit.json")
-    if os.path.exists(path):
-        with open(path) as handle:
-            return json.load(handle)
+    if os.path.exists(runs.path(run.path, runs.AUDIT)):
+        return runs.read_json(run.path, runs.AUDIT)
     return audit_lib.audit_run(run) if audit else None
 
 
 def report_blocks(run, audit=True, tightness_samples=128, public=False):
-    """All sections of the report for a loaded :class:`Run` (``public``: only what the guarantee covers)."""
+    """All sections of the report for a loaded :class:`lipdp.runs.Run` (``public``: only what the guarantee covers)."""
     blocks = privacy_section(run) + training_section(run, public) + sensitivity_section(run)
     blocks += tightness_section(run, tightness_samples) + calibration_section(run)
     result = None if public else _audit_result(run, audit)
@@ -524,7 +377,7 @@ def make_report(run_dir, audit=True, data_dir=None, tightness_samples=128, publi
     from private training records (train curves, audit) and write
     ``public-report.html`` / ``public-report.md`` instead.
     """
-    run = load_run(run_dir, data_dir=data_dir)
+    run = runs.load_run(run_dir, data_dir=data_dir)
     blocks = report_blocks(run, audit=audit, tightness_samples=tightness_samples, public=public)
     title = f"lipdp {'public ' if public else ''}run report: {os.path.basename(os.path.abspath(run_dir))}"
     prefix = "public-" if public else ""

@@ -311,42 +311,71 @@ def worst_case_inputs(model, x, y, steps=30, step_size=0.5):
     Maximises the sum over samples of the squared total per-sample gradient
     norm, with per-sample normalised ascent steps scaled to the mean input
     norm. Used to look for adversarial violations of the bounds.
+
+    Each sample's ascent direction comes from one graph on a batch of one,
+    called sample after sample: no ``tf.map_fn`` / ``tf.while_loop`` around
+    the double backprop. In a loop with parallel iterations one op kernel
+    runs for several samples at once, and TensorFlow's oneDNN fused
+    convolution (``Conv2D + BiasAdd + Add``, e.g. a residual branch) keeps the
+    summand's buffers in kernel members, unguarded: concurrent iterations
+    free each other's buffers, a segmentation fault under CPU contention.
     """
     loss = model_loss(model)
-    x = tf.Variable(tf.convert_to_tensor(x, tf.float32))
+    x = tf.convert_to_tensor(x, tf.float32)
     y = tf.convert_to_tensor(y, tf.float32)
     scale = tf.reduce_mean(tf.norm(tf.reshape(x, [x.shape[0], -1]), axis=1)) + 1e-6
 
-    @tf.function
-    def ascent_step():
+    @tf.function(input_signature=[tf.TensorSpec(x.shape[1:], tf.float32), tf.TensorSpec(y.shape[1:], tf.float32)])
+    def unit_ascent_direction(xi, yi):
         with tf.GradientTape() as outer:
-            def one_sample(sample):
-                grads = _single_sample_gradients(model, loss, sample)
-                return tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads])
+            outer.watch(xi)
+            grads = _single_sample_gradients(model, loss, (xi, yi))
+            objective = tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads])
+        direction = outer.gradient(objective, xi)
+        return direction / tf.maximum(tf.norm(tf.reshape(direction, [-1])), 1e-12)
 
-            objective = tf.reduce_sum(tf.map_fn(one_sample, (x, y), fn_output_signature=tf.float32))
-        direction = outer.gradient(objective, x)
-        per_sample = tf.norm(tf.reshape(direction, [x.shape[0], -1]), axis=1)
-        per_sample = tf.reshape(tf.maximum(per_sample, 1e-12), [-1] + [1] * (len(x.shape) - 1))
-        x.assign_add(step_size * scale * direction / per_sample)
-
-    for _ in range(steps):
-        ascent_step()
+    for _ in range(steps if x.shape[0] else 0):
+        directions = tf.stack([unit_ascent_direction(x[i], y[i]) for i in range(x.shape[0])])
+        x = x + step_size * scale * directions
     return x.numpy()
 
 
+BOUND_HEADER = ["layer", "type", "input-norm bound", "cotangent bound", "Lipschitz", "variable",
+                "per-sample gradient bound"]
+
+
+def format_bound(value, spec=".4g"):
+    """A bound as table text: ``inf`` for none, ``a + b`` for a merge's inputs."""
+    if value is None:
+        return "inf"
+    if isinstance(value, (list, tuple)):
+        return " + ".join(format_bound(v, spec) for v in value)
+    value = float(value)
+    return format(value, spec) if np.isfinite(value) else str(value)
+
+
+def bound_rows(model, records=None):
+    """The per-layer bound table both reports render: ``[(cells, variable or None)]`` under :data:`BOUND_HEADER`.
+
+    One row per (layer call, variable), or per layer call without variables;
+    the layer's cells are blank after its first row.
+    """
+    rows = []
+    for record in propagate(model) if records is None else records:
+        layer_cells = [record.layer.name, type(record.layer).__name__, format_bound(record.input_bound),
+                       format_bound(record.cotangent_bound), format_bound(record.lipschitz, ".6g")]
+        for variable, bound in record.gradient_bounds or [(None, None)]:
+            cells = ["-", "-"] if variable is None else [short_variable_name(variable), format_bound(bound)]
+            rows.append((layer_cells + cells, variable))
+            layer_cells = [""] * len(layer_cells)
+    return rows
+
+
 def report(model):
-    """A readable per-layer table of the bounds (one row per layer call)."""
-    rows = [("layer", "type", "input bound", "cotangent bound", "Lipschitz", "gradient bounds")]
+    """A readable per-layer table of the bounds (:func:`bound_rows`) and the global sensitivity."""
     records = propagate(model)
-    for record in records:
-        grads = ", ".join(f"{short_variable_name(v)}={float(b):.4g}"
-                          for v, b in record.gradient_bounds) or "-"
-        inputs = record.input_bound if isinstance(record.input_bound, list) else [record.input_bound]
-        rows.append((record.layer.name, type(record.layer).__name__,
-                     " + ".join("inf" if b is None else f"{float(b):.4g}" for b in inputs),
-                     f"{float(record.cotangent_bound):.4g}", f"{float(record.lipschitz):.6g}", grads))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    rows = [BOUND_HEADER] + [cells for cells, _ in bound_rows(model, records)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(BOUND_HEADER))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     bounds = gradient_bound_tensors(model, records)

@@ -1,0 +1,146 @@
+"""The run folder: the one owner of what ``lipdp train`` writes and how it is read back.
+
+A completed run folder holds (names below, never spelled elsewhere):
+
+* ``config.yaml`` (:data:`CONFIG`): the resolved config;
+* ``history.csv`` (:data:`HISTORY`): per-epoch logs (training metrics are on
+  private batches and not covered), validation metrics, ``epsilon``,
+  ``heldout_grad_to_noise``;
+* ``model.keras`` (:data:`MODEL`): the trained model;
+* ``sensitivity.txt`` (:data:`SENSITIVITY`): the per-layer bound report;
+* ``privacy.json`` (:data:`PRIVACY`): the privacy state and dp-accounting
+  ledger -- written last, so its presence marks a completed run;
+* ``metrics.json`` (:data:`METRICS`): final test loss and accuracy;
+* ``audit.json`` (:data:`AUDIT`): the membership-inference audit, if run.
+
+While training: ``backup/`` (:data:`BACKUP`, Keras' BackupAndRestore, removed
+once complete) and ``attempts`` (:data:`ATTEMPTS`, the number of starts, so a
+resumed run never replays a sampling seed). Reports (``report*.html``,
+``report*.md``, PNGs) are written by :mod:`lipdp.reports`.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+
+from lipdp.errors import LipdpError, RunExistsError
+
+CONFIG, HISTORY, MODEL, SENSITIVITY = "config.yaml", "history.csv", "model.keras", "sensitivity.txt"
+PRIVACY, METRICS, AUDIT = "privacy.json", "metrics.json", "audit.json"
+BACKUP, ATTEMPTS = "backup", "attempts"
+
+
+class IncompleteRunError(LipdpError, FileNotFoundError):
+    """The folder holds no completed run (no ``privacy.json``)."""
+
+
+def path(run_dir, name):
+    """The path of file ``name`` (one of this module's constants) in ``run_dir``."""
+    return os.path.join(run_dir, name)
+
+
+def is_complete(run_dir):
+    return os.path.isfile(path(run_dir, PRIVACY))
+
+
+def require_complete(run_dir):
+    """Returns ``run_dir`` if it holds a completed run, else raises :class:`IncompleteRunError`."""
+    if not is_complete(run_dir):
+        raise IncompleteRunError(f"{run_dir} is not a completed run folder (no {PRIVACY})")
+    return run_dir
+
+
+def start(run_dir):
+    """Creates ``run_dir`` for a new or resumed run; refuses a completed one (never overwritten)."""
+    if is_complete(run_dir):
+        raise RunExistsError(f"{run_dir} already holds a completed run; choose another --out")
+    os.makedirs(run_dir, exist_ok=True)
+
+
+def next_attempt(run_dir):
+    """Counts starts of this run (0 for the first), so a resumed run never replays a sampling seed."""
+    attempts = path(run_dir, ATTEMPTS)
+    attempt = int(open(attempts).read()) + 1 if os.path.exists(attempts) else 0
+    with open(attempts, "w") as handle:
+        handle.write(str(attempt))
+    return attempt
+
+
+def remove_emptied_backup(run_dir):
+    """Keras empties the backup folder once training completes; remove it then."""
+    backup = path(run_dir, BACKUP)
+    if os.path.isdir(backup) and not os.listdir(backup):
+        os.rmdir(backup)
+
+
+def write_json(run_dir, name, content):
+    with open(path(run_dir, name), "w") as handle:
+        json.dump(content, handle, indent=2)
+
+
+def read_json(run_dir, name):
+    with open(path(run_dir, name)) as handle:
+        return json.load(handle)
+
+
+def write_text(run_dir, name, text):
+    with open(path(run_dir, name), "w") as handle:
+        handle.write(text)
+
+
+@dataclasses.dataclass
+class Run:
+    """What ``lipdp train`` left in ``path``; the model and data load on first use."""
+
+    path: str
+    config: object
+    history: dict
+    privacy: dict
+    metrics: dict
+    data_dir: str = None
+    _model: object = None
+    _dataset: object = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            import tensorflow as tf
+
+            import lipdp  # noqa: F401  (registers the layers, losses and models)
+
+            self._model = tf.keras.models.load_model(path(self.path, MODEL))
+        return self._model
+
+    def dataset(self):
+        """The run's data set (``data_dir`` overrides the config's)."""
+        if self._dataset is None:
+            from lipdp import data
+
+            self._dataset = data.load(self.config.dataset.name, data_dir=self.data_dir or self.config.dataset.data_dir)
+        return self._dataset
+
+    @property
+    def certified(self):
+        """Whether the run's gradient mechanism certifies per-layer bounds (clipless training)."""
+        return self.model.mechanism.certifies_layer_bounds
+
+
+def read_history(path):
+    """``history.csv`` as ``{column: float array}`` (empty cells are NaN)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = rows[0].keys() if rows else []
+    return {c: np.array([float(r[c]) if r.get(c) not in (None, "") else math.nan for r in rows]) for c in columns}
+
+
+def load_run(run_dir, data_dir=None):
+    """Reads a completed run folder written by :func:`lipdp.training.run`."""
+    from lipdp import config
+
+    require_complete(run_dir)
+    return Run(path=run_dir, config=config.load(path(run_dir, CONFIG)), history=read_history(path(run_dir, HISTORY)),
+               privacy=read_json(run_dir, PRIVACY), metrics=read_json(run_dir, METRICS), data_dir=data_dir)
