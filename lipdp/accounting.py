@@ -43,11 +43,14 @@ from typing import Optional
 import dp_accounting
 from dp_accounting import dp_event
 from lipdp.errors import PrivacyParameterError
+from lipdp.sampling import SAMPLERS, sampler_class
+
+#: The sampling kinds the accountant knows (the registered samplers).
+SAMPLINGS = tuple(SAMPLERS)
 
 
 
 ACCOUNTANTS = ("rdp", "pld")
-SAMPLINGS = ("poisson", "shuffle")
 
 _MAX_NOISE_MULTIPLIER = 1e4
 # Calibration does not search below this: such noise gives epsilons in the
@@ -77,14 +80,12 @@ def _check_delta(delta):
 
 def _check_schedule(sampling_rate, steps, sampling, steps_per_epoch):
     """Validates the parameters shared by every function describing a run."""
-    _check_choice("sampling", sampling, SAMPLINGS)
+    sampler_class(sampling)  # a known kind
     if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, numbers.Real) or not 0 < sampling_rate <= 1:
         raise PrivacyParameterError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}")
     _check_count("steps", steps, 0)
     if steps_per_epoch is not None:
         _check_count("steps_per_epoch", steps_per_epoch, 1)
-    elif sampling == "shuffle":
-        raise PrivacyParameterError("steps_per_epoch is required for sampling='shuffle' (epochs are what is composed)")
 
 
 def make_accountant(accountant="rdp"):
@@ -127,11 +128,8 @@ def training_event(*, sampling_rate, noise_multiplier, steps, sampling="poisson"
     _check_positive("noise_multiplier", noise_multiplier)
     if steps == 0:
         return dp_accounting.NoOpDpEvent()
-    if sampling == "poisson":
-        step = dp_accounting.PoissonSampledDpEvent(float(sampling_rate), dp_accounting.GaussianDpEvent(float(noise_multiplier)))
-        return dp_accounting.SelfComposedDpEvent(step, int(steps))
-    epochs = -(-int(steps) // int(steps_per_epoch))
-    return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(float(noise_multiplier) / 2), epochs)
+    return sampler_class(sampling).dp_event(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier,
+                                            steps=steps, steps_per_epoch=steps_per_epoch)
 
 
 def compute_epsilon(*, sampling_rate, noise_multiplier, steps, delta, accountant="rdp", sampling="poisson",

@@ -29,7 +29,7 @@ are not covered by the guarantee.
 
 import tensorflow as tf
 
-from lipdp import accounting, mechanisms
+from lipdp import accounting, mechanisms, sampling
 from lipdp.accounting import NOISE_ALLOCATIONS, PrivacyPolicy  # noqa: F401  (their home before 0.2)
 from lipdp.errors import ModelNotSupportedError, NotPrivateError
 
@@ -194,7 +194,7 @@ class DPModelMixin:
         permutations really used when every ``fit`` starts at an epoch boundary.
         """
         steps, per_epoch = int(self.privacy_steps), self.privacy.steps_per_epoch
-        if self.privacy.sampling == "shuffle" and steps % per_epoch:
+        if not sampling.sampler_class(self.privacy.sampling).resumes_mid_epoch and steps % per_epoch:
             raise ValueError(
                 f"shuffled sampling cannot resume mid-epoch ({steps} steps, {per_epoch} per epoch): a new "
                 "permutation would reuse examples the accountant counts once; use Poisson sampling to stop "
@@ -286,8 +286,7 @@ class DPModelMixin:
         """A one-paragraph, human-readable statement of the guarantee."""
         state = self.privacy_state()
         mechanism = self.mechanism.describe()
-        adjacency = ("adding or removing one example" if state["sampling"] == "poisson"
-                     else "replacing one example (fixed-size shuffled batches, no amplification by subsampling)")
+        adjacency = sampling.sampler_class(state["sampling"]).adjacency
         return (
             f"The trained weights are ({state['epsilon']:.4g}, {state['delta']:.3g})-differentially private "
             f"with respect to {adjacency}, over {state['steps']} noisy steps on N={state['dataset_size']} examples "

@@ -17,30 +17,11 @@ one without amplification. The default ``seed=None`` draws OS entropy.
 
 import math
 
+import dp_accounting
 import numpy as np
 import tensorflow as tf
 
-from lipdp.accounting import SAMPLINGS
-
-
-def steps_per_epoch(kind, dataset_size, batch_size):
-    """The one rule for the length of an epoch, used by samplers, accounting and the CLI.
-
-    * ``"poisson"``: ``ceil(N / B)`` steps for an expected batch size ``B = q N``
-      (``ceil(1 / q)``), so that ``E`` epochs make at least ``E`` expected
-      passes over the data: ``N = 60,000, B = 256`` gives 235 steps per epoch
-      (``1 / q = 234.375``). ``1 / q`` is rounded to 9 decimals first, so an
-      exact ratio such as ``N / B = 10`` is not pushed to 11 by float rounding.
-    * ``"shuffle"``: ``N // B`` full batches (the remainder is dropped).
-
-    ``E`` epochs are ``E * steps_per_epoch`` steps; fractional epochs are not
-    a unit of training.
-    """
-    if kind == "poisson":
-        return max(1, math.ceil(round(dataset_size / batch_size, 9)))
-    if kind == "shuffle":
-        return dataset_size // batch_size
-    raise ValueError(f"unknown sampler kind {kind!r}; choose one of {', '.join(SAMPLINGS)}")
+from lipdp.errors import PrivacyParameterError
 
 
 def _check_arrays(x, y):
@@ -66,14 +47,60 @@ def _batch_dataset(generator, x, y, batch_size):
     return tf.data.Dataset.from_generator(generator, output_signature=signature).prefetch(tf.data.AUTOTUNE)
 
 
-class _SeedStream:
-    """Gives every iteration of a sampler's dataset an independent generator.
+#: ``{kind: sampler class}``; :func:`register_sampler` adds to it.
+SAMPLERS = {}
+
+
+def register_sampler(cls):
+    """Makes a sampler class known by its ``kind`` to configs, the CLI and the accountant."""
+    SAMPLERS[cls.kind] = cls
+    return cls
+
+
+def sampler_class(kind):
+    """The sampler class of ``kind``; raises :class:`lipdp.errors.PrivacyParameterError` if unknown."""
+    if kind not in SAMPLERS:
+        raise PrivacyParameterError(f"unknown sampling {kind!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[kind]
+
+
+def steps_per_epoch(kind, dataset_size, batch_size):
+    """The length of an epoch for samplers of ``kind`` (each sampler states its rule in ``epoch_length``)."""
+    return sampler_class(kind).epoch_length(dataset_size, batch_size)
+
+
+def make_sampler(kind, x, y, *, batch_size, seed=None):
+    """A sampler of ``kind`` drawing batches of (expected) size ``batch_size`` from ``(x, y)``."""
+    return sampler_class(kind).with_batch_size(x, y, batch_size, seed=seed)
+
+
+class Sampler:
+    """What a sampler states about itself for the accountant, and independent seeds per iteration.
+
+    Subclasses set ``kind``, ``adjacency`` (the neighbouring relation of the
+    guarantee, in words) and ``resumes_mid_epoch``, and implement
+    ``epoch_length``, ``dp_event`` and ``with_batch_size``.
 
     Privacy accounting assumes each step samples afresh. Restarting from the
     same seed when ``fit`` is called again (or a run resumes) would replay
-    the same batches, so each iteration draws a new child of one
-    ``np.random.SeedSequence``: reproducible for a given seed, never repeated.
+    the same batches, so each iteration of :meth:`dataset` draws a new child
+    of one ``np.random.SeedSequence``: reproducible for a given seed, never
+    repeated.
     """
+
+    kind = None
+    adjacency = None
+    #: Whether training may stop and resume at any step (else only at epoch boundaries).
+    resumes_mid_epoch = True
+
+    @staticmethod
+    def epoch_length(dataset_size, batch_size):
+        raise NotImplementedError
+
+    @classmethod
+    def dp_event(cls, *, sampling_rate, noise_multiplier, steps, steps_per_epoch):
+        """The ``DpEvent`` of ``steps >= 1`` noisy steps drawn by this kind of sampler."""
+        raise NotImplementedError
 
     def _init_seeds(self, seed):
         self.seed = seed
@@ -83,7 +110,8 @@ class _SeedStream:
         return np.random.default_rng(self._seeds.spawn(1)[0])
 
 
-class PoissonSampler(_SeedStream):
+@register_sampler
+class PoissonSampler(Sampler):
     """Poisson subsampling: each example joins each batch with probability q.
 
     Args:
@@ -98,6 +126,29 @@ class PoissonSampler(_SeedStream):
     """
 
     kind = "poisson"
+    adjacency = "adding or removing one example"
+
+    @staticmethod
+    def epoch_length(dataset_size, batch_size):
+        """``ceil(N / B)`` for an expected batch size ``B = q N``: ``E`` epochs are at least ``E`` expected passes.
+
+        ``N = 60,000, B = 256`` gives 235 steps (``1 / q = 234.375``). ``N / B``
+        is rounded to 9 decimals first, so an exact ratio such as 10 is not
+        pushed to 11 by float rounding. ``E`` epochs are ``E * epoch_length``
+        steps everywhere (sampler, accounting, CLI).
+        """
+        return max(1, math.ceil(round(dataset_size / batch_size, 9)))
+
+    @classmethod
+    def dp_event(cls, *, sampling_rate, noise_multiplier, steps, steps_per_epoch=None):
+        """``SelfComposed(PoissonSampled(q, Gaussian(sigma)), steps)``: amplification by subsampling."""
+        step = dp_accounting.PoissonSampledDpEvent(float(sampling_rate), dp_accounting.GaussianDpEvent(
+            float(noise_multiplier)))
+        return dp_accounting.SelfComposedDpEvent(step, int(steps))
+
+    @classmethod
+    def with_batch_size(cls, x, y, batch_size, seed=None):
+        return cls(x, y, expected_batch_size=batch_size, seed=seed)
 
     def __init__(self, x, y, *, sampling_rate=None, expected_batch_size=None, seed=None):
         self.x, self.y = _check_arrays(x, y)
@@ -120,8 +171,8 @@ class PoissonSampler(_SeedStream):
 
     @property
     def steps_per_epoch(self):
-        """``ceil(1 / q)``: at least one expected pass over the data (see :func:`steps_per_epoch`)."""
-        return steps_per_epoch(self.kind, self.dataset_size, self.expected_batch_size)
+        """``ceil(1 / q)``: at least one expected pass over the data (see :meth:`epoch_length`)."""
+        return self.epoch_length(self.dataset_size, self.expected_batch_size)
 
     def sample_indices(self, rng):
         """Draws one batch: sorted indices, each included with probability q.
@@ -146,7 +197,8 @@ class PoissonSampler(_SeedStream):
         return _batch_dataset(batches, self.x, self.y, None)
 
 
-class ShuffleSampler(_SeedStream):
+@register_sampler
+class ShuffleSampler(Sampler):
     """Fixed-size batches from a fresh shuffle each epoch, remainder dropped.
 
     Args:
@@ -159,6 +211,31 @@ class ShuffleSampler(_SeedStream):
     """
 
     kind = "shuffle"
+    adjacency = "replacing one example (fixed-size shuffled batches, no amplification by subsampling)"
+    resumes_mid_epoch = False
+
+    @staticmethod
+    def epoch_length(dataset_size, batch_size):
+        """``N // B`` full batches (the remainder is dropped)."""
+        return dataset_size // batch_size
+
+    @classmethod
+    def dp_event(cls, *, sampling_rate, noise_multiplier, steps, steps_per_epoch):
+        """Each epoch started is one ``Gaussian(sigma / 2)`` (replace-one: sensitivity ``2 C``).
+
+        Within an epoch an example is in one batch only; no amplification is
+        claimed (it would rest on the shuffle staying secret).
+        """
+        del sampling_rate
+        if steps_per_epoch is None:
+            raise PrivacyParameterError("steps_per_epoch is required for sampling='shuffle' (epochs are what "
+                                        "is composed)")
+        epochs = -(-int(steps) // int(steps_per_epoch))
+        return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(float(noise_multiplier) / 2), epochs)
+
+    @classmethod
+    def with_batch_size(cls, x, y, batch_size, seed=None):
+        return cls(x, y, batch_size=batch_size, seed=seed)
 
     def __init__(self, x, y, *, batch_size, seed=None):
         self.x, self.y = _check_arrays(x, y)
@@ -182,8 +259,8 @@ class ShuffleSampler(_SeedStream):
 
     @property
     def steps_per_epoch(self):
-        """Full batches per epoch, ``N // batch_size`` (see :func:`steps_per_epoch`)."""
-        return steps_per_epoch(self.kind, self.dataset_size, self.batch_size)
+        """Full batches per epoch, ``N // batch_size`` (see :meth:`epoch_length`)."""
+        return self.epoch_length(self.dataset_size, self.batch_size)
 
     def epoch_indices(self, rng):
         """Draws one epoch: an int array of shape ``(steps_per_epoch, batch_size)`` of distinct indices.
@@ -203,23 +280,3 @@ class ShuffleSampler(_SeedStream):
                     yield self.x[indices], self.y[indices]
 
         return _batch_dataset(batches, self.x, self.y, self.batch_size)
-
-
-def make_sampler(kind, x, y, *, batch_size, seed=None):
-    """Builds a sampler of the given kind.
-
-    Args:
-        kind: ``"poisson"`` (``batch_size`` is the expected batch size) or
-            ``"shuffle"``.
-        x, y: Numpy arrays with the same first dimension.
-        batch_size: Expected (poisson) or fixed (shuffle) batch size.
-        seed: Seed of the sampler's numpy generator.
-
-    Raises:
-        ValueError: ``kind`` is unknown, or the sampler rejects its arguments.
-    """
-    if kind == "poisson":
-        return PoissonSampler(x, y, expected_batch_size=batch_size, seed=seed)
-    if kind == "shuffle":
-        return ShuffleSampler(x, y, batch_size=batch_size, seed=seed)
-    raise ValueError(f"unknown sampler kind {kind!r}; choose one of {', '.join(SAMPLINGS)}")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lipdp.accounting import SAMPLINGS
+from lipdp.sampling import SAMPLERS as SAMPLINGS
 from lipdp import sampling
 from lipdp.sampling import PoissonSampler, ShuffleSampler, make_sampler
 
