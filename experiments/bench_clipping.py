@@ -65,12 +65,23 @@ def build(method, batch, dataset_size):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(dataset_size,) + INPUT_SHAPE).astype("float32")
     y = tf.one_hot(rng.integers(0, CLASSES, dataset_size), CLASSES).numpy()
-    plain = [tf.keras.Input(INPUT_SHAPE), K.Conv2D(16, 3, strides=2, padding="same", activation="relu"),
-             K.Conv2D(32, 3, strides=2, padding="same", activation="relu"), K.Flatten(), K.Dense(CLASSES)]
-    lipschitz = [tf.keras.Input(INPUT_SHAPE), L.InputNormClip(1.0),
-                 L.LipschitzConv2D(16, 3, strides=2, bias_bound=1.0), L.GroupSort(),
-                 L.LipschitzConv2D(32, 3, strides=2, bias_bound=1.0), L.GroupSort(), L.Flatten(),
-                 L.LipschitzDense(CLASSES, bias_bound=1.0)]
+    plain = [
+        tf.keras.Input(INPUT_SHAPE),
+        K.Conv2D(16, 3, strides=2, padding="same", activation="relu"),
+        K.Conv2D(32, 3, strides=2, padding="same", activation="relu"),
+        K.Flatten(),
+        K.Dense(CLASSES),
+    ]
+    lipschitz = [
+        tf.keras.Input(INPUT_SHAPE),
+        L.InputNormClip(1.0),
+        L.LipschitzConv2D(16, 3, strides=2, bias_bound=1.0),
+        L.GroupSort(),
+        L.LipschitzConv2D(32, 3, strides=2, bias_bound=1.0),
+        L.GroupSort(),
+        L.Flatten(),
+        L.LipschitzDense(CLASSES, bias_bound=1.0),
+    ]
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=batch)
     if method == "nonprivate":
         model = tf.keras.Sequential(plain)
@@ -92,10 +103,13 @@ def build(method, batch, dataset_size):
         from tensorflow_privacy import DPKerasSGDOptimizer
 
         model = tf.keras.Sequential(plain)
-        optimizer = DPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.0, num_microbatches=batch,
-                                        learning_rate=0.1)
-        model.compile(optimizer, loss=tf.keras.losses.CategoricalCrossentropy(
-            from_logits=True, reduction=tf.keras.losses.Reduction.NONE))
+        optimizer = DPKerasSGDOptimizer(
+            l2_norm_clip=1.0, noise_multiplier=1.0, num_microbatches=batch, learning_rate=0.1
+        )
+        model.compile(
+            optimizer,
+            loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction=tf.keras.losses.Reduction.NONE),
+        )
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     batch_x, batch_y = x[:batch], y[:batch]
@@ -107,8 +121,12 @@ def run_method(method, batches, warmup, steps, max_step_seconds):
     rows = []
     for batch in batches:
         if rows and rows[-1]["median_step_s"] > max_step_seconds:
-            print(f"  {method:20s} batch {batch:5d}: skipped (a step took > {max_step_seconds} s at batch "
-                  f"{rows[-1]['batch']})", file=sys.stderr, flush=True)
+            print(
+                f"  {method:20s} batch {batch:5d}: skipped (a step took > {max_step_seconds} s at batch "
+                f"{rows[-1]['batch']})",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         step = build(method, batch, dataset_size=max(batches) * 2)
         before = _peak_rss_mib()
@@ -119,11 +137,22 @@ def run_method(method, batches, warmup, steps, max_step_seconds):
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-        rows.append({"method": method, "batch": batch, "median_step_s": statistics.median(times),
-                     "min_step_s": min(times), "steps": steps,
-                     "peak_rss_mib": _peak_rss_mib(), "peak_rss_before_steps_mib": before})
-        print(f"  {method:20s} batch {batch:5d}: {1e3 * rows[-1]['median_step_s']:9.1f} ms/step", file=sys.stderr,
-              flush=True)
+        rows.append(
+            {
+                "method": method,
+                "batch": batch,
+                "median_step_s": statistics.median(times),
+                "min_step_s": min(times),
+                "steps": steps,
+                "peak_rss_mib": _peak_rss_mib(),
+                "peak_rss_before_steps_mib": before,
+            }
+        )
+        print(
+            f"  {method:20s} batch {batch:5d}: {1e3 * rows[-1]['median_step_s']:9.1f} ms/step",
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
@@ -134,8 +163,12 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--steps", type=int, help="timed steps per config (default 10, quick 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (tracing)")
-    parser.add_argument("--max-step-seconds", type=float, default=20.0,
-                        help="skip a method's larger batch sizes once its median step exceeds this")
+    parser.add_argument(
+        "--max-step-seconds",
+        type=float,
+        default=20.0,
+        help="skip a method's larger batch sizes once its median step exceeds this",
+    )
     parser.add_argument("--out", help="write results here (.csv, otherwise JSON)")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -146,16 +179,31 @@ def main(argv=None):
         print(json.dumps(run_method(args._child, batches, args.warmup, steps, args.max_step_seconds)))
         return
 
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "nproc": os.cpu_count(), "python": platform.python_version(),
-               "load_average_at_start": os.getloadavg()}
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
     command = " ".join([os.path.basename(sys.executable)] + sys.argv)
     print(f"machine: {machine}\ncommand: {command}", flush=True)
     rows = []
     for method in args.methods:
-        child = [sys.executable, os.path.abspath(__file__), "--_child", method, "--batches", *map(str, batches),
-                 "--steps", str(steps), "--warmup", str(args.warmup),
-                 "--max-step-seconds", str(args.max_step_seconds)]
+        child = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--_child",
+            method,
+            "--batches",
+            *map(str, batches),
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(args.warmup),
+            "--max-step-seconds",
+            str(args.max_step_seconds),
+        ]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         done = subprocess.run(child, capture_output=True, text=True, env=env)
         if done.returncode != 0:
@@ -164,12 +212,15 @@ def main(argv=None):
         rows.extend(json.loads(done.stdout.strip().splitlines()[-1]))
     machine["load_average_at_end"] = os.getloadavg()
 
-    print(f"\n{'method':20s} {'batch':>5s} {'ms/step':>10s} {'ms/example':>10s} {'peak RSS MiB':>12s} "
-          f"{'delta MiB':>9s}")
+    print(
+        f"\n{'method':20s} {'batch':>5s} {'ms/step':>10s} {'ms/example':>10s} {'peak RSS MiB':>12s} {'delta MiB':>9s}"
+    )
     for row in rows:
-        print(f"{row['method']:20s} {row['batch']:5d} {1e3 * row['median_step_s']:10.1f} "
-              f"{1e3 * row['median_step_s'] / row['batch']:10.3f} {row['peak_rss_mib']:12.0f} "
-              f"{row['peak_rss_mib'] - row['peak_rss_before_steps_mib']:9.0f}")
+        print(
+            f"{row['method']:20s} {row['batch']:5d} {1e3 * row['median_step_s']:10.1f} "
+            f"{1e3 * row['median_step_s'] / row['batch']:10.3f} {row['peak_rss_mib']:12.0f} "
+            f"{row['peak_rss_mib'] - row['peak_rss_before_steps_mib']:9.0f}"
+        )
     reference = 256 if 256 in batches else batches[-1]
     at = {row["method"]: row for row in rows if row["batch"] == reference}
     ratios = {}
@@ -182,14 +233,19 @@ def main(argv=None):
             if method in at:
                 ratios[f"{method} / nonprivate"] = at[method]["median_step_s"] / at["nonprivate"]["median_step_s"]
     if "nonprivate_lipschitz" in at and "clipless" in at:
-        ratios["clipless / nonprivate_lipschitz"] = (at["clipless"]["median_step_s"]
-                                                     / at["nonprivate_lipschitz"]["median_step_s"])
-    print(f"\nstep-time ratios at batch {reference} (x faster than DPKerasSGDOptimizer / x slower than non-private "
-          "training of the same network):")
+        ratios["clipless / nonprivate_lipschitz"] = (
+            at["clipless"]["median_step_s"] / at["nonprivate_lipschitz"]["median_step_s"]
+        )
+    print(
+        f"\nstep-time ratios at batch {reference} (x faster than DPKerasSGDOptimizer / x slower than non-private "
+        "training of the same network):"
+    )
     for name, value in ratios.items():
         print(f"  {name:34s} {value:7.2f}")
-    print(f"load average (1, 5, 15 min) at start {machine['load_average_at_start']}, "
-          f"at end {machine['load_average_at_end']}: other processes share these {machine['nproc']} CPUs")
+    print(
+        f"load average (1, 5, 15 min) at start {machine['load_average_at_start']}, "
+        f"at end {machine['load_average_at_end']}: other processes share these {machine['nproc']} CPUs"
+    )
 
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -199,12 +255,16 @@ def main(argv=None):
                 writer.writeheader()
                 writer.writerows(rows)
             with open(args.out[:-4] + ".meta.json", "w") as f:
-                json.dump({"machine": machine, "command": command, "ratios_batch": reference, "ratios": ratios}, f,
-                          indent=2)
+                json.dump(
+                    {"machine": machine, "command": command, "ratios_batch": reference, "ratios": ratios}, f, indent=2
+                )
         else:
             with open(args.out, "w") as f:
-                json.dump({"machine": machine, "command": command, "rows": rows, "ratios_batch": reference,
-                           "ratios": ratios}, f, indent=2)
+                json.dump(
+                    {"machine": machine, "command": command, "rows": rows, "ratios_batch": reference, "ratios": ratios},
+                    f,
+                    indent=2,
+                )
         print(f"wrote {args.out}")
 
 

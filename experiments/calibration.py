@@ -23,8 +23,11 @@ import privacy_utility as common  # noqa: E402  (banner, runs, tables shared by 
 
 def run_methods(args):
     """``[(name, overrides)]``: clipless, then each clipping rule at each norm."""
-    return [("clipless", [])] + [(f"{rule} R={norm:g}", [f"model.clipping={rule}", f"model.clip_norm={norm}"])
-                     for rule in args.rules for norm in args.clip_norms]
+    return [("clipless", [])] + [
+        (f"{rule} R={norm:g}", [f"model.clipping={rule}", f"model.clip_norm={norm}"])
+        for rule in args.rules
+        for norm in args.clip_norms
+    ]
 
 
 def plot_ece(rows, path):
@@ -75,10 +78,17 @@ def main(argv=None):
         metrics, privacy = common.private_run(common.config_path(args), overrides + noise + extra, run_dir)
         model = runs.load_run(run_dir).model
         probs = calibration.predicted_probabilities(model, dataset.x_test)
-        rows.append({"method": name, "epsilon": privacy["epsilon"], "delta": privacy["delta"],
-                     "test_accuracy": metrics["test_accuracy"],
-                     "mean_confidence": float(probs.max(axis=1).mean()),
-                     "ece": calibration.expected_calibration_error(probs, dataset.y_test), "run_dir": run_dir})
+        rows.append(
+            {
+                "method": name,
+                "epsilon": privacy["epsilon"],
+                "delta": privacy["delta"],
+                "test_accuracy": metrics["test_accuracy"],
+                "mean_confidence": float(probs.max(axis=1).mean()),
+                "ece": calibration.expected_calibration_error(probs, dataset.y_test),
+                "run_dir": run_dir,
+            }
+        )
         figure = calibration.plot_reliability(probs, dataset.y_test)
         figure.suptitle(name, fontsize=10)
         figure.tight_layout()
@@ -87,8 +97,10 @@ def main(argv=None):
 
     common.print_table(rows, ["method", "epsilon", "test_accuracy", "mean_confidence", "ece"])
     common.write_rows(os.path.join(args.out, "calibration.csv"), rows)
-    common.write_json(os.path.join(args.out, "calibration.json"),
-                      {**info, "data": dataset.source, "epochs": args.epochs, "rows": rows})
+    common.write_json(
+        os.path.join(args.out, "calibration.json"),
+        {**info, "data": dataset.source, "epochs": args.epochs, "rows": rows},
+    )
     plot_ece(rows, os.path.join(args.out, "calibration.png"))
     print(f"results in {args.out}/calibration.{{csv,json,png}} and reliability-*.png")
 

@@ -36,9 +36,14 @@ def banner():
     """Prints the machine and the exact command; returns them for the results file."""
     import tensorflow as tf
 
-    info = {"machine": platform.platform(), "nproc": os.cpu_count(), "python": platform.python_version(),
-            "tensorflow": tf.__version__, "gpus": len(tf.config.list_physical_devices("GPU")),
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+    info = {
+        "machine": platform.platform(),
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "gpus": len(tf.config.list_physical_devices("GPU")),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
     print(f"machine: {info['machine']}, nproc={info['nproc']}, GPUs={info['gpus']}, TF {info['tensorflow']}")
     print(f"command: {info['command']}")
     return info
@@ -95,13 +100,19 @@ def shared_noise_multiplier(cfg, dataset, epsilon):
     """The noise multiplier reaching ``epsilon`` after ``cfg``'s epochs (same for every method)."""
     from lipdp import accounting, sampling
 
-    sampler = sampling.make_sampler(cfg.sampling.kind, dataset.x_train, dataset.y_train,
-                                    batch_size=cfg.sampling.batch_size)
+    sampler = sampling.make_sampler(
+        cfg.sampling.kind, dataset.x_train, dataset.y_train, batch_size=cfg.sampling.batch_size
+    )
     delta = cfg.privacy.delta if cfg.privacy.delta is not None else 0.1 / sampler.dataset_size
     return accounting.calibrate_noise_multiplier(
-        target_epsilon=epsilon, delta=delta, sampling_rate=sampler.sampling_rate,
-        steps=cfg.training.epochs * sampler.steps_per_epoch, accountant=cfg.privacy.accountant,
-        sampling=sampler.kind, steps_per_epoch=sampler.steps_per_epoch)
+        target_epsilon=epsilon,
+        delta=delta,
+        sampling_rate=sampler.sampling_rate,
+        steps=cfg.training.epochs * sampler.steps_per_epoch,
+        accountant=cfg.privacy.accountant,
+        sampling=sampler.kind,
+        steps_per_epoch=sampler.steps_per_epoch,
+    )
 
 
 def private_run(config_file, overrides, out_dir):
@@ -123,10 +134,12 @@ def non_private_accuracy(cfg, dataset):
     tf.keras.utils.set_random_seed(cfg.training.seed)
     model = tf.keras.Sequential(training.build_layers(cfg, dataset.input_shape))
     optimizer = tf.keras.optimizers.get(
-        {"class_name": cfg.optimizer.name, "config": {"learning_rate": cfg.optimizer.learning_rate}})
+        {"class_name": cfg.optimizer.name, "config": {"learning_rate": cfg.optimizer.learning_rate}}
+    )
     model.compile(optimizer, loss=getattr(losses, cfg.loss.type)(**cfg.loss.params), metrics=["accuracy"])
-    model.fit(dataset.x_train, dataset.y_train, batch_size=cfg.sampling.batch_size, epochs=cfg.training.epochs,
-              verbose=0)
+    model.fit(
+        dataset.x_train, dataset.y_train, batch_size=cfg.sampling.batch_size, epochs=cfg.training.epochs, verbose=0
+    )
     return float(model.evaluate(dataset.x_test, dataset.y_test, verbose=0)[1])
 
 
@@ -157,8 +170,12 @@ def main(argv=None):
     parser.add_argument("--data-dir", help="local folder with the dataset files")
     parser.add_argument("--config", help="config file (default configs/<dataset>.yaml)")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
-    parser.add_argument("--methods", nargs="+", default=["clipless", *CLIPPING_RULES],
-                        help="clipless and any of flat, automatic, global")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["clipless", *CLIPPING_RULES],
+        help="clipless and any of flat, automatic, global",
+    )
     parser.add_argument("--clip-norm", type=float, default=1.0, help="clipping threshold R of the baselines")
     parser.add_argument("--epochs", type=int, help="default: the config's")
     parser.add_argument("--seed", type=int, default=0)
@@ -183,22 +200,44 @@ def main(argv=None):
     for epsilon in args.epsilons:
         sigma = shared_noise_multiplier(cfg, dataset, epsilon)
         for name, extra in methods(args.methods):
-            noise = ["privacy.target_epsilon=null", f"privacy.noise_multiplier={sigma!r}",
-                     f"model.clip_norm={args.clip_norm}"]
+            noise = [
+                "privacy.target_epsilon=null",
+                f"privacy.noise_multiplier={sigma!r}",
+                f"model.clip_norm={args.clip_norm}",
+            ]
             run_dir = os.path.join(args.out, "runs", f"{name}-eps{epsilon:g}")
             metrics, privacy = private_run(config_path(args), overrides + noise + extra, run_dir)
-            rows.append({"method": name, "target_epsilon": epsilon, "epsilon": privacy["epsilon"],
-                         "delta": privacy["delta"], "noise_multiplier": privacy["noise_multiplier"],
-                         "test_accuracy": metrics["test_accuracy"], "run_dir": run_dir})
+            rows.append(
+                {
+                    "method": name,
+                    "target_epsilon": epsilon,
+                    "epsilon": privacy["epsilon"],
+                    "delta": privacy["delta"],
+                    "noise_multiplier": privacy["noise_multiplier"],
+                    "test_accuracy": metrics["test_accuracy"],
+                    "run_dir": run_dir,
+                }
+            )
             print(f"  {name:<10} eps={privacy['epsilon']:.3g} accuracy={metrics['test_accuracy']:.4f}", flush=True)
     non_private = non_private_accuracy(cfg, dataset)
-    rows.append({"method": "non-private", "target_epsilon": None, "epsilon": None, "delta": None,
-                 "noise_multiplier": None, "test_accuracy": non_private, "run_dir": ""})
+    rows.append(
+        {
+            "method": "non-private",
+            "target_epsilon": None,
+            "epsilon": None,
+            "delta": None,
+            "noise_multiplier": None,
+            "test_accuracy": non_private,
+            "run_dir": "",
+        }
+    )
 
     print_table(rows, ["method", "target_epsilon", "epsilon", "noise_multiplier", "test_accuracy"])
     write_rows(os.path.join(args.out, "privacy_utility.csv"), rows)
-    write_json(os.path.join(args.out, "privacy_utility.json"),
-               {**info, "data": dataset.source, "epochs": args.epochs, "clip_norm": args.clip_norm, "rows": rows})
+    write_json(
+        os.path.join(args.out, "privacy_utility.json"),
+        {**info, "data": dataset.source, "epochs": args.epochs, "clip_norm": args.clip_norm, "rows": rows},
+    )
     plot(rows[:-1], non_private, os.path.join(args.out, "privacy_utility.png"))
     print(f"results in {args.out}/privacy_utility.{{csv,json,png}}")
 

@@ -36,9 +36,14 @@ def with_ratios(rows):
     out = []
     for row in rows:
         base = reference.get(row["batch"])
-        out.append({**row, "ms_per_step": 1e3 * row["median_step_s"],
-                    "time_ratio": row["median_step_s"] / base["median_step_s"] if base else None,
-                    "memory_ratio": row["peak_rss_mib"] / base["peak_rss_mib"] if base else None})
+        out.append(
+            {
+                **row,
+                "ms_per_step": 1e3 * row["median_step_s"],
+                "time_ratio": row["median_step_s"] / base["median_step_s"] if base else None,
+                "memory_ratio": row["peak_rss_mib"] / base["peak_rss_mib"] if base else None,
+            }
+        )
     return out
 
 
@@ -48,8 +53,9 @@ def plot(rows, path):
 
     figure = Figure(figsize=(10, 3.8))
     FigureCanvasAgg(figure)
-    for position, (key, label) in enumerate((("ms_per_step", "median step time (ms)"),
-                                             ("peak_rss_mib", "peak RSS (MiB, process)"))):
+    for position, (key, label) in enumerate(
+        (("ms_per_step", "median step time (ms)"), ("peak_rss_mib", "peak RSS (MiB, process)"))
+    ):
         axes = figure.add_subplot(1, 2, position + 1)
         common.plot_methods(axes, rows, "batch", key, "batch size", label)
         axes.set_yscale("log" if key == "ms_per_step" else "linear")
@@ -63,8 +69,12 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="*", help="batch sizes (default 32..1024)")
     parser.add_argument("--methods", nargs="*", default=list(bench_clipping.METHODS), choices=bench_clipping.METHODS)
     parser.add_argument("--steps", type=int, help="timed steps per batch size (default 10, quick 5)")
-    parser.add_argument("--max-step-seconds", type=float, default=20.0,
-                        help="skip a method's larger batch sizes once its median step exceeds this")
+    parser.add_argument(
+        "--max-step-seconds",
+        type=float,
+        default=20.0,
+        help="skip a method's larger batch sizes once its median step exceeds this",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -84,8 +94,9 @@ def main(argv=None):
     print("\nratios to non-private training at the same batch size:")
     common.print_table(rows, ["method", "batch", "ms_per_step", "time_ratio", "peak_rss_mib", "memory_ratio"])
     common.write_rows(os.path.join(args.out, "speed.csv"), rows)
-    common.write_json(os.path.join(args.out, "speed.json"), {**info, "bench_machine": measured["machine"],
-                                                             "rows": rows})
+    common.write_json(
+        os.path.join(args.out, "speed.json"), {**info, "bench_machine": measured["machine"], "rows": rows}
+    )
     plot(rows, os.path.join(args.out, "speed.png"))
     print(f"results in {args.out}/speed.{{csv,json,png}}")
 

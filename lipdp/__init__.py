@@ -19,6 +19,19 @@ from lipdp.sampling import PoissonSampler, ShuffleSampler
 __version__ = "0.1.0"
 
 __all__ = [
-    "DPModel", "DPSequential", "LipdpError", "PoissonSampler", "PrivacyPolicy", "ShuffleSampler",
-    "accounting", "callbacks", "clipping", "data", "errors", "layers", "losses", "mechanisms", "sensitivity",
+    "DPModel",
+    "DPSequential",
+    "LipdpError",
+    "PoissonSampler",
+    "PrivacyPolicy",
+    "ShuffleSampler",
+    "accounting",
+    "callbacks",
+    "clipping",
+    "data",
+    "errors",
+    "layers",
+    "losses",
+    "mechanisms",
+    "sensitivity",
 ]

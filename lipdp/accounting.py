@@ -42,12 +42,12 @@ from typing import Optional
 
 import dp_accounting
 from dp_accounting import dp_event
+
 from lipdp.errors import PrivacyParameterError
 from lipdp.sampling import SAMPLERS, sampler_class
 
 #: The sampling kinds the accountant knows (the registered samplers).
 SAMPLINGS = tuple(SAMPLERS)
-
 
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -128,12 +128,14 @@ def training_event(*, sampling_rate, noise_multiplier, steps, sampling="poisson"
     _check_positive("noise_multiplier", noise_multiplier)
     if steps == 0:
         return dp_accounting.NoOpDpEvent()
-    return sampler_class(sampling).dp_event(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier,
-                                            steps=steps, steps_per_epoch=steps_per_epoch)
+    return sampler_class(sampling).dp_event(
+        sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps, steps_per_epoch=steps_per_epoch
+    )
 
 
-def compute_epsilon(*, sampling_rate, noise_multiplier, steps, delta, accountant="rdp", sampling="poisson",
-                    steps_per_epoch=None):
+def compute_epsilon(
+    *, sampling_rate, noise_multiplier, steps, delta, accountant="rdp", sampling="poisson", steps_per_epoch=None
+):
     """Epsilon spent by a training run, at the given delta.
 
     Args:
@@ -149,13 +151,19 @@ def compute_epsilon(*, sampling_rate, noise_multiplier, steps, delta, accountant
         PrivacyParameterError: A parameter is invalid.
     """
     _check_delta(delta)
-    event = training_event(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps,
-                           sampling=sampling, steps_per_epoch=steps_per_epoch)
+    event = training_event(
+        sampling_rate=sampling_rate,
+        noise_multiplier=noise_multiplier,
+        steps=steps,
+        sampling=sampling,
+        steps_per_epoch=steps_per_epoch,
+    )
     return float(make_accountant(accountant).compose(event).get_epsilon(delta))
 
 
-def calibrate_noise_multiplier(*, target_epsilon, delta, sampling_rate, steps, accountant="rdp", sampling="poisson",
-                               steps_per_epoch=None):
+def calibrate_noise_multiplier(
+    *, target_epsilon, delta, sampling_rate, steps, accountant="rdp", sampling="poisson", steps_per_epoch=None
+):
     """Smallest noise multiplier whose run spends at most ``target_epsilon``.
 
     The search is done by ``dp_accounting.calibrate_dp_mechanism`` (Brent's
@@ -183,12 +191,20 @@ def calibrate_noise_multiplier(*, target_epsilon, delta, sampling_rate, steps, a
     _check_schedule(sampling_rate, steps, sampling, steps_per_epoch)
     _check_count("steps", steps, 1)
     _check_choice("accountant", accountant, ACCOUNTANTS)
-    make_event = functools.partial(training_event, sampling_rate=sampling_rate, steps=steps, sampling=sampling,
-                                   steps_per_epoch=steps_per_epoch)
+    make_event = functools.partial(
+        training_event, sampling_rate=sampling_rate, steps=steps, sampling=sampling, steps_per_epoch=steps_per_epoch
+    )
 
     def epsilon(noise_multiplier):
-        return compute_epsilon(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps, delta=delta,
-                               accountant=accountant, sampling=sampling, steps_per_epoch=steps_per_epoch)
+        return compute_epsilon(
+            sampling_rate=sampling_rate,
+            noise_multiplier=noise_multiplier,
+            steps=steps,
+            delta=delta,
+            accountant=accountant,
+            sampling=sampling,
+            steps_per_epoch=steps_per_epoch,
+        )
 
     low = high = 1.0
     if epsilon(high) > target_epsilon:
@@ -199,7 +215,8 @@ def calibrate_noise_multiplier(*, target_epsilon, delta, sampling_rate, steps, a
         else:
             raise PrivacyParameterError(
                 f"target_epsilon={target_epsilon} cannot be reached over {steps} steps at delta={delta}, even with "
-                f"noise_multiplier={_MAX_NOISE_MULTIPLIER:g}; train for fewer steps/epochs or allow a larger epsilon")
+                f"noise_multiplier={_MAX_NOISE_MULTIPLIER:g}; train for fewer steps/epochs or allow a larger epsilon"
+            )
     else:
         while low > _MIN_NOISE_MULTIPLIER:
             low, high = low / 2, low
@@ -207,12 +224,20 @@ def calibrate_noise_multiplier(*, target_epsilon, delta, sampling_rate, steps, a
                 break
         else:
             return _MIN_NOISE_MULTIPLIER
-    noise_multiplier = float(dp_accounting.calibrate_dp_mechanism(
-        functools.partial(make_accountant, accountant), lambda sigma: make_event(noise_multiplier=sigma),
-        target_epsilon, delta, dp_accounting.ExplicitBracketInterval(low, high)))
+    noise_multiplier = float(
+        dp_accounting.calibrate_dp_mechanism(
+            functools.partial(make_accountant, accountant),
+            lambda sigma: make_event(noise_multiplier=sigma),
+            target_epsilon,
+            delta,
+            dp_accounting.ExplicitBracketInterval(low, high),
+        )
+    )
     if epsilon(noise_multiplier) > target_epsilon:
-        raise RuntimeError(f"calibrate_dp_mechanism returned noise_multiplier={noise_multiplier}, which exceeds "
-                           f"target_epsilon={target_epsilon}")
+        raise RuntimeError(
+            f"calibrate_dp_mechanism returned noise_multiplier={noise_multiplier}, which exceeds "
+            f"target_epsilon={target_epsilon}"
+        )
     return noise_multiplier
 
 
@@ -237,8 +262,17 @@ def _largest_within(epsilon_of, budget, infeasible):
     return feasible
 
 
-def max_steps(*, epsilon_budget, delta, sampling_rate, noise_multiplier, accountant="rdp", sampling="poisson",
-              steps_per_epoch=None, upper=10**7):
+def max_steps(
+    *,
+    epsilon_budget,
+    delta,
+    sampling_rate,
+    noise_multiplier,
+    accountant="rdp",
+    sampling="poisson",
+    steps_per_epoch=None,
+    upper=10**7,
+):
     """Largest number of steps that spends at most ``epsilon_budget``.
 
     The result ``s`` is exact: ``eps(s) <= epsilon_budget < eps(s + 1)``,
@@ -272,16 +306,24 @@ def max_steps(*, epsilon_budget, delta, sampling_rate, noise_multiplier, account
     unit = int(steps_per_epoch) if sampling == "shuffle" else 1
 
     def epsilon(steps):
-        return compute_epsilon(sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps, delta=delta,
-                               accountant=accountant, sampling=sampling, steps_per_epoch=steps_per_epoch)
+        return compute_epsilon(
+            sampling_rate=sampling_rate,
+            noise_multiplier=noise_multiplier,
+            steps=steps,
+            delta=delta,
+            accountant=accountant,
+            sampling=sampling,
+            steps_per_epoch=steps_per_epoch,
+        )
 
     # Search [0, ceil(upper / unit)] without evaluating the (slow, for PLD) far end first.
     units = _largest_within(lambda n: epsilon(n * unit), epsilon_budget, -(-int(upper) // unit) + 1)
     return min(units * unit, int(upper))
 
 
-def epochs_for_budget(*, epsilon_budget, delta, sampling_rate, noise_multiplier, steps_per_epoch, accountant="rdp",
-                      sampling="poisson"):
+def epochs_for_budget(
+    *, epsilon_budget, delta, sampling_rate, noise_multiplier, steps_per_epoch, accountant="rdp", sampling="poisson"
+):
     """Number of whole epochs that fit in ``epsilon_budget``.
 
     Args:
@@ -292,9 +334,15 @@ def epochs_for_budget(*, epsilon_budget, delta, sampling_rate, noise_multiplier,
         ``max_steps(...) // steps_per_epoch``.
     """
     _check_count("steps_per_epoch", steps_per_epoch, 1)
-    steps = max_steps(epsilon_budget=epsilon_budget, delta=delta, sampling_rate=sampling_rate,
-                      noise_multiplier=noise_multiplier, accountant=accountant, sampling=sampling,
-                      steps_per_epoch=steps_per_epoch)
+    steps = max_steps(
+        epsilon_budget=epsilon_budget,
+        delta=delta,
+        sampling_rate=sampling_rate,
+        noise_multiplier=noise_multiplier,
+        accountant=accountant,
+        sampling=sampling,
+        steps_per_epoch=steps_per_epoch,
+    )
     return steps // steps_per_epoch
 
 
@@ -312,7 +360,8 @@ def validate_delta(delta, dataset_size):
     if delta >= 1 / dataset_size:
         raise PrivacyParameterError(
             f"delta={delta!r} must be below 1/dataset_size = {1 / dataset_size:.3g}: with delta >= 1/N, releasing one "
-            f"training example outright satisfies (0, delta)-DP; use e.g. delta <= 1/(10 N) = {0.1 / dataset_size:.3g}")
+            f"training example outright satisfies (0, delta)-DP; use e.g. delta <= 1/(10 N) = {0.1 / dataset_size:.3g}"
+        )
 
 
 def _named_tuple_to_json(value):
@@ -389,9 +438,15 @@ class PrivacyPolicy:
         compute_epsilon(**self._accounting_args(steps=1))  # validates the rest
 
     def _accounting_args(self, steps):
-        return dict(sampling_rate=self.sampling_rate, noise_multiplier=self.noise_multiplier, steps=steps,
-                    delta=self.delta, accountant=self.accountant, sampling=self.sampling,
-                    steps_per_epoch=self.steps_per_epoch)
+        return dict(
+            sampling_rate=self.sampling_rate,
+            noise_multiplier=self.noise_multiplier,
+            steps=steps,
+            delta=self.delta,
+            accountant=self.accountant,
+            sampling=self.sampling,
+            steps_per_epoch=self.steps_per_epoch,
+        )
 
     def epsilon(self, steps):
         """Epsilon spent after ``steps`` noisy steps."""
@@ -414,8 +469,17 @@ class PrivacyPolicy:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_sampler(cls, sampler, *, noise_multiplier=None, target_epsilon=None, epochs=None, delta=None,
-                     accountant="rdp", noise_allocation="global"):
+    def from_sampler(
+        cls,
+        sampler,
+        *,
+        noise_multiplier=None,
+        target_epsilon=None,
+        epochs=None,
+        delta=None,
+        accountant="rdp",
+        noise_allocation="global",
+    ):
         """Policy for ``sampler``; the noise is given or calibrated to a target epsilon.
 
         ``delta`` defaults to ``1 / (10 N)``. With ``target_epsilon``, ``epochs``
@@ -432,16 +496,26 @@ class PrivacyPolicy:
                 raise ValueError("target_epsilon needs the number of epochs to calibrate the noise")
             planned_steps = int(epochs) * sampler.steps_per_epoch
             noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=target_epsilon, delta=delta, sampling_rate=sampler.sampling_rate,
-                steps=planned_steps, accountant=accountant, sampling=sampler.kind,
-                steps_per_epoch=sampler.steps_per_epoch)
+                target_epsilon=target_epsilon,
+                delta=delta,
+                sampling_rate=sampler.sampling_rate,
+                steps=planned_steps,
+                accountant=accountant,
+                sampling=sampler.kind,
+                steps_per_epoch=sampler.steps_per_epoch,
+            )
         elif epochs is not None:
             raise ValueError("epochs is only used to calibrate a target_epsilon; the noise multiplier is given")
-        return cls(noise_multiplier=float(noise_multiplier), delta=float(delta),
-                   dataset_size=int(sampler.dataset_size), sampling=sampler.kind,
-                   sampling_rate=float(sampler.sampling_rate),
-                   expected_batch_size=float(sampler.expected_batch_size),
-                   steps_per_epoch=int(sampler.steps_per_epoch), accountant=accountant,
-                   noise_allocation=noise_allocation,
-                   target_epsilon=None if target_epsilon is None else float(target_epsilon),
-                   planned_steps=planned_steps)
+        return cls(
+            noise_multiplier=float(noise_multiplier),
+            delta=float(delta),
+            dataset_size=int(sampler.dataset_size),
+            sampling=sampler.kind,
+            sampling_rate=float(sampler.sampling_rate),
+            expected_batch_size=float(sampler.expected_batch_size),
+            steps_per_epoch=int(sampler.steps_per_epoch),
+            accountant=accountant,
+            noise_allocation=noise_allocation,
+            target_epsilon=None if target_epsilon is None else float(target_epsilon),
+            planned_steps=planned_steps,
+        )

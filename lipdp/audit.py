@@ -29,7 +29,6 @@ the data owner and are **not** covered by the privacy guarantee.
 """
 
 import dataclasses
-import json
 import math
 import os
 
@@ -89,7 +88,7 @@ def auc_bound(epsilon, delta):
     e = math.exp(epsilon)
     x_star = (1.0 - delta) / (e + 1.0)
     rest = 1.0 - delta - x_star
-    return min(1.0, e * x_star ** 2 / 2 + delta * x_star + rest - rest ** 2 / (2 * e) + delta)
+    return min(1.0, e * x_star**2 / 2 + delta * x_star + rest - rest**2 / (2 * e) + delta)
 
 
 def _check(epsilon, delta):
@@ -133,9 +132,14 @@ class AttackData:
         rng = np.random.default_rng(seed)
         keep_in = np.sort(rng.permutation(len(self.loss_members))[:n])
         keep_out = np.sort(rng.permutation(len(self.loss_nonmembers))[:n])
-        return AttackData(self.logits_members[keep_in], self.loss_members[keep_in], self.labels_members[keep_in],
-                          self.logits_nonmembers[keep_out], self.loss_nonmembers[keep_out],
-                          self.labels_nonmembers[keep_out])
+        return AttackData(
+            self.logits_members[keep_in],
+            self.loss_members[keep_in],
+            self.labels_members[keep_in],
+            self.logits_nonmembers[keep_out],
+            self.loss_nonmembers[keep_out],
+            self.labels_nonmembers[keep_out],
+        )
 
 
 def model_outputs(model, x, y, batch_size=512):
@@ -180,14 +184,19 @@ def _tf_privacy_attacks(data):
     from tensorflow_privacy.privacy.privacy_tests.membership_inference_attack import membership_inference_attack as mia
 
     attack_input = ds.AttackInputData(
-        logits_train=data.logits_members, logits_test=data.logits_nonmembers,
-        loss_train=data.loss_members, loss_test=data.loss_nonmembers,
-        labels_train=data.labels_members, labels_test=data.labels_nonmembers)
+        logits_train=data.logits_members,
+        logits_test=data.logits_nonmembers,
+        loss_train=data.loss_members,
+        loss_test=data.loss_nonmembers,
+        labels_train=data.labels_members,
+        labels_test=data.labels_nonmembers,
+    )
     types = {"threshold": ds.AttackType.THRESHOLD_ATTACK, "logistic_regression": ds.AttackType.LOGISTIC_REGRESSION}
     results = mia.run_attacks(attack_input, ds.SlicingSpec(entire_dataset=True), attack_types=list(types.values()))
     by_type = {r.attack_type: r for r in results.single_attack_results}
-    return {name: (float(by_type[t].get_auc()), float(by_type[t].get_attacker_advantage()))
-            for name, t in types.items()}
+    return {
+        name: (float(by_type[t].get_auc()), float(by_type[t].get_attacker_advantage())) for name, t in types.items()
+    }
 
 
 def run_attacks(data, seed=0, backend="auto"):
@@ -218,14 +227,25 @@ def audit(data, epsilon, delta, seed=0, backend="auto", confidence=0.95):
     for name, (auc, advantage) in results.items():
         auc_excess = max(auc - auc_max, (1.0 - auc_max) - auc)
         attacks[name] = {
-            "auc": auc, "advantage": advantage,
+            "auc": auc,
+            "advantage": advantage,
             "above_bound_raw": bool(advantage > adv_max or auc_excess > 0),
             "exceeds_bound": bool(advantage > adv_max + margins["advantage"] or auc_excess > margins["auc"]),
         }
-    return {"epsilon": float(epsilon), "delta": float(delta), "advantage_bound": adv_max, "auc_bound": auc_max,
-            "margins": margins, "members": n, "nonmembers": n, "backend": used, "seed": seed,
-            "attacks": attacks, "exceeds_bound": any(a["exceeds_bound"] for a in attacks.values()),
-            "note": "computed on the private training data (members): a diagnostic, not covered by the guarantee"}
+    return {
+        "epsilon": float(epsilon),
+        "delta": float(delta),
+        "advantage_bound": adv_max,
+        "auc_bound": auc_max,
+        "margins": margins,
+        "members": n,
+        "nonmembers": n,
+        "backend": used,
+        "seed": seed,
+        "attacks": attacks,
+        "exceeds_bound": any(a["exceeds_bound"] for a in attacks.values()),
+        "note": "computed on the private training data (members): a diagnostic, not covered by the guarantee",
+    }
 
 
 def audit_run(run, seed=0, backend="auto", write=True, data_dir=None):
@@ -243,9 +263,11 @@ def audit_run(run, seed=0, backend="auto", write=True, data_dir=None):
 
 def summary(result):
     """A few human-readable lines for the command line."""
-    lines = [f"membership inference ({result['backend']}, {result['members']} members vs "
-             f"{result['nonmembers']} non-members), (eps={result['epsilon']:.4g}, delta={result['delta']:.3g}) "
-             f"allows advantage <= {result['advantage_bound']:.4f}, AUC <= {result['auc_bound']:.4f}"]
+    lines = [
+        f"membership inference ({result['backend']}, {result['members']} members vs "
+        f"{result['nonmembers']} non-members), (eps={result['epsilon']:.4g}, delta={result['delta']:.3g}) "
+        f"allows advantage <= {result['advantage_bound']:.4f}, AUC <= {result['auc_bound']:.4f}"
+    ]
     for name, attack in result["attacks"].items():
         flag = "  EXCEEDS THE DP BOUND (bug?)" if attack["exceeds_bound"] else ""
         lines.append(f"  {name:<20} AUC {attack['auc']:.4f}  advantage {attack['advantage']:.4f}{flag}")

@@ -64,8 +64,15 @@ def plot_reliability(probs, labels, bins=15):
     axes = figure.add_subplot()
     edges = np.linspace(0, 1, bins + 1)
     filled = counts > 0
-    axes.bar(edges[:-1][filled], accuracy[filled], width=1 / bins, align="edge", edgecolor="black",
-             alpha=0.7, label="accuracy")
+    axes.bar(
+        edges[:-1][filled],
+        accuracy[filled],
+        width=1 / bins,
+        align="edge",
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy",
+    )
     axes.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     axes.plot(confidence[filled], accuracy[filled], "o", color="C3", markersize=3, label="(confidence, accuracy)")
     axes.set_xlabel("confidence")

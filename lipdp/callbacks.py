@@ -22,7 +22,6 @@ import tensorflow as tf
 from lipdp.errors import PrivacyBudgetExhausted
 
 
-
 class PrivacyLedger(tf.keras.callbacks.Callback):
     """Adds ``epsilon`` and ``delta`` (spent so far) to every epoch's logs.
 
@@ -45,7 +44,8 @@ class PrivacyLedger(tf.keras.callbacks.Callback):
             raise PrivacyBudgetExhausted(
                 f"the noise was calibrated for {self.model.privacy.planned_steps} steps to reach "
                 f"epsilon={self.model.privacy.target_epsilon}, and they were all taken; "
-                "to train longer, start from fresh weights with a plan of more epochs")
+                "to train longer, start from fresh weights with a plan of more epochs"
+            )
         self._checked = True
 
     def on_train_batch_end(self, batch, logs=None):
@@ -78,7 +78,8 @@ class BudgetStop(tf.keras.callbacks.Callback):
         if int(self.model.privacy_steps) >= self.max_steps:
             raise PrivacyBudgetExhausted(
                 f"the budget epsilon={self.epsilon_budget} allows {self.max_steps} steps and "
-                f"{int(self.model.privacy_steps)} were already taken (epsilon={self.model.epsilon():.4g})")
+                f"{int(self.model.privacy_steps)} were already taken (epsilon={self.model.epsilon():.4g})"
+            )
 
     def on_train_batch_end(self, batch, logs=None):
         if int(self.model.privacy_steps) >= self.max_steps:
@@ -86,8 +87,10 @@ class BudgetStop(tf.keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         if self.verbose and int(self.model.privacy_steps) >= self.max_steps:
-            print(f"BudgetStop: stopped after {int(self.model.privacy_steps)} steps, "
-                  f"epsilon={self.model.epsilon():.4g} <= budget {self.epsilon_budget}")
+            print(
+                f"BudgetStop: stopped after {int(self.model.privacy_steps)} steps, "
+                f"epsilon={self.model.epsilon():.4g} <= budget {self.epsilon_budget}"
+            )
 
 
 class GradientNoiseMonitor(tf.keras.callbacks.Callback):
@@ -115,8 +118,10 @@ class GradientNoiseMonitor(tf.keras.callbacks.Callback):
         if self._batch is None:
             size = max(1, min(len(self.x_heldout), int(round(self.model.privacy.expected_batch_size))))
             index = np.random.default_rng(self.seed).permutation(len(self.x_heldout))[:size]
-            self._batch = (tf.constant(self.x_heldout[index], tf.float32),
-                           tf.constant(self.y_heldout[index], tf.float32))
+            self._batch = (
+                tf.constant(self.x_heldout[index], tf.float32),
+                tf.constant(self.y_heldout[index], tf.float32),
+            )
         return self._batch
 
     def ratio(self):
@@ -127,7 +132,7 @@ class GradientNoiseMonitor(tf.keras.callbacks.Callback):
         grad_norm = scale * float(tf.norm(tf.stack([tf.norm(tf.cast(g, tf.float64)) for g in sums])))
         stds = self.model.noise_stddevs(bounds)
         noise_sq = sum(float(std) ** 2 * int(tf.size(g)) for std, g in zip(stds, sums))
-        return grad_norm / max(noise_sq ** 0.5, 1e-300)
+        return grad_norm / max(noise_sq**0.5, 1e-300)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and getattr(self.model, "privacy", None) is not None:

@@ -28,8 +28,10 @@ def _train(args):
         cfg.dataset.data_dir = args.data_dir  # a path, not a YAML value
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     model, metrics = training.run(cfg, out, verbose=args.verbose)
-    print(f"\ntest accuracy {metrics['test_accuracy']:.4f} on {metrics['test_size']} held-out examples "
-          f"({metrics['data']})")
+    print(
+        f"\ntest accuracy {metrics['test_accuracy']:.4f} on {metrics['test_size']} held-out examples "
+        f"({metrics['data']})"
+    )
     print(model.privacy_statement())
     print(f"artefacts written to {out}/")
 
@@ -52,25 +54,36 @@ def _privacy(args):
         raise SystemExit("--epochs must be >= 1")
     rate = args.batch_size / args.dataset_size
     steps_per_epoch = sampling.steps_per_epoch(args.sampling, args.dataset_size, args.batch_size)
-    common = dict(delta=args.delta, sampling_rate=rate, steps=args.epochs * steps_per_epoch,
-                  accountant=args.accountant, sampling=args.sampling, steps_per_epoch=steps_per_epoch)
-    print(f"sampling: {args.sampling}, rate q={rate:.6g}, {common['steps']} steps "
-          f"({steps_per_epoch} per epoch), accountant: {args.accountant}")
+    common = dict(
+        delta=args.delta,
+        sampling_rate=rate,
+        steps=args.epochs * steps_per_epoch,
+        accountant=args.accountant,
+        sampling=args.sampling,
+        steps_per_epoch=steps_per_epoch,
+    )
+    print(
+        f"sampling: {args.sampling}, rate q={rate:.6g}, {common['steps']} steps "
+        f"({steps_per_epoch} per epoch), accountant: {args.accountant}"
+    )
     if args.noise_multiplier is not None:
         epsilon = accounting.compute_epsilon(noise_multiplier=args.noise_multiplier, **common)
         print(f"epsilon = {epsilon:.6g} at delta = {args.delta:g} with noise multiplier {args.noise_multiplier:g}")
     else:
         sigma = _round_up(accounting.calibrate_noise_multiplier(target_epsilon=args.target_epsilon, **common))
         epsilon = accounting.compute_epsilon(noise_multiplier=sigma, **common)  # of the printed value
-        print(f"noise multiplier = {sigma:.6g} reaches epsilon = {epsilon:.6g} <= {args.target_epsilon:g} "
-              f"at delta = {args.delta:g}")
+        print(
+            f"noise multiplier = {sigma:.6g} reaches epsilon = {epsilon:.6g} <= {args.target_epsilon:g} "
+            f"at delta = {args.delta:g}"
+        )
 
 
 def _report(args):
     from lipdp import reports, runs
 
-    paths = reports.make_report(runs.require_complete(args.run_dir), audit=not args.no_audit, data_dir=args.data_dir,
-                                public=args.public)
+    paths = reports.make_report(
+        runs.require_complete(args.run_dir), audit=not args.no_audit, data_dir=args.data_dir, public=args.public
+    )
     print(f"report written to {paths['html']} and {paths['md']}")
 
 
@@ -97,8 +110,12 @@ def parser():
     privacy = commands.add_parser("privacy", help="epsilon for a noise level, or the noise for a target epsilon")
     privacy.add_argument("--dataset-size", type=int, required=True)
     privacy.add_argument("--batch-size", type=int, required=True, help="expected batch size")
-    privacy.add_argument("--epochs", type=int, required=True,
-                         help="whole epochs; an epoch is ceil(N / B) Poisson steps or N // B shuffled batches")
+    privacy.add_argument(
+        "--epochs",
+        type=int,
+        required=True,
+        help="whole epochs; an epoch is ceil(N / B) Poisson steps or N // B shuffled batches",
+    )
     privacy.add_argument("--noise-multiplier", type=float)
     privacy.add_argument("--target-epsilon", type=float)
     privacy.add_argument("--delta", type=float, required=True)
@@ -109,9 +126,12 @@ def parser():
     report = commands.add_parser("report", help="HTML and Markdown report of a run folder")
     report.add_argument("run_dir")
     report.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit if not done")
-    report.add_argument("--public", action="store_true",
-                        help="leave out what private training records were used for (train curves, audit); "
-                             "writes public-report.html / .md")
+    report.add_argument(
+        "--public",
+        action="store_true",
+        help="leave out what private training records were used for (train curves, audit); "
+        "writes public-report.html / .md",
+    )
     report.add_argument("--data-dir", help="local folder with the dataset files (overrides the run's config)")
     report.set_defaults(func=_report)
 

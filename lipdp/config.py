@@ -14,8 +14,8 @@ import typing
 from typing import Any, Dict, List, Optional
 
 import yaml
-from lipdp.errors import ConfigError
 
+from lipdp.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -151,19 +151,28 @@ def validate_values(config):
     _check_choice("sampling.kind", config.sampling.kind, accounting.SAMPLINGS)
     _check_choice("privacy.accountant", config.privacy.accountant, accounting.ACCOUNTANTS)
     _check_choice("privacy.noise_allocation", config.privacy.noise_allocation, accounting.NOISE_ALLOCATIONS)
-    for path, value in (("model.input_norm", config.model.input_norm), ("model.clip_norm", config.model.clip_norm),
-                        ("model.gamma", config.model.gamma), ("sampling.batch_size", config.sampling.batch_size),
-                        ("training.epochs", config.training.epochs),
-                        ("optimizer.learning_rate", config.optimizer.learning_rate),
-                        ("privacy.target_epsilon", config.privacy.target_epsilon),
-                        ("privacy.noise_multiplier", config.privacy.noise_multiplier),
-                        ("privacy.epsilon_budget", config.privacy.epsilon_budget)):
+    for path, value in (
+        ("model.input_norm", config.model.input_norm),
+        ("model.clip_norm", config.model.clip_norm),
+        ("model.gamma", config.model.gamma),
+        ("sampling.batch_size", config.sampling.batch_size),
+        ("training.epochs", config.training.epochs),
+        ("optimizer.learning_rate", config.optimizer.learning_rate),
+        ("privacy.target_epsilon", config.privacy.target_epsilon),
+        ("privacy.noise_multiplier", config.privacy.noise_multiplier),
+        ("privacy.epsilon_budget", config.privacy.epsilon_budget),
+    ):
         _check_positive(path, value)
     if (config.privacy.target_epsilon is None) == (config.privacy.noise_multiplier is None):
-        raise ConfigError("privacy: set exactly one of target_epsilon and noise_multiplier (to replace a "
-                          "config's target, also --set privacy.target_epsilon=null)")
-    loss_names = [n for n, c in vars(losses).items()
-                  if inspect.isclass(c) and issubclass(c, losses.LipschitzLoss) and c is not losses.LipschitzLoss]
+        raise ConfigError(
+            "privacy: set exactly one of target_epsilon and noise_multiplier (to replace a "
+            "config's target, also --set privacy.target_epsilon=null)"
+        )
+    loss_names = [
+        n
+        for n, c in vars(losses).items()
+        if inspect.isclass(c) and issubclass(c, losses.LipschitzLoss) and c is not losses.LipschitzLoss
+    ]
     _check_choice("loss.type", config.loss.type, loss_names)
     accepted = _accepted_arguments(getattr(losses, config.loss.type))
     for key in config.loss.params:
@@ -205,8 +214,13 @@ def layer_class(type_name):
 
     cls = getattr(layers, type_name, None) or getattr(tf.keras.layers, type_name, None)
     if not (inspect.isclass(cls) and issubclass(cls, tf.keras.layers.Layer)):
-        known = [n for n in layers.__all__ if inspect.isclass(getattr(layers, n))
-                 and issubclass(getattr(layers, n), tf.keras.layers.Layer) and not n.startswith("DP")]
+        known = [
+            n
+            for n in layers.__all__
+            if inspect.isclass(getattr(layers, n))
+            and issubclass(getattr(layers, n), tf.keras.layers.Layer)
+            and not n.startswith("DP")
+        ]
         close = difflib.get_close_matches(type_name, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"model.layers: unknown layer type {type_name!r}{hint}")
@@ -219,8 +233,11 @@ def _accepted_arguments(cls):
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
-        names.update(p for p, spec in inspect.signature(init).parameters.items()
-                     if spec.kind not in (spec.VAR_KEYWORD, spec.VAR_POSITIONAL) and p != "self")
+        names.update(
+            p
+            for p, spec in inspect.signature(init).parameters.items()
+            if spec.kind not in (spec.VAR_KEYWORD, spec.VAR_POSITIONAL) and p != "self"
+        )
     return names | {"name"}
 
 

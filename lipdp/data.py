@@ -41,6 +41,7 @@ import zlib
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
 from lipdp.errors import DataFormatError, DataUnavailableError
 
 __all__ = [
@@ -70,8 +71,6 @@ Split = Optional[Union[int, float]]
 T10K_TRAIN_FRACTION = 0.8
 
 
-
-
 @dataclasses.dataclass(repr=False)
 class Dataset:
     """A train/test data set with inputs in ``[0, 1]`` and one-hot labels.
@@ -99,14 +98,9 @@ class Dataset:
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if len(x) != len(y):
-                raise ValueError(
-                    f"{self.name}: x_{split} has {len(x)} rows but y_{split} has {len(y)}"
-                )
+                raise ValueError(f"{self.name}: x_{split} has {len(x)} rows but y_{split} has {len(y)}")
             if y.ndim != 2 or y.shape[1] != self.num_classes:
-                raise ValueError(
-                    f"{self.name}: y_{split} must have shape (N, {self.num_classes}), "
-                    f"got {y.shape}"
-                )
+                raise ValueError(f"{self.name}: y_{split} must have shape (N, {self.num_classes}), got {y.shape}")
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise ValueError(
                 f"{self.name}: x_train inputs have shape {self.x_train.shape[1:]} but "
@@ -197,9 +191,7 @@ def images_to_unit_float(x, name: str, max_value: Optional[float] = None) -> np.
     lo, hi = x.min(), x.max()
     if max_value is not None:
         if lo < 0 or hi > max_value:
-            raise ValueError(
-                f"{name} has values in [{lo}, {hi}], expected values in [0, {max_value}]"
-            )
+            raise ValueError(f"{name} has values in [{lo}, {hi}], expected values in [0, {max_value}]")
         out = x.astype(np.float32) / np.float32(max_value)
     else:
         if lo < 0 or hi > 1:
@@ -231,9 +223,7 @@ def add_channel_axis(x: np.ndarray, name: str = "x") -> np.ndarray:
         return x[..., np.newaxis]
     if x.ndim in (2, 4):
         return x
-    raise ValueError(
-        f"{name} must have shape (N, d), (N, H, W) or (N, H, W, C), got {x.shape}"
-    )
+    raise ValueError(f"{name} must have shape (N, d), (N, H, W) or (N, H, W, C), got {x.shape}")
 
 
 def labels_to_one_hot(y, num_classes: int, name: str) -> np.ndarray:
@@ -265,23 +255,18 @@ def labels_to_one_hot(y, num_classes: int, name: str) -> np.ndarray:
         bad = (labels < 0) | (labels >= num_classes)
         if bad.any():
             raise ValueError(
-                f"{name} has {int(bad.sum())} label(s) outside [0, {num_classes - 1}], "
-                f"e.g. {y[np.argmax(bad)]}"
+                f"{name} has {int(bad.sum())} label(s) outside [0, {num_classes - 1}], e.g. {y[np.argmax(bad)]}"
             )
         out = np.zeros((len(labels), num_classes), dtype=np.float32)
         out[np.arange(len(labels)), labels] = 1.0
         return out
     if y.ndim == 2:
         if y.shape[1] != num_classes:
-            raise ValueError(
-                f"{name} has one-hot width {y.shape[1]}, expected {num_classes} classes"
-            )
+            raise ValueError(f"{name} has one-hot width {y.shape[1]}, expected {num_classes} classes")
         if not (np.all((y == 0) | (y == 1)) and np.all(y.sum(axis=1) == 1)):
             raise ValueError(f"{name} is 2-D but its rows are not one-hot")
         return np.ascontiguousarray(y, dtype=np.float32)
-    raise ValueError(
-        f"{name} must have shape (N,), (N, 1) or (N, num_classes), got {y.shape}"
-    )
+    raise ValueError(f"{name} must have shape (N,), (N, 1) or (N, num_classes), got {y.shape}")
 
 
 def _infer_num_classes(*labels: np.ndarray) -> int:
@@ -314,9 +299,7 @@ def _make_dataset(
         x = np.asarray(x)
         y = np.asarray(y)
         if len(x) != len(y):
-            raise ValueError(
-                f"{name}: x_{split} has {len(x)} examples but y_{split} has {len(y)} labels"
-            )
+            raise ValueError(f"{name}: x_{split} has {len(x)} examples but y_{split} has {len(y)} labels")
         x = images_to_unit_float(x, f"x_{split}", max_value=max_value)
         xs[split] = add_channel_axis(x, f"x_{split}")
         ys[split] = labels_to_one_hot(y, num_classes, f"y_{split}")
@@ -346,8 +329,7 @@ def _first_last_split(x: np.ndarray, y: np.ndarray, split: Split):
         n_train = int(split)
     if not 0 < n_train < n:
         raise ValueError(
-            f"split={split!r} leaves {n_train} of {n} examples for training; both train "
-            "and test must be non-empty"
+            f"split={split!r} leaves {n_train} of {n} examples for training; both train and test must be non-empty"
         )
     return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:]), n_train
 
@@ -396,13 +378,10 @@ def read_idx(path: PathLike, expected_ndim: Optional[int] = None) -> np.ndarray:
         raise DataFormatError(f"{path}: not an IDX file (only {len(raw)} bytes)")
     magic = int.from_bytes(raw[:4], "big")
     type_code, ndim = raw[2], raw[3]
-    expected_magic = (
-        f"0x{0x0800 + expected_ndim:08x}" if expected_ndim is not None else "0x0000080N"
-    )
+    expected_magic = f"0x{0x0800 + expected_ndim:08x}" if expected_ndim is not None else "0x0000080N"
     if raw[0] != 0 or raw[1] != 0 or type_code not in _IDX_TYPES or ndim == 0:
         raise DataFormatError(
-            f"{path}: not an unsigned-byte IDX file (magic number 0x{magic:08x}, "
-            f"expected {expected_magic})"
+            f"{path}: not an unsigned-byte IDX file (magic number 0x{magic:08x}, expected {expected_magic})"
         )
     if expected_ndim is not None and ndim != expected_ndim:
         raise DataFormatError(
@@ -412,9 +391,7 @@ def read_idx(path: PathLike, expected_ndim: Optional[int] = None) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataFormatError(f"{path}: IDX header truncated ({len(raw)} bytes)")
-    dims = tuple(
-        int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
-    )
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = _IDX_TYPES[type_code]
     expected = math.prod(dims) * dtype.itemsize
     found = len(raw) - header
@@ -460,17 +437,13 @@ def _read_cifar_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
         raise DataFormatError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or "labels" not in batch:
-        raise DataFormatError(
-            f"{path}: CIFAR-10 batch lacks 'data'/'labels' (keys: {sorted(batch)})"
-        )
+        raise DataFormatError(f"{path}: CIFAR-10 batch lacks 'data'/'labels' (keys: {sorted(batch)})")
     data = np.asarray(batch["data"])
     labels = np.asarray(batch["labels"])
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataFormatError(f"{path}: 'data' has shape {data.shape}, expected (N, 3072)")
     if labels.shape != (len(data),):
-        raise DataFormatError(
-            f"{path}: {len(data)} images but 'labels' has shape {labels.shape}"
-        )
+        raise DataFormatError(f"{path}: {len(data)} images but 'labels' has shape {labels.shape}")
     # Rows are channel-major (1024 red, 1024 green, 1024 blue values): convert to NHWC.
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images, labels
@@ -482,10 +455,7 @@ def _read_npz_arrays(path: str):
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in keys if k not in f.files]
             if missing:
-                raise DataFormatError(
-                    f"{path}: missing array(s) {missing}; expected {list(keys)} "
-                    f"(found {f.files})"
-                )
+                raise DataFormatError(f"{path}: missing array(s) {missing}; expected {list(keys)} (found {f.files})")
             return tuple(f[k] for k in keys)
     except (OSError, ValueError, zlib.error) as e:
         if isinstance(e, (DataFormatError, FileNotFoundError)):
@@ -522,9 +492,7 @@ def _download(name: str, pretty: str, keras_module: str, expected_files: str):
         tfds = None
     if tfds is not None:
         try:
-            train, test = tfds.as_numpy(
-                tfds.load(name, split=["train", "test"], batch_size=-1, as_supervised=True)
-            )
+            train, test = tfds.as_numpy(tfds.load(name, split=["train", "test"], batch_size=-1, as_supervised=True))
             return (train, test), f"{pretty} via tensorflow_datasets ({name!r}, official train/test split)"
         except Exception as e:  # noqa: BLE001 - any failure means "try the next source"
             errors.append(f"tensorflow_datasets.load({name!r}): {type(e).__name__}: {e}")
@@ -583,9 +551,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
         f"pixels 0-16 scaled to [0, 1]), stratified random split {len(x_train)} train / "
         f"{len(x_test)} test (test_fraction={test_fraction}, seed={seed})"
     )
-    return _make_dataset(
-        "digits", x_train, y_train, x_test, y_test, 10, source, max_value=16
-    )
+    return _make_dataset("digits", x_train, y_train, x_test, y_test, 10, source, max_value=16)
 
 
 def _idx_names(stem: str) -> Tuple[str, ...]:
@@ -613,9 +579,7 @@ def _load_idx_family(
     if data_dir is None:
         if split is not None:
             warnings.warn(f"split={split!r} is ignored: downloads use the official split")
-        ((x_train, y_train), (x_test, y_test)), source = _download(
-            name, pretty, keras_module, expected_files
-        )
+        ((x_train, y_train), (x_test, y_test)), source = _download(name, pretty, keras_module, expected_files)
         return _make_dataset(name, x_train, y_train, x_test, y_test, 10, source)
 
     data_dir = _check_dir(data_dir)
@@ -644,8 +608,7 @@ def _load_idx_family(
         if split is not None:
             warnings.warn(f"split={split!r} is ignored: the official training set was found")
         source = (
-            f"{pretty} official train/test sets (IDX files) from {data_dir}: "
-            f"{len(x_train)} train / {len(x_test)} test"
+            f"{pretty} official train/test sets (IDX files) from {data_dir}: {len(x_train)} train / {len(x_test)} test"
         )
     elif npz is not None:
         x_train, y_train, x_test, y_test = _read_npz_arrays(npz)
@@ -760,9 +723,7 @@ def load_cifar10(data_dir: Optional[PathLike] = None) -> Dataset:
         "first), or cifar10.npz with arrays x_train, y_train, x_test, y_test"
     )
     if data_dir is None:
-        ((x_train, y_train), (x_test, y_test)), source = _download(
-            "cifar10", "CIFAR-10", "cifar10", expected_files
-        )
+        ((x_train, y_train), (x_test, y_test)), source = _download("cifar10", "CIFAR-10", "cifar10", expected_files)
         return _make_dataset("cifar10", x_train, y_train, x_test, y_test, 10, source)
 
     data_dir = _check_dir(data_dir)
@@ -771,9 +732,7 @@ def load_cifar10(data_dir: Optional[PathLike] = None) -> Dataset:
     else:
         npz = _find(data_dir, npz_names)
     for folder in (data_dir, os.path.join(data_dir, "cifar-10-batches-py")):
-        if os.path.isdir(folder) and all(
-            os.path.isfile(os.path.join(folder, b)) for b in batch_names
-        ):
+        if os.path.isdir(folder) and all(os.path.isfile(os.path.join(folder, b)) for b in batch_names):
             batches = [_read_cifar_batch(os.path.join(folder, b)) for b in batch_names]
             x_train = np.concatenate([b[0] for b in batches[:5]])
             y_train = np.concatenate([b[1] for b in batches[:5]])
@@ -785,17 +744,13 @@ def load_cifar10(data_dir: Optional[PathLike] = None) -> Dataset:
             break
     else:
         if npz is None:
-            raise DataUnavailableError(
-                f"No usable CIFAR-10 files in {data_dir}. Expected {expected_files}."
-            )
+            raise DataUnavailableError(f"No usable CIFAR-10 files in {data_dir}. Expected {expected_files}.")
         x_train, y_train, x_test, y_test = _read_npz_arrays(npz)
         source = f"CIFAR-10 from {npz}: {len(x_train)} train / {len(x_test)} test (as stored)"
     return _make_dataset("cifar10", x_train, y_train, x_test, y_test, 10, source)
 
 
-def load_npz(
-    path: PathLike, name: Optional[str] = None, num_classes: Optional[int] = None
-) -> Dataset:
+def load_npz(path: PathLike, name: Optional[str] = None, num_classes: Optional[int] = None) -> Dataset:
     """Load any data set stored as ``.npz`` with ``x_train``, ``y_train``, ``x_test``, ``y_test``.
 
     Inputs may be uint8 / integer pixels in ``[0, 255]`` (divided by 255) or floats
@@ -821,8 +776,7 @@ def load_npz(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataUnavailableError(
-            f"{path!r} is not a file; load_npz needs the path of a .npz holding "
-            "x_train, y_train, x_test, y_test"
+            f"{path!r} is not a file; load_npz needs the path of a .npz holding x_train, y_train, x_test, y_test"
         )
     x_train, y_train, x_test, y_test = _read_npz_arrays(path)
     if name is None:
@@ -844,8 +798,7 @@ def _load_npz_entry(data_dir: Optional[PathLike] = None, **kwargs) -> Dataset:
 def _load_digits_entry(data_dir: Optional[PathLike] = None, **kwargs) -> Dataset:
     if data_dir is not None:
         raise ValueError(
-            "the digits data set ships with scikit-learn and takes no data_dir "
-            f"(got data_dir={os.fspath(data_dir)!r})"
+            f"the digits data set ships with scikit-learn and takes no data_dir (got data_dir={os.fspath(data_dir)!r})"
         )
     return load_digits(**kwargs)
 
@@ -881,7 +834,5 @@ def load(name: str, data_dir: Optional[PathLike] = None, **kwargs) -> Dataset:
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
     if key not in DATASETS:
-        raise ValueError(
-            f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASETS))}"
-        )
+        raise ValueError(f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
     return DATASETS[key](data_dir=data_dir, **kwargs)

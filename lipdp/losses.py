@@ -21,10 +21,15 @@ def finite_labels(y_true, y_pred):
     match (checked when the step is traced, not on data).
     """
     label_shape, logit_shape = tf.TensorShape(y_true.shape), tf.TensorShape(y_pred.shape)
-    if label_shape.rank is not None and logit_shape.rank is not None and (
-            label_shape.rank != logit_shape.rank or label_shape[-1] != logit_shape[-1]):
-        raise ValueError(f"labels of shape {label_shape} do not match logits of shape {logit_shape}: "
-                         "lipdp losses take one-hot (or soft) labels of the logits' width")
+    if (
+        label_shape.rank is not None
+        and logit_shape.rank is not None
+        and (label_shape.rank != logit_shape.rank or label_shape[-1] != logit_shape[-1])
+    ):
+        raise ValueError(
+            f"labels of shape {label_shape} do not match logits of shape {logit_shape}: "
+            "lipdp losses take one-hot (or soft) labels of the logits' width"
+        )
     y_true = tf.cast(y_true, tf.as_dtype(y_pred.dtype))
     return tf.where(tf.math.is_finite(y_true), y_true, tf.zeros_like(y_true))
 

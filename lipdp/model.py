@@ -33,6 +33,7 @@ from lipdp import accounting, mechanisms, sampling
 from lipdp.accounting import NOISE_ALLOCATIONS, PrivacyPolicy  # noqa: F401  (their home before 0.2)
 from lipdp.errors import ModelNotSupportedError, NotPrivateError
 
+
 class DPModelMixin:
     """Clipless DP training for Keras models (see the module docstring)."""
 
@@ -65,7 +66,8 @@ class DPModelMixin:
         if not self.accountable:
             raise NotPrivateError(
                 "this model is unaccountable: allow_unaccounted_steps() let it take steps outside a sampler's fit, "
-                "which no privacy accountant covers; train fresh weights with fit(sampler) for a guarantee")
+                "which no privacy accountant covers; train fresh weights with fit(sampler) for a guarantee"
+            )
 
     def train_on_batch(self, *args, **kwargs):
         """Refused unless :meth:`allow_unaccounted_steps` was called: a fixed batch is no Poisson sample."""
@@ -73,7 +75,8 @@ class DPModelMixin:
             raise NotPrivateError(
                 "train_on_batch takes a step on a batch the accountant never sampled (no amplification applies); "
                 "train with fit(sampler), or call model.allow_unaccounted_steps() for benchmarks and tests, "
-                "which makes the model unaccountable for good")
+                "which makes the model unaccountable for good"
+            )
         return super().train_on_batch(*args, **kwargs)
 
     def _set_privacy(self, privacy):
@@ -127,7 +130,8 @@ class DPModelMixin:
             raise ValueError(
                 f"these weights already took {int(self.privacy_steps)} private steps under "
                 f"{'an unknown policy (weights loaded without it)' if self.privacy is None else self.privacy}; "
-                "resume from the saved model with the same policy, or start from fresh weights")
+                "resume from the saved model with the same policy, or start from fresh weights"
+            )
         tf.config.experimental.enable_tensor_float_32_execution(False)
         self.privacy = policy
         return policy
@@ -140,7 +144,8 @@ class DPModelMixin:
             raise ModelNotSupportedError("steps_per_execution must be 1: one noisy update per step")
         if self.losses:
             raise ModelNotSupportedError(
-                "the model has regularization losses; lipdp does not add them to the private gradient")
+                "the model has regularization losses; lipdp does not add them to the private gradient"
+            )
 
     def _check_sampler(self, sampler):
         if self.privacy is None:
@@ -162,7 +167,8 @@ class DPModelMixin:
         if not hasattr(x, "dataset") or not hasattr(x, "kind"):
             raise TypeError(
                 "DP training needs a lipdp sampler as x (e.g. lipdp.PoissonSampler(x, y, expected_batch_size=...)):"
-                " Keras' own batching is not what the accountant assumes")
+                " Keras' own batching is not what the accountant assumes"
+            )
         self._check_sampler(x)
         self._validate_for_privacy()  # again: the model may have been recompiled since make_private
         if kwargs.get("batch_size") is not None or kwargs.get("validation_split"):
@@ -174,8 +180,9 @@ class DPModelMixin:
             callbacks.insert(0, PrivacyLedger())
         self._sampler_gate.assign(True)
         try:
-            return super().fit(x.dataset(), epochs=epochs, steps_per_epoch=x.steps_per_epoch,
-                               callbacks=callbacks, **kwargs)
+            return super().fit(
+                x.dataset(), epochs=epochs, steps_per_epoch=x.steps_per_epoch, callbacks=callbacks, **kwargs
+            )
         finally:
             self._sampler_gate.assign(not self.accountable)
             self.reset_metrics()  # training metrics are private: keep them out of a saved model
@@ -198,7 +205,8 @@ class DPModelMixin:
             raise ValueError(
                 f"shuffled sampling cannot resume mid-epoch ({steps} steps, {per_epoch} per epoch): a new "
                 "permutation would reuse examples the accountant counts once; use Poisson sampling to stop "
-                "and resume anywhere")
+                "and resume anywhere"
+            )
 
     # -- the private step ----------------------------------------------------
     @property
@@ -213,8 +221,9 @@ class DPModelMixin:
         """
         if not isinstance(sensitivity_, mechanisms.Sensitivity):
             sensitivity_ = mechanisms.Sensitivity.of_variables(sensitivity_)
-        return sensitivity_.noise_stddevs(self.privacy.noise_multiplier, self.privacy.noise_allocation,
-                                          len(self.trainable_variables))
+        return sensitivity_.noise_stddevs(
+            self.privacy.noise_multiplier, self.privacy.noise_allocation, len(self.trainable_variables)
+        )
 
     def noisy_gradients(self, gradient_sums, sensitivity_):
         """Adds noise calibrated to ``sensitivity_`` once, then divides by ``q N``."""
@@ -238,9 +247,13 @@ class DPModelMixin:
         x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
         if sample_weight is not None:
             raise ValueError("sample weights are not supported in DP training")
-        gate = tf.debugging.Assert(self._sampler_gate, [
-            "lipdp: a private step outside fit(sampler) is not accounted; use fit(sampler) or "
-            "model.allow_unaccounted_steps()"])
+        gate = tf.debugging.Assert(
+            self._sampler_gate,
+            [
+                "lipdp: a private step outside fit(sampler) is not accounted; use fit(sampler) or "
+                "model.allow_unaccounted_steps()"
+            ],
+        )
         with tf.control_dependencies([gate]):  # nothing of the step runs before the check passed
             y_pred, per_sample_loss, gradient_sums, sensitivity_ = self.private_gradient_sums(x, y)
             noisy = self.noisy_gradients(gradient_sums, sensitivity_)
@@ -279,8 +292,13 @@ class DPModelMixin:
         """What ``privacy.json`` records."""
         self._check_accountable()
         steps = int(self.privacy_steps)
-        return {"epsilon": self.privacy.epsilon(steps), "steps": steps, **self.privacy.to_dict(),
-                "clipping": self.clipping, "ledger": accounting.ledger_to_json(self.privacy.ledger(steps))}
+        return {
+            "epsilon": self.privacy.epsilon(steps),
+            "steps": steps,
+            **self.privacy.to_dict(),
+            "clipping": self.clipping,
+            "ledger": accounting.ledger_to_json(self.privacy.ledger(steps)),
+        }
 
     def privacy_statement(self):
         """A one-paragraph, human-readable statement of the guarantee."""
@@ -294,12 +312,17 @@ class DPModelMixin:
             f"{state['expected_batch_size']:.1f}), Gaussian noise multiplier {state['noise_multiplier']:.4g} "
             f"({state['noise_allocation']} allocation) on {mechanism}, accounted with "
             f"dp-accounting's {state['accountant'].upper()} accountant. Training losses and metrics shown during "
-            "fit are computed on private data and are not covered; hyper-parameter selection is not covered.")
+            "fit are computed on private data and are not covered; hyper-parameter selection is not covered."
+        )
 
     def get_config(self):
         privacy = None if self.privacy is None else self.privacy.to_dict()
-        return {**super().get_config(), "privacy": privacy, "accountable": self.accountable,
-                "mechanism": self.mechanism.get_config()}
+        return {
+            **super().get_config(),
+            "privacy": privacy,
+            "accountable": self.accountable,
+            "mechanism": self.mechanism.get_config(),
+        }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -351,7 +374,16 @@ class DPModel(DPModelMixin, tf.keras.Model):
 class DPSequential(DPModelMixin, tf.keras.Sequential):
     """``tf.keras.Sequential`` trained with clipless DP (or clipping: see :class:`DPModel`)."""
 
-    def __init__(self, layers=None, name=None, privacy=None, noise_seed=None, clipping=None, clip_norm=1.0,
-                 gamma=0.01, mechanism=None):
+    def __init__(
+        self,
+        layers=None,
+        name=None,
+        privacy=None,
+        noise_seed=None,
+        clipping=None,
+        clip_norm=1.0,
+        gamma=0.01,
+        mechanism=None,
+    ):
         super().__init__(layers=layers, name=name)
         self._init_privacy(privacy, noise_seed, mechanism, clipping=clipping, clip_norm=clip_norm, gamma=gamma)

@@ -186,17 +186,21 @@ def render_markdown(blocks, title):
     return "\n".join(lines)
 
 
-_CSS = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;line-height:1.4}"
-        "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #bbb;padding:2px 6px}"
-        ".warning{background:#fdd;border:2px solid #c00;padding:0.5em;font-weight:bold}"
-        ".not-covered{background:#ffe;border:2px solid #b80;padding:0.5em;font-weight:bold}"
-        "figure{margin:1em 0}figcaption{font-style:italic;font-size:0.9em}")
+_CSS = (
+    "body{font-family:sans-serif;max-width:70em;margin:2em auto;line-height:1.4}"
+    "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #bbb;padding:2px 6px}"
+    ".warning{background:#fdd;border:2px solid #c00;padding:0.5em;font-weight:bold}"
+    ".not-covered{background:#ffe;border:2px solid #b80;padding:0.5em;font-weight:bold}"
+    "figure{margin:1em 0}figcaption{font-style:italic;font-size:0.9em}"
+)
 
 
 def render_html(blocks, title):
     escape = html.escape
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{escape(title)}</h1>"]
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{escape(title)}</h1>"
+    ]
     for block in blocks:
         if block.kind == "heading":
             parts.append(f"<h2>{escape(block.text)}</h2>")
@@ -212,15 +216,28 @@ def render_html(blocks, title):
             parts.append(f"<table><tr>{head}</tr>{body}</table>")
         elif block.kind == "figure":
             data = base64.b64encode(block.png).decode("ascii")
-            parts.append(f"<figure><img alt='{escape(block.text)}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption>{escape(block.text)}</figcaption></figure>")
+            parts.append(
+                f"<figure><img alt='{escape(block.text)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{escape(block.text)}</figcaption></figure>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 # -- sections -------------------------------------------------------------------------
-PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "sampling_rate", "sampling", "expected_batch_size",
-                "steps", "steps_per_epoch", "dataset_size", "accountant", "noise_allocation")
+PRIVACY_KEYS = (
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "sampling_rate",
+    "sampling",
+    "expected_batch_size",
+    "steps",
+    "steps_per_epoch",
+    "dataset_size",
+    "accountant",
+    "noise_allocation",
+)
 
 
 def format_value(value):
@@ -229,49 +246,81 @@ def format_value(value):
 
 
 def privacy_section(run):
-    blocks = [heading("Privacy guarantee"), paragraph(run.model.privacy_statement()),
-              table(["quantity", "value"], [(k, format_value(run.privacy[k])) for k in PRIVACY_KEYS
-                                            if k in run.privacy])]
+    blocks = [
+        heading("Privacy guarantee"),
+        paragraph(run.model.privacy_statement()),
+        table(["quantity", "value"], [(k, format_value(run.privacy[k])) for k in PRIVACY_KEYS if k in run.privacy]),
+    ]
     if "epsilon" in run.history:
-        blocks.append(figure_block("report-epsilon.png", plot_series(
-            run.history, [("epsilon", "epsilon", "o-")], "epsilon", f"delta = {run.privacy['delta']:.3g}"),
-            "Epsilon spent against epochs (privacy accountant)."))
+        blocks.append(
+            figure_block(
+                "report-epsilon.png",
+                plot_series(
+                    run.history, [("epsilon", "epsilon", "o-")], "epsilon", f"delta = {run.privacy['delta']:.3g}"
+                ),
+                "Epsilon spent against epochs (privacy accountant).",
+            )
+        )
     return blocks
 
 
-NOT_COVERED = ("Not covered by the privacy guarantee: this section is computed from private training records. "
-               "Do not publish it; `lipdp report --public` leaves it out.")
+NOT_COVERED = (
+    "Not covered by the privacy guarantee: this section is computed from private training records. "
+    "Do not publish it; `lipdp report --public` leaves it out."
+)
 
 
 def training_section(run, public=False):
     metrics = run.metrics
-    summary = (f"Final test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4g} "
-               f"on {metrics['test_size']} held-out examples ({metrics['data']}).")
+    summary = (
+        f"Final test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4g} "
+        f"on {metrics['test_size']} held-out examples ({metrics['data']})."
+    )
     if public:
-        return [heading("Test curves"), paragraph(summary),
-                figure_block("report-training.png", plot_training_curves(run.history, public=True),
-                             "Loss and accuracy against epochs on the test set (held out).")]
-    return [heading("Training curves"), not_covered(),
-            paragraph(f"{summary} Train curves are computed on private batches during training and are not "
-                      "covered by the privacy guarantee: do not publish them."),
-            figure_block("report-training.png", plot_training_curves(run.history),
-                         "Loss and accuracy against epochs: train (private, dashed) and test (held out, solid).")]
+        return [
+            heading("Test curves"),
+            paragraph(summary),
+            figure_block(
+                "report-training.png",
+                plot_training_curves(run.history, public=True),
+                "Loss and accuracy against epochs on the test set (held out).",
+            ),
+        ]
+    return [
+        heading("Training curves"),
+        not_covered(),
+        paragraph(
+            f"{summary} Train curves are computed on private batches during training and are not "
+            "covered by the privacy guarantee: do not publish them."
+        ),
+        figure_block(
+            "report-training.png",
+            plot_training_curves(run.history),
+            "Loss and accuracy against epochs: train (private, dashed) and test (held out, solid).",
+        ),
+    ]
 
 
 def sensitivity_section(run):
     model = run.model
     blocks = [heading("Sensitivity")]
     if not run.certified:
-        blocks.append(paragraph(
-            f"Clipping run ({model.mechanism.describe()}): per-sample "
-            "gradients are clipped, so there are no analytic per-layer bounds to report and no bound tightness "
-            "to check."))
+        blocks.append(
+            paragraph(
+                f"Clipping run ({model.mechanism.describe()}): per-sample "
+                "gradients are clipped, so there are no analytic per-layer bounds to report and no bound tightness "
+                "to check."
+            )
+        )
     else:
-        blocks += [paragraph(
-            "Per-layer certified bounds for the trained weights (float64). The noise std is given per "
-            "coordinate on the gradient sum, and on the averaged gradient the optimizer sees (the sum's std "
-            f"divided by the expected batch size qN = {model.privacy.expected_batch_size:.1f})."),
-            table(sensitivity_header(), sensitivity_rows(model))]
+        blocks += [
+            paragraph(
+                "Per-layer certified bounds for the trained weights (float64). The noise std is given per "
+                "coordinate on the gradient sum, and on the averaged gradient the optimizer sees (the sum's std "
+                f"divided by the expected batch size qN = {model.privacy.expected_batch_size:.1f})."
+            ),
+            table(sensitivity_header(), sensitivity_rows(model)),
+        ]
     blocks += gradient_noise_blocks(run.history)
     return blocks
 
@@ -280,33 +329,53 @@ def gradient_noise_blocks(history):
     if "heldout_grad_to_noise" not in history:
         return [paragraph("Gradient-to-noise ratio: not recorded by this run (no heldout_grad_to_noise column).")]
     ratios = history["heldout_grad_to_noise"]
-    return [paragraph(
-        "Gradient-to-noise ratio: norm of the batch gradient sum over the expected norm of the added noise, "
-        "measured on a held-out (test) batch of the expected batch size at each epoch end, so it costs no "
-        f"privacy. Last epoch: {ratios[-1]:.4g}; range {np.nanmin(ratios):.4g} to {np.nanmax(ratios):.4g}."),
-        figure_block("report-grad-noise.png", plot_series(
-            history, [("heldout_grad_to_noise", "held-out gradient / noise", "o-")], "ratio",
-            "gradient-to-noise ratio (held-out data)"), "Gradient-to-noise ratio against epochs (held-out data).")]
+    return [
+        paragraph(
+            "Gradient-to-noise ratio: norm of the batch gradient sum over the expected norm of the added noise, "
+            "measured on a held-out (test) batch of the expected batch size at each epoch end, so it costs no "
+            f"privacy. Last epoch: {ratios[-1]:.4g}; range {np.nanmin(ratios):.4g} to {np.nanmax(ratios):.4g}."
+        ),
+        figure_block(
+            "report-grad-noise.png",
+            plot_series(
+                history,
+                [("heldout_grad_to_noise", "held-out gradient / noise", "o-")],
+                "ratio",
+                "gradient-to-noise ratio (held-out data)",
+            ),
+            "Gradient-to-noise ratio against epochs (held-out data).",
+        ),
+    ]
 
 
 def tightness_section(run, samples):
     if not run.certified:
         return []
     dataset = run.dataset()
-    return tightness_blocks(bound_tightness(run.model, dataset.x_test, dataset.y_test, samples),
-                            min(samples, len(dataset.x_test)))
+    return tightness_blocks(
+        bound_tightness(run.model, dataset.x_test, dataset.y_test, samples), min(samples, len(dataset.x_test))
+    )
 
 
 def tightness_blocks(result, n):
     """The bound-tightness section for a :class:`lipdp.sensitivity.Verification` on ``n`` held-out examples."""
-    blocks = [heading("Bound tightness"),
-              paragraph(f"Largest true / bound ratio of per-sample gradient norms over {n} test examples (held "
-                        f"out) and all variables: {result.max_ratio:.6g} (must be <= 1)."),
-              table(["variable", "worst true / bound"], [(k, f"{v:.6g}") for k, v in result.ratios.items()])]
+    blocks = [
+        heading("Bound tightness"),
+        paragraph(
+            f"Largest true / bound ratio of per-sample gradient norms over {n} test examples (held "
+            f"out) and all variables: {result.max_ratio:.6g} (must be <= 1)."
+        ),
+        table(["variable", "worst true / bound"], [(k, f"{v:.6g}") for k, v in result.ratios.items()]),
+    ]
     if not result.ok:
-        blocks.insert(1, warning(f"BOUND VIOLATED: a true per-sample gradient norm exceeds its certified bound "
-                                 f"(ratio {result.max_ratio:.6g} > 1 + {TOLERANCE:g}); the privacy guarantee "
-                                 f"does not hold. Violations: {result.violations[:5]}"))
+        blocks.insert(
+            1,
+            warning(
+                f"BOUND VIOLATED: a true per-sample gradient norm exceeds its certified bound "
+                f"(ratio {result.max_ratio:.6g} > 1 + {TOLERANCE:g}); the privacy guarantee "
+                f"does not hold. Violations: {result.violations[:5]}"
+            ),
+        )
     return blocks
 
 
@@ -315,35 +384,65 @@ def calibration_section(run, bins=15):
     probs = predicted_probabilities(run.model, dataset.x_test)
     ece = expected_calibration_error(probs, dataset.y_test, bins)
     tau = getattr(run.model.loss, "tau", None)
-    source = (f"softmax(tau * logits) with tau = {tau:g}, the loss's temperature" if tau is not None else
-              f"softmax(logits) (the loss, {type(run.model.loss).__name__}, has no temperature: a convention)")
-    return [heading("Calibration"),
-            paragraph(f"Expected calibration error on the test set ({len(probs)} examples, {bins} equal-width "
-                      f"confidence bins): ECE = {ece:.4f}. Probabilities are {source}. DP training is known to "
-                      "harm calibration (Bu et al. 2021)."),
-            figure_block("report-reliability.png", plot_reliability(probs, dataset.y_test, bins),
-                         "Reliability diagram on the test set.")]
+    source = (
+        f"softmax(tau * logits) with tau = {tau:g}, the loss's temperature"
+        if tau is not None
+        else f"softmax(logits) (the loss, {type(run.model.loss).__name__}, has no temperature: a convention)"
+    )
+    return [
+        heading("Calibration"),
+        paragraph(
+            f"Expected calibration error on the test set ({len(probs)} examples, {bins} equal-width "
+            f"confidence bins): ECE = {ece:.4f}. Probabilities are {source}. DP training is known to "
+            "harm calibration (Bu et al. 2021)."
+        ),
+        figure_block(
+            "report-reliability.png",
+            plot_reliability(probs, dataset.y_test, bins),
+            "Reliability diagram on the test set.",
+        ),
+    ]
 
 
 def audit_section(result):
-    blocks = [heading("Empirical privacy audit (membership inference)"), not_covered(), paragraph(
-        f"Attacks of tensorflow_privacy's membership-inference tools ({result['backend']} backend) on "
-        f"{result['members']} training examples (members) against {result['nonmembers']} test examples "
-        f"(non-members). (epsilon, delta) = ({result['epsilon']:.4g}, {result['delta']:.3g}) bounds the attacker's "
-        f"advantage by (e^eps - 1 + 2 delta) / (e^eps + 1) = {result['advantage_bound']:.4f} and the AUC by "
-        f"{result['auc_bound']:.4f}; an attack is flagged if it exceeds them by more than the sampling margin "
-        f"(advantage {result['margins']['advantage']:.3f}, AUC {result['margins']['auc']:.3f}). The bounds assume "
-        "members and non-members come from the same distribution: a train/test split in file order (e.g. "
-        "MNIST's t10k split 8,000/2,000, whose last images are harder) breaks this, and an attack can then "
-        f"exceed them without any privacy bug (data: {result.get('data', 'not recorded')}). The audit reads "
-        "the private training data: its numbers are a diagnostic and are not covered by the guarantee."),
-        table(["attack", "AUC", "advantage", "AUC bound", "advantage bound", "exceeds bound"],
-              [(name, f"{a['auc']:.4f}", f"{a['advantage']:.4f}", f"{result['auc_bound']:.4f}",
-                f"{result['advantage_bound']:.4f}", "YES" if a["exceeds_bound"] else "no")
-               for name, a in result["attacks"].items()])]
+    blocks = [
+        heading("Empirical privacy audit (membership inference)"),
+        not_covered(),
+        paragraph(
+            f"Attacks of tensorflow_privacy's membership-inference tools ({result['backend']} backend) on "
+            f"{result['members']} training examples (members) against {result['nonmembers']} test examples "
+            f"(non-members). (epsilon, delta) = ({result['epsilon']:.4g}, {result['delta']:.3g}) bounds the attacker's "
+            f"advantage by (e^eps - 1 + 2 delta) / (e^eps + 1) = {result['advantage_bound']:.4f} and the AUC by "
+            f"{result['auc_bound']:.4f}; an attack is flagged if it exceeds them by more than the sampling margin "
+            f"(advantage {result['margins']['advantage']:.3f}, AUC {result['margins']['auc']:.3f}). The bounds assume "
+            "members and non-members come from the same distribution: a train/test split in file order (e.g. "
+            "MNIST's t10k split 8,000/2,000, whose last images are harder) breaks this, and an attack can then "
+            f"exceed them without any privacy bug (data: {result.get('data', 'not recorded')}). The audit reads "
+            "the private training data: its numbers are a diagnostic and are not covered by the guarantee."
+        ),
+        table(
+            ["attack", "AUC", "advantage", "AUC bound", "advantage bound", "exceeds bound"],
+            [
+                (
+                    name,
+                    f"{a['auc']:.4f}",
+                    f"{a['advantage']:.4f}",
+                    f"{result['auc_bound']:.4f}",
+                    f"{result['advantage_bound']:.4f}",
+                    "YES" if a["exceeds_bound"] else "no",
+                )
+                for name, a in result["attacks"].items()
+            ],
+        ),
+    ]
     if result["exceeds_bound"]:
-        blocks.insert(2, warning("A membership-inference attack exceeds what (epsilon, delta)-DP allows beyond the "
-                                 "sampling margin: this indicates a bug in the privacy machinery."))
+        blocks.insert(
+            2,
+            warning(
+                "A membership-inference attack exceeds what (epsilon, delta)-DP allows beyond the "
+                "sampling margin: this indicates a bug in the privacy machinery."
+            ),
+        )
     return blocks
 
 

@@ -142,5 +142,11 @@ def load_run(run_dir, data_dir=None):
     from lipdp import config
 
     require_complete(run_dir)
-    return Run(path=run_dir, config=config.load(path(run_dir, CONFIG)), history=read_history(path(run_dir, HISTORY)),
-               privacy=read_json(run_dir, PRIVACY), metrics=read_json(run_dir, METRICS), data_dir=data_dir)
+    return Run(
+        path=run_dir,
+        config=config.load(path(run_dir, CONFIG)),
+        history=read_history(path(run_dir, HISTORY)),
+        privacy=read_json(run_dir, PRIVACY),
+        metrics=read_json(run_dir, METRICS),
+        data_dir=data_dir,
+    )

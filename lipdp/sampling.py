@@ -35,15 +35,19 @@ def _check_arrays(x, y):
         raise ValueError("x and y are empty")
     for name, array in (("x", x), ("y", y)):
         if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-            raise ValueError(f"{name} contains NaN or inf: clean the data before training (checked here, "
-                             "before any private step, so that no step fails on a sampled record)")
+            raise ValueError(
+                f"{name} contains NaN or inf: clean the data before training (checked here, "
+                "before any private step, so that no step fails on a sampled record)"
+            )
     return x, y
 
 
 def _batch_dataset(generator, x, y, batch_size):
     """An infinite ``tf.data.Dataset`` of ``(x_batch, y_batch)`` from ``generator``."""
-    signature = (tf.TensorSpec((batch_size,) + x.shape[1:], tf.as_dtype(x.dtype)),
-                 tf.TensorSpec((batch_size,) + y.shape[1:], tf.as_dtype(y.dtype)))
+    signature = (
+        tf.TensorSpec((batch_size,) + x.shape[1:], tf.as_dtype(x.dtype)),
+        tf.TensorSpec((batch_size,) + y.shape[1:], tf.as_dtype(y.dtype)),
+    )
     return tf.data.Dataset.from_generator(generator, output_signature=signature).prefetch(tf.data.AUTOTUNE)
 
 
@@ -142,8 +146,9 @@ class PoissonSampler(Sampler):
     @classmethod
     def dp_event(cls, *, sampling_rate, noise_multiplier, steps, steps_per_epoch=None):
         """``SelfComposed(PoissonSampled(q, Gaussian(sigma)), steps)``: amplification by subsampling."""
-        step = dp_accounting.PoissonSampledDpEvent(float(sampling_rate), dp_accounting.GaussianDpEvent(
-            float(noise_multiplier)))
+        step = dp_accounting.PoissonSampledDpEvent(
+            float(sampling_rate), dp_accounting.GaussianDpEvent(float(noise_multiplier))
+        )
         return dp_accounting.SelfComposedDpEvent(step, int(steps))
 
     @classmethod
@@ -157,7 +162,9 @@ class PoissonSampler(Sampler):
             raise ValueError("give exactly one of sampling_rate and expected_batch_size")
         if expected_batch_size is not None:
             if not 0 < expected_batch_size <= self.dataset_size:
-                raise ValueError(f"expected_batch_size must be in (0, {self.dataset_size}], got {expected_batch_size!r}")
+                raise ValueError(
+                    f"expected_batch_size must be in (0, {self.dataset_size}], got {expected_batch_size!r}"
+                )
             sampling_rate = expected_batch_size / self.dataset_size
         if not 0 < sampling_rate <= 1:
             raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}")
@@ -188,6 +195,7 @@ class PoissonSampler(Sampler):
 
     def dataset(self):
         """Infinite ``tf.data.Dataset`` of ``(x_batch, y_batch)``, batch size varying (possibly 0)."""
+
         def batches():
             rng = self._fresh_rng()
             while True:
@@ -228,8 +236,9 @@ class ShuffleSampler(Sampler):
         """
         del sampling_rate
         if steps_per_epoch is None:
-            raise PrivacyParameterError("steps_per_epoch is required for sampling='shuffle' (epochs are what "
-                                        "is composed)")
+            raise PrivacyParameterError(
+                "steps_per_epoch is required for sampling='shuffle' (epochs are what is composed)"
+            )
         epochs = -(-int(steps) // int(steps_per_epoch))
         return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(float(noise_multiplier) / 2), epochs)
 
@@ -273,6 +282,7 @@ class ShuffleSampler(Sampler):
 
     def dataset(self):
         """Infinite ``tf.data.Dataset`` of ``(x_batch, y_batch)`` with a static batch size."""
+
         def batches():
             rng = self._fresh_rng()
             while True:

@@ -31,7 +31,6 @@ from lipdp.layers import DPLayer, InputNormClip
 from lipdp.layers.base import HALF_PRECISION, ROUNDING_MARGIN, as_bound, refuse_half_precision
 from lipdp.losses import LipschitzLoss
 
-
 _REPLACEMENTS = {
     "Dense": "lipdp.layers.LipschitzDense",
     "Conv2D": "lipdp.layers.LipschitzConv2D",
@@ -55,9 +54,11 @@ _REPLACEMENTS = {
 def _replacement_hint(layer):
     name = type(layer).__name__
     if type(layer).__module__.startswith("deel.lip"):
-        return ("a lipdp layer: deel-lip layers normalise their weights inside the forward pass, so the "
-                "variable is not the weight used; lipdp.layers.LipschitzDense / LipschitzConv2D apply "
-                "deel-lip's orthonormalisation as a constraint instead")
+        return (
+            "a lipdp layer: deel-lip layers normalise their weights inside the forward pass, so the "
+            "variable is not the weight used; lipdp.layers.LipschitzDense / LipschitzConv2D apply "
+            "deel-lip's orthonormalisation as a constraint instead"
+        )
     return _REPLACEMENTS.get(name, "a lipdp.layers layer, or implement the DPLayer protocol")
 
 
@@ -66,7 +67,8 @@ def _graph_nodes(model):
     if not getattr(model, "_is_graph_network", False) or model.inputs is None:
         raise ModelNotSupportedError(
             "the model has no layer graph yet: give it an input shape "
-            "(tf.keras.Input(...) as first layer) before computing bounds")
+            "(tf.keras.Input(...) as first layer) before computing bounds"
+        )
     depths = sorted(model._nodes_by_depth, reverse=True)
     return [node for depth in depths for node in model._nodes_by_depth[depth]]
 
@@ -80,11 +82,14 @@ def model_loss(model):
         raise ModelNotSupportedError("compile the model with a lipdp.losses loss first")
     hint = ""
     if type(loss).__module__.startswith("deel.lip"):
-        hint = (" deel-lip's KR/HKR losses normalise by the batch's class counts, so one sample's "
-                "gradient depends on the others: use lipdp.losses.HingeKR, its per-sample form.")
+        hint = (
+            " deel-lip's KR/HKR losses normalise by the batch's class counts, so one sample's "
+            "gradient depends on the others: use lipdp.losses.HingeKR, its per-sample form."
+        )
     raise ModelNotSupportedError(
         f"loss {loss!r} declares no Lipschitz constant w.r.t. the logits; use one of "
-        f"lipdp.losses (TauCategoricalCrossentropy, MulticlassHinge, HingeKR, KCosineSimilarity).{hint}")
+        f"lipdp.losses (TauCategoricalCrossentropy, MulticlassHinge, HingeKR, KCosineSimilarity).{hint}"
+    )
 
 
 def check_precision(model):
@@ -97,13 +102,15 @@ def check_precision(model):
     if {global_policy.compute_dtype, global_policy.variable_dtype} & set(HALF_PRECISION):
         raise ModelNotSupportedError(
             f"the global Keras dtype policy is {global_policy.name!r}; DP bounds need float32 or float64: "
-            "call tf.keras.mixed_precision.set_global_policy('float32') before building the model")
+            "call tf.keras.mixed_precision.set_global_policy('float32') before building the model"
+        )
     for layer in model._flatten_layers(include_self=True):
         refuse_half_precision(layer)
     for variable in model.variables:
         if variable.dtype.base_dtype.name in HALF_PRECISION:
             raise ModelNotSupportedError(
-                f"variable {variable.name} is {variable.dtype.name}; DP bounds need float32 or float64")
+                f"variable {variable.name} is {variable.dtype.name}; DP bounds need float32 or float64"
+            )
 
 
 def validate(model):
@@ -119,12 +126,13 @@ def validate(model):
             continue
         if not isinstance(layer, DPLayer):
             raise ModelNotSupportedError(
-                f"layer {layer.name!r} ({type(layer).__name__}) has no privacy bound; use "
-                f"{_replacement_hint(layer)}")
+                f"layer {layer.name!r} ({type(layer).__name__}) has no privacy bound; use {_replacement_hint(layer)}"
+            )
     if model.outputs[0].shape.rank != 2:
         raise ModelNotSupportedError(
             f"the model output has shape {model.outputs[0].shape}; the loss bounds assume one logit vector "
-            "per sample, shape (batch, classes): add lipdp.layers.Flatten or a global pooling before the last layer")
+            "per sample, shape (batch, classes): add lipdp.layers.Flatten or a global pooling before the last layer"
+        )
     input_ids = {str(id(t)) for t in model.inputs}
     for node in nodes:
         if node.is_input or isinstance(node.layer, InputNormClip):
@@ -132,7 +140,8 @@ def validate(model):
         if input_ids.intersection(node.flat_input_ids):
             raise ModelNotSupportedError(
                 f"layer {node.layer.name!r} reads the model input directly; put "
-                "lipdp.layers.InputNormClip(norm) first so the input norm is bounded")
+                "lipdp.layers.InputNormClip(norm) first so the input norm is bounded"
+            )
 
 
 @dataclasses.dataclass
@@ -223,8 +232,9 @@ class CertifiedBounds(mechanisms.GradientMechanism):
             per_sample_loss = model.loss.call(y, y_pred)
             loss_sum = tf.reduce_sum(per_sample_loss)
         sums = tape.gradient(loss_sum, model.trainable_variables)
-        return mechanisms.PrivateGradient(y_pred, per_sample_loss, sums,
-                                          mechanisms.Sensitivity.of_variables(gradient_bound_tensors(model)))
+        return mechanisms.PrivateGradient(
+            y_pred, per_sample_loss, sums, mechanisms.Sensitivity.of_variables(gradient_bound_tensors(model))
+        )
 
     def describe(self):
         return "certified per-sample gradient bounds"
@@ -340,8 +350,15 @@ def worst_case_inputs(model, x, y, steps=30, step_size=0.5):
     return x.numpy()
 
 
-BOUND_HEADER = ["layer", "type", "input-norm bound", "cotangent bound", "Lipschitz", "variable",
-                "per-sample gradient bound"]
+BOUND_HEADER = [
+    "layer",
+    "type",
+    "input-norm bound",
+    "cotangent bound",
+    "Lipschitz",
+    "variable",
+    "per-sample gradient bound",
+]
 
 
 def format_bound(value, spec=".4g"):
@@ -362,8 +379,13 @@ def bound_rows(model, records=None):
     """
     rows = []
     for record in propagate(model) if records is None else records:
-        layer_cells = [record.layer.name, type(record.layer).__name__, format_bound(record.input_bound),
-                       format_bound(record.cotangent_bound), format_bound(record.lipschitz, ".6g")]
+        layer_cells = [
+            record.layer.name,
+            type(record.layer).__name__,
+            format_bound(record.input_bound),
+            format_bound(record.cotangent_bound),
+            format_bound(record.lipschitz, ".6g"),
+        ]
         for variable, bound in record.gradient_bounds or [(None, None)]:
             cells = ["-", "-"] if variable is None else [short_variable_name(variable), format_bound(bound)]
             rows.append((layer_cells + cells, variable))

@@ -37,9 +37,12 @@ def build_model(cfg: config_lib.Config, input_shape):
     loss_cls = getattr(losses, cfg.loss.type, None)
     if loss_cls is None or not isinstance(loss_cls, type) or not issubclass(loss_cls, losses.LipschitzLoss):
         raise config_lib.ConfigError(f"loss.type: {cfg.loss.type!r} is not a lipdp.losses loss")
-    optimizer = tf.keras.optimizers.get({  # not the legacy optimizer: model.keras drops a legacy one's state
-        "class_name": cfg.optimizer.name,
-        "config": {"learning_rate": cfg.optimizer.learning_rate, "is_legacy_optimizer": False}})
+    optimizer = tf.keras.optimizers.get(
+        {  # not the legacy optimizer: model.keras drops a legacy one's state
+            "class_name": cfg.optimizer.name,
+            "config": {"learning_rate": cfg.optimizer.learning_rate, "is_legacy_optimizer": False},
+        }
+    )
     model.compile(optimizer=optimizer, loss=loss_cls(**cfg.loss.params), metrics=["accuracy"])
     return model
 
@@ -54,36 +57,58 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
     model = build_model(cfg, dataset.input_shape)
     seed = cfg.sampling.seed
     if seed is not None:
-        warnings.warn("sampling.seed is set: the batches are reproducible, and the privacy amplification by "
-                      "subsampling holds only while the seed stays secret (do not publish config.yaml)")
-    sampler = sampling.make_sampler(cfg.sampling.kind, dataset.x_train, dataset.y_train,
-                                    batch_size=cfg.sampling.batch_size,
-                                    seed=None if seed is None else [seed, runs.next_attempt(out_dir)])
+        warnings.warn(
+            "sampling.seed is set: the batches are reproducible, and the privacy amplification by "
+            "subsampling holds only while the seed stays secret (do not publish config.yaml)"
+        )
+    sampler = sampling.make_sampler(
+        cfg.sampling.kind,
+        dataset.x_train,
+        dataset.y_train,
+        batch_size=cfg.sampling.batch_size,
+        seed=None if seed is None else [seed, runs.next_attempt(out_dir)],
+    )
     privacy = cfg.privacy
-    model.make_private(sampler, noise_multiplier=privacy.noise_multiplier, target_epsilon=privacy.target_epsilon,
-                       epochs=cfg.training.epochs if privacy.target_epsilon is not None else None,
-                       delta=privacy.delta, accountant=privacy.accountant,
-                       noise_allocation=privacy.noise_allocation)
-    extra = [callbacks.PrivacyLedger(),
-             callbacks.GradientNoiseMonitor(dataset.x_test, dataset.y_test),  # held-out data only
-             tf.keras.callbacks.BackupAndRestore(runs.path(out_dir, runs.BACKUP)),
-             tf.keras.callbacks.CSVLogger(runs.path(out_dir, runs.HISTORY), append=True)]
+    model.make_private(
+        sampler,
+        noise_multiplier=privacy.noise_multiplier,
+        target_epsilon=privacy.target_epsilon,
+        epochs=cfg.training.epochs if privacy.target_epsilon is not None else None,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+        noise_allocation=privacy.noise_allocation,
+    )
+    extra = [
+        callbacks.PrivacyLedger(),
+        callbacks.GradientNoiseMonitor(dataset.x_test, dataset.y_test),  # held-out data only
+        tf.keras.callbacks.BackupAndRestore(runs.path(out_dir, runs.BACKUP)),
+        tf.keras.callbacks.CSVLogger(runs.path(out_dir, runs.HISTORY), append=True),
+    ]
     if privacy.epsilon_budget is not None:
         extra.append(callbacks.BudgetStop(privacy.epsilon_budget))
     if verbose:
         print(f"data: {dataset.source}")
         print(f"privacy policy: {model.privacy}")
-    model.fit(sampler, epochs=cfg.training.epochs, validation_data=(dataset.x_test, dataset.y_test),
-              callbacks=extra, verbose=verbose)
+    model.fit(
+        sampler,
+        epochs=cfg.training.epochs,
+        validation_data=(dataset.x_test, dataset.y_test),
+        callbacks=extra,
+        verbose=verbose,
+    )
     runs.remove_emptied_backup(out_dir)
     return _write_artefacts(model, dataset, out_dir)
 
 
 def _write_artefacts(model, dataset, out_dir):
     test_loss, test_accuracy = model.evaluate(dataset.x_test, dataset.y_test, verbose=0)
-    metrics = {"test_loss": float(test_loss), "test_accuracy": float(test_accuracy),
-               "train_size": int(len(dataset.x_train)), "test_size": int(len(dataset.x_test)),
-               "data": dataset.source}
+    metrics = {
+        "test_loss": float(test_loss),
+        "test_accuracy": float(test_accuracy),
+        "train_size": int(len(dataset.x_train)),
+        "test_size": int(len(dataset.x_test)),
+        "data": dataset.source,
+    }
     runs.write_json(out_dir, runs.METRICS, metrics)
     model.save(runs.path(out_dir, runs.MODEL))
     if model.mechanism.certifies_layer_bounds:

@@ -10,4 +10,5 @@ def pytest_terminal_summary(terminalreporter):
     for name, tally in (getattr(fuzz, "SUMMARY", None) or {}).items():
         terminalreporter.write_line(
             f"{name}: {tally.architectures} random architectures, {tally.samples} samples checked against true "
-            f"per-sample gradients, worst true/bound ratio {tally.max_ratio:.6f}")
+            f"per-sample gradients, worst true/bound ratio {tally.max_ratio:.6f}"
+        )

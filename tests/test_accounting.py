@@ -23,8 +23,14 @@ SETTINGS = [
 def _statement_epsilons(n, batch, sigma, epochs, delta, microbatching, accountant):
     """(once-per-epoch epsilon, Poisson epsilon) printed by tensorflow_privacy, 3 decimals."""
     text = tfp_lib.compute_dp_sgd_privacy_statement(
-        n, batch, epochs, sigma, delta, used_microbatching=microbatching,
-        accountant_type=tfp_lib.AccountantType[accountant.upper()])
+        n,
+        batch,
+        epochs,
+        sigma,
+        delta,
+        used_microbatching=microbatching,
+        accountant_type=tfp_lib.AccountantType[accountant.upper()],
+    )
     once = re.search(r"once per epoch:\s+([0-9.]+)", text).group(1)
     poisson = re.search(r"Poisson sampling \(\*\):\s+([0-9.]+)", text).group(1)
     return float(once), float(poisson)
@@ -51,25 +57,35 @@ def test_statement_agrees_for_both_samplings(accountant):
     q, steps_per_epoch = batch / n, n // batch
     once, poisson = _statement_epsilons(n, batch, sigma, epochs, delta, True, accountant)
     # tensorflow_privacy halves sigma for microbatching, as replace-one adjacency does for shuffling.
-    shuffle = accounting.compute_epsilon(sampling_rate=q, noise_multiplier=sigma, steps=epochs * steps_per_epoch,
-                                         delta=delta, accountant=accountant, sampling="shuffle",
-                                         steps_per_epoch=steps_per_epoch)
+    shuffle = accounting.compute_epsilon(
+        sampling_rate=q,
+        noise_multiplier=sigma,
+        steps=epochs * steps_per_epoch,
+        delta=delta,
+        accountant=accountant,
+        sampling="shuffle",
+        steps_per_epoch=steps_per_epoch,
+    )
     assert shuffle == pytest.approx(once, abs=6e-4)
     # Its Poisson figure also used sigma / 2.
-    halved = accounting.compute_epsilon(sampling_rate=q, noise_multiplier=sigma / 2, steps=math.ceil(epochs / q),
-                                        delta=delta, accountant=accountant)
+    halved = accounting.compute_epsilon(
+        sampling_rate=q, noise_multiplier=sigma / 2, steps=math.ceil(epochs / q), delta=delta, accountant=accountant
+    )
     assert halved == pytest.approx(poisson, abs=6e-4)
 
 
-@pytest.mark.parametrize("accountant,direct", [("rdp", dp_accounting.rdp.RdpAccountant),
-                                               ("pld", dp_accounting.pld.PLDAccountant)])
+@pytest.mark.parametrize(
+    "accountant,direct", [("rdp", dp_accounting.rdp.RdpAccountant), ("pld", dp_accounting.pld.PLDAccountant)]
+)
 def test_matches_dp_accounting_directly(accountant, direct):
     q, sigma, steps, delta = 0.01, 2.5, 3000, 1e-6
     event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+    )
     expected = direct().compose(event).get_epsilon(delta)
-    ours = accounting.compute_epsilon(sampling_rate=q, noise_multiplier=sigma, steps=steps, delta=delta,
-                                      accountant=accountant)
+    ours = accounting.compute_epsilon(
+        sampling_rate=q, noise_multiplier=sigma, steps=steps, delta=delta, accountant=accountant
+    )
     assert ours == pytest.approx(expected, rel=1e-9)
     assert accounting.training_event(sampling_rate=q, noise_multiplier=sigma, steps=steps) == event
 
@@ -83,16 +99,23 @@ def test_rdp_and_pld_are_close_and_pld_is_tighter():
 
 def _analytic_gaussian_delta(epsilon, sigma):
     """Exact delta(epsilon) of a sensitivity-1 Gaussian mechanism (Balle & Wang 2018, Thm 8)."""
-    return (stats.norm.cdf(0.5 / sigma - epsilon * sigma)
-            - math.exp(epsilon) * stats.norm.cdf(-0.5 / sigma - epsilon * sigma))
+    return stats.norm.cdf(0.5 / sigma - epsilon * sigma) - math.exp(epsilon) * stats.norm.cdf(
+        -0.5 / sigma - epsilon * sigma
+    )
 
 
 @pytest.mark.parametrize("accountant,slack", [("pld", 0.01), ("rdp", 0.25)])
 def test_shuffle_matches_exact_gaussian_with_doubled_sensitivity(accountant, slack):
     sigma, epochs, steps_per_epoch, delta = 4.0, 9, 50, 1e-5
-    eps = accounting.compute_epsilon(sampling_rate=0.02, noise_multiplier=sigma, steps=epochs * steps_per_epoch,
-                                     delta=delta, accountant=accountant, sampling="shuffle",
-                                     steps_per_epoch=steps_per_epoch)
+    eps = accounting.compute_epsilon(
+        sampling_rate=0.02,
+        noise_multiplier=sigma,
+        steps=epochs * steps_per_epoch,
+        delta=delta,
+        accountant=accountant,
+        sampling="shuffle",
+        steps_per_epoch=steps_per_epoch,
+    )
     # 9 epochs of noise sigma at sensitivity 2 = one Gaussian of std sigma / 2 / sqrt(9) at sensitivity 1.
     effective = sigma / 2 / math.sqrt(epochs)
     exact = optimize.brentq(lambda e: _analytic_gaussian_delta(e, effective) - delta, 0, 100)
@@ -103,8 +126,12 @@ def test_zero_steps_costs_nothing():
     event = accounting.training_event(sampling_rate=0.1, noise_multiplier=1.0, steps=0)
     assert isinstance(event, dp_accounting.NoOpDpEvent)
     for accountant in accounting.ACCOUNTANTS:
-        assert accounting.compute_epsilon(sampling_rate=0.1, noise_multiplier=1.0, steps=0, delta=1e-5,
-                                          accountant=accountant) == 0.0
+        assert (
+            accounting.compute_epsilon(
+                sampling_rate=0.1, noise_multiplier=1.0, steps=0, delta=1e-5, accountant=accountant
+            )
+            == 0.0
+        )
 
 
 def test_shuffle_epsilon_is_per_epoch():
@@ -115,21 +142,26 @@ def test_shuffle_epsilon_is_per_epoch():
 
     assert eps(1) == eps(50) == eps(100)
     assert eps(100) < eps(101) == eps(200) < eps(201)
-    assert accounting.training_event(steps=250, **{k: v for k, v in kwargs.items() if k != "delta"}) == \
-        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.5), 3)
+    assert accounting.training_event(
+        steps=250, **{k: v for k, v in kwargs.items() if k != "delta"}
+    ) == dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.5), 3)
     # Without amplification by subsampling, shuffling costs far more than Poisson sampling.
     poisson = accounting.compute_epsilon(sampling_rate=0.01, noise_multiplier=3.0, delta=1e-5, steps=1000)
     assert eps(1000) > 2 * poisson
 
 
-@pytest.mark.parametrize("accountant,sampling,target", [
-    ("rdp", "poisson", 2.0),
-    ("rdp", "shuffle", 2.0),
-    ("pld", "poisson", 0.5),  # PLD is slow at small noise multipliers
-])
+@pytest.mark.parametrize(
+    "accountant,sampling,target",
+    [
+        ("rdp", "poisson", 2.0),
+        ("rdp", "shuffle", 2.0),
+        ("pld", "poisson", 0.5),  # PLD is slow at small noise multipliers
+    ],
+)
 def test_calibrate_noise_multiplier_meets_target(accountant, sampling, target):
-    common = dict(delta=1e-5, sampling_rate=0.01, steps=1000, accountant=accountant, sampling=sampling,
-                  steps_per_epoch=100)
+    common = dict(
+        delta=1e-5, sampling_rate=0.01, steps=1000, accountant=accountant, sampling=sampling, steps_per_epoch=100
+    )
     sigma = accounting.calibrate_noise_multiplier(target_epsilon=target, **common)
     eps = accounting.compute_epsilon(noise_multiplier=sigma, **common)
     assert 0.98 * target <= eps <= target
@@ -165,7 +197,9 @@ def test_max_steps_shuffle_is_whole_epochs():
     common = dict(delta=1e-5, sampling_rate=0.02, noise_multiplier=6.0, sampling="shuffle", steps_per_epoch=50)
     steps = accounting.max_steps(epsilon_budget=2.0, **common)
     assert steps > 0 and steps % 50 == 0
-    assert accounting.compute_epsilon(steps=steps, **common) <= 2.0 < accounting.compute_epsilon(steps=steps + 1, **common)
+    assert (
+        accounting.compute_epsilon(steps=steps, **common) <= 2.0 < accounting.compute_epsilon(steps=steps + 1, **common)
+    )
     assert accounting.epochs_for_budget(epsilon_budget=2.0, **common) == steps // 50
 
 
@@ -199,20 +233,23 @@ def test_validate_delta():
 VALID = dict(sampling_rate=0.01, noise_multiplier=1.0, steps=100, delta=1e-5)
 
 
-@pytest.mark.parametrize("override,name", [
-    (dict(noise_multiplier=0.0), "noise_multiplier"),
-    (dict(noise_multiplier=-1.0), "noise_multiplier"),
-    (dict(sampling_rate=0.0), "sampling_rate"),
-    (dict(sampling_rate=1.5), "sampling_rate"),
-    (dict(steps=-1), "steps"),
-    (dict(steps=2.5), "steps"),
-    (dict(delta=0.0), "delta"),
-    (dict(delta=1.0), "delta"),
-    (dict(sampling="fixed"), "sampling"),
-    (dict(accountant="moments"), "accountant.*rdp, pld"),
-    (dict(sampling="shuffle"), "steps_per_epoch"),
-    (dict(steps_per_epoch=0), "steps_per_epoch"),
-])
+@pytest.mark.parametrize(
+    "override,name",
+    [
+        (dict(noise_multiplier=0.0), "noise_multiplier"),
+        (dict(noise_multiplier=-1.0), "noise_multiplier"),
+        (dict(sampling_rate=0.0), "sampling_rate"),
+        (dict(sampling_rate=1.5), "sampling_rate"),
+        (dict(steps=-1), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(delta=0.0), "delta"),
+        (dict(delta=1.0), "delta"),
+        (dict(sampling="fixed"), "sampling"),
+        (dict(accountant="moments"), "accountant.*rdp, pld"),
+        (dict(sampling="shuffle"), "steps_per_epoch"),
+        (dict(steps_per_epoch=0), "steps_per_epoch"),
+    ],
+)
 def test_compute_epsilon_rejects_invalid(override, name):
     with pytest.raises(PrivacyParameterError, match=name):
         accounting.compute_epsilon(**{**VALID, **override})
@@ -235,16 +272,18 @@ def test_other_functions_reject_invalid():
 
 def test_ledger_json_round_trip():
     poisson = accounting.training_event(sampling_rate=0.01, noise_multiplier=np.float64(1.3), steps=np.int64(40))
-    shuffle = accounting.training_event(sampling_rate=0.01, noise_multiplier=3.0, steps=250, sampling="shuffle",
-                                        steps_per_epoch=100)
+    shuffle = accounting.training_event(
+        sampling_rate=0.01, noise_multiplier=3.0, steps=250, sampling="shuffle", steps_per_epoch=100
+    )
     ledger = dp_accounting.ComposedDpEvent([poisson, dp_accounting.NoOpDpEvent(), shuffle])
     data = json.loads(json.dumps(accounting.ledger_to_json(ledger)))
     assert data["class_name"] == "ComposedDpEvent"
     restored = accounting.ledger_from_json(data)
     assert restored == ledger
     assert restored != dp_accounting.ComposedDpEvent([poisson, shuffle])
-    assert (accounting.make_accountant().compose(restored).get_epsilon(1e-5)
-            == accounting.make_accountant().compose(ledger).get_epsilon(1e-5))
+    assert accounting.make_accountant().compose(restored).get_epsilon(1e-5) == accounting.make_accountant().compose(
+        ledger
+    ).get_epsilon(1e-5)
 
 
 def test_ledger_from_json_rejects_non_events():

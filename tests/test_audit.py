@@ -60,8 +60,14 @@ def synthetic(member_shift, n_members=300, n_nonmembers=200, seed=0):
     loss_in = rng.exponential(1.0, n_members) / (1.0 + member_shift)
     loss_out = rng.exponential(1.0, n_nonmembers)
     logits = lambda n: rng.normal(size=(n, 3))  # noqa: E731
-    return audit.AttackData(logits(n_members), loss_in, rng.integers(0, 3, n_members),
-                            logits(n_nonmembers), loss_out, rng.integers(0, 3, n_nonmembers))
+    return audit.AttackData(
+        logits(n_members),
+        loss_in,
+        rng.integers(0, 3, n_members),
+        logits(n_nonmembers),
+        loss_out,
+        rng.integers(0, 3, n_nonmembers),
+    )
 
 
 def test_balancing_subsamples_the_larger_side():
@@ -89,8 +95,9 @@ def test_audit_flags_attacks_beyond_the_bound():
 def test_audit_of_a_tiny_trained_model():
     data = lipdp_data.load_digits()
     tf.keras.utils.set_random_seed(0)
-    model = lipdp.DPSequential([tf.keras.Input(data.input_shape), L.InputNormClip(8.0), L.Flatten(),
-                                L.LipschitzDense(10)], noise_seed=0)
+    model = lipdp.DPSequential(
+        [tf.keras.Input(data.input_shape), L.InputNormClip(8.0), L.Flatten(), L.LipschitzDense(10)], noise_seed=0
+    )
     model.compile(tf.keras.optimizers.Adam(1e-2), loss=lipdp.losses.TauCategoricalCrossentropy(8.0))
     sampler = lipdp.PoissonSampler(data.x_train, data.y_train, expected_batch_size=256, seed=0)
     model.make_private(sampler, noise_multiplier=2.0, delta=1e-4)

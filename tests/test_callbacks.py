@@ -13,8 +13,16 @@ N, BATCH = 300, 30
 
 def make_model():
     tf.keras.utils.set_random_seed(0)
-    model = lipdp.DPSequential([tf.keras.Input((5,)), L.InputNormClip(1.0), L.LipschitzDense(6, bias_bound=0.5),
-                                L.GroupSort(), L.LipschitzDense(2)], noise_seed=0)
+    model = lipdp.DPSequential(
+        [
+            tf.keras.Input((5,)),
+            L.InputNormClip(1.0),
+            L.LipschitzDense(6, bias_bound=0.5),
+            L.GroupSort(),
+            L.LipschitzDense(2),
+        ],
+        noise_seed=0,
+    )
     model.compile(tf.keras.optimizers.Adam(1e-2), loss=lipdp.losses.TauCategoricalCrossentropy(4.0))
     return model
 
@@ -72,8 +80,12 @@ def test_resume_from_backup_counts_steps_once(tmp_path):
     first = make_model()
     first.make_private(sampler, noise_multiplier=1.2)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        first.fit(sampler, epochs=epochs, verbose=0,
-                  callbacks=[tf.keras.callbacks.BackupAndRestore(backup), _Interrupt(at_epoch=2)])
+        first.fit(
+            sampler,
+            epochs=epochs,
+            verbose=0,
+            callbacks=[tf.keras.callbacks.BackupAndRestore(backup), _Interrupt(at_epoch=2)],
+        )
     assert int(first.privacy_steps) == 2 * sampler.steps_per_epoch
 
     resumed = make_model()  # a fresh process: nothing but the backup survives
@@ -89,7 +101,8 @@ def test_shuffled_sampling_refuses_to_resume_mid_epoch():
     shuffle = lipdp.ShuffleSampler(sampler.x, sampler.y, batch_size=BATCH)
     model.make_private(shuffle, noise_multiplier=1.0)
     stop_after_one_step = tf.keras.callbacks.LambdaCallback(
-        on_train_batch_end=lambda batch, logs: setattr(model, "stop_training", True))
+        on_train_batch_end=lambda batch, logs: setattr(model, "stop_training", True)
+    )
     model.fit(shuffle, epochs=1, verbose=0, callbacks=[stop_after_one_step])
     assert int(model.privacy_steps) == 1
     with pytest.raises(ValueError, match="cannot resume mid-epoch"):

@@ -11,8 +11,11 @@ from lipdp import accounting, cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
-SMALL = ["model.layers=[{type: Flatten}, {type: LipschitzDense, units: 16}, {type: GroupSort},"
-         " {type: LipschitzDense, units: 10}]", "training.epochs=2"]
+SMALL = [
+    "model.layers=[{type: Flatten}, {type: LipschitzDense, units: 16}, {type: GroupSort},"
+    " {type: LipschitzDense, units: 10}]",
+    "training.epochs=2",
+]
 
 
 def test_train_writes_every_artefact_and_refuses_to_overwrite(tmp_path, capsys):
@@ -41,8 +44,21 @@ def test_train_config_typo_is_a_clear_error(tmp_path, capsys):
 
 
 def test_privacy_prints_epsilon_matching_the_accountant(capsys):
-    cli.main(["privacy", "--dataset-size", "60000", "--batch-size", "256", "--epochs", "10",
-              "--noise-multiplier", "1.1", "--delta", "1e-5"])
+    cli.main(
+        [
+            "privacy",
+            "--dataset-size",
+            "60000",
+            "--batch-size",
+            "256",
+            "--epochs",
+            "10",
+            "--noise-multiplier",
+            "1.1",
+            "--delta",
+            "1e-5",
+        ]
+    )
     out = capsys.readouterr().out
     assert "2350 steps (235 per epoch)" in out  # ceil(60000 / 256) = 235, not round(234.375) = 234
     expected = accounting.compute_epsilon(sampling_rate=256 / 60000, noise_multiplier=1.1, steps=2350, delta=1e-5)
@@ -50,23 +66,39 @@ def test_privacy_prints_epsilon_matching_the_accountant(capsys):
 
 
 def test_privacy_calibrates_noise_for_a_target(capsys):
-    cli.main(["privacy", "--dataset-size", "60000", "--batch-size", "256", "--epochs", "10",
-              "--target-epsilon", "2", "--delta", "1e-5"])
+    cli.main(
+        [
+            "privacy",
+            "--dataset-size",
+            "60000",
+            "--batch-size",
+            "256",
+            "--epochs",
+            "10",
+            "--target-epsilon",
+            "2",
+            "--delta",
+            "1e-5",
+        ]
+    )
     sigma = float(re.search(r"noise multiplier = ([0-9.e+-]+)", capsys.readouterr().out).group(1))
     args = dict(sampling_rate=256 / 60000, steps=2350, delta=1e-5)
     assert accounting.compute_epsilon(noise_multiplier=sigma, **args) <= 2.0
     assert accounting.compute_epsilon(noise_multiplier=sigma * 0.98, **args) > 2.0  # close to the smallest
 
 
-@pytest.mark.parametrize("override, message", [
-    ("privacy.noise_multiplier=1.0", "exactly one of target_epsilon and noise_multiplier"),
-    ("model.clipping=flatt", r"model.clipping: 'flatt' is not one of .*did you mean 'flat'"),
-    ("sampling.kind=shufle", "sampling.kind: 'shufle'"),
-    ("loss.params.taux=3", r"loss.params.taux: unknown key \(did you mean 'tau'"),
-    ("sampling.batch_size=0", "sampling.batch_size: must be > 0"),
-    ("privacy.accountant=prv", "privacy.accountant"),
-    ("model.layers=[{type: Flatten}, {type: Dense, units: 10}]", "use lipdp.layers.LipschitzDense"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("privacy.noise_multiplier=1.0", "exactly one of target_epsilon and noise_multiplier"),
+        ("model.clipping=flatt", r"model.clipping: 'flatt' is not one of .*did you mean 'flat'"),
+        ("sampling.kind=shufle", "sampling.kind: 'shufle'"),
+        ("loss.params.taux=3", r"loss.params.taux: unknown key \(did you mean 'tau'"),
+        ("sampling.batch_size=0", "sampling.batch_size: must be > 0"),
+        ("privacy.accountant=prv", "privacy.accountant"),
+        ("model.layers=[{type: Flatten}, {type: Dense, units: 10}]", "use lipdp.layers.LipschitzDense"),
+    ],
+)
 def test_train_value_errors_are_clear_and_exit_2(tmp_path, capsys, override, message):
     code = cli.main(["train", DIGITS, "--out", str(tmp_path / "r"), "--verbose", "0", "--set", override])
     assert code == 2
@@ -74,7 +106,20 @@ def test_train_value_errors_are_clear_and_exit_2(tmp_path, capsys, override, mes
 
 
 def test_privacy_refuses_large_delta(capsys):
-    code = cli.main(["privacy", "--dataset-size", "100", "--batch-size", "10", "--epochs", "1",
-                     "--noise-multiplier", "1", "--delta", "0.05"])
+    code = cli.main(
+        [
+            "privacy",
+            "--dataset-size",
+            "100",
+            "--batch-size",
+            "10",
+            "--epochs",
+            "1",
+            "--noise-multiplier",
+            "1",
+            "--delta",
+            "0.05",
+        ]
+    )
     assert code == 2
     assert "delta" in capsys.readouterr().err

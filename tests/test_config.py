@@ -17,7 +17,9 @@ def test_shipped_configs_are_valid(path):
 
 
 def test_unknown_key_names_the_key_and_suggests():
-    with pytest.raises(config.ConfigError, match=r"privacy.target_epsilonn: unknown key \(did you mean 'target_epsilon'"):
+    with pytest.raises(
+        config.ConfigError, match=r"privacy.target_epsilonn: unknown key \(did you mean 'target_epsilon'"
+    ):
         config.from_dict({"privacy": {"target_epsilonn": 3.0}})
 
 
@@ -72,7 +74,8 @@ def test_shipped_configs_build_a_private_model_that_steps(path):
     y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, n)]
     model = training.build_model(cfg, shape)
     sampler = sampling.make_sampler(cfg.sampling.kind, x, y, batch_size=cfg.sampling.batch_size)
-    policy = model.make_private(sampler, target_epsilon=cfg.privacy.target_epsilon, epochs=cfg.training.epochs,
-                                delta=0.1 / n)
+    policy = model.make_private(
+        sampler, target_epsilon=cfg.privacy.target_epsilon, epochs=cfg.training.epochs, delta=0.1 / n
+    )
     model.allow_unaccounted_steps().train_on_batch(x[:8], y[:8])
     assert int(model.privacy_steps) == 1 and policy.noise_multiplier > 0

@@ -31,8 +31,9 @@ import tensorflow as tf
 from lipdp import accounting, sampling
 from lipdp.accounting import PrivacyPolicy
 
-pytestmark = pytest.mark.skipif(not all(hasattr(signal, s) for s in ("SIGKILL", "SIGSTOP", "SIGCONT")),
-                                reason="needs POSIX signals")
+pytestmark = pytest.mark.skipif(
+    not all(hasattr(signal, s) for s in ("SIGKILL", "SIGSTOP", "SIGCONT")), reason="needs POSIX signals"
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
@@ -40,11 +41,15 @@ N_TRAIN = 1437  # the embedded digits split: 1437 train / 360 test
 BATCH, EPOCHS, TARGET, SEED = 16, 3, 4.0, 7
 STEPS_PER_EPOCH = sampling.steps_per_epoch("poisson", N_TRAIN, BATCH)  # ceil(1437 / 16) = 90
 PLANNED_STEPS = EPOCHS * STEPS_PER_EPOCH
-OVERRIDES = ["model.layers=[{type: Flatten}, {type: LipschitzDense, units: 16}, {type: GroupSort},"
-             " {type: LipschitzDense, units: 10}]",
-             f"training.epochs={EPOCHS}", "sampling.kind=poisson", f"sampling.batch_size={BATCH}",
-             f"sampling.seed={SEED}",  # exercises the attempts file: a resumed run must not replay the seed
-             f"privacy.target_epsilon={TARGET}"]
+OVERRIDES = [
+    "model.layers=[{type: Flatten}, {type: LipschitzDense, units: 16}, {type: GroupSort},"
+    " {type: LipschitzDense, units: 10}]",
+    f"training.epochs={EPOCHS}",
+    "sampling.kind=poisson",
+    f"sampling.batch_size={BATCH}",
+    f"sampling.seed={SEED}",  # exercises the attempts file: a resumed run must not replay the seed
+    f"privacy.target_epsilon={TARGET}",
+]
 DEADLINE_S = 300  # per process; a run takes ~15 s on an idle 2-core machine
 POLL_S = 0.05
 
@@ -73,7 +78,7 @@ def _steps_seen(log_text):
     if not headers:
         return None
     epoch = int(headers[-1].group(1))
-    done = [int(k) for k in PROGRESS.findall(log_text[headers[-1].end():])]
+    done = [int(k) for k in PROGRESS.findall(log_text[headers[-1].end() :])]
     if not done or max(done) == 0:
         return None
     return epoch, (epoch - 1) * STEPS_PER_EPOCH + max(done)
@@ -102,8 +107,10 @@ def _kill_mid_epoch(proc, out, log_path, err_path):
     deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"the run ended (rc={proc.returncode}) before it could be killed mid-epoch; "
-                        f"stderr:\n{_read(err_path)[-3000:]}")
+            pytest.fail(
+                f"the run ended (rc={proc.returncode}) before it could be killed mid-epoch; "
+                f"stderr:\n{_read(err_path)[-3000:]}"
+            )
         seen = _steps_seen(_read(log_path))
         if seen is not None and seen[0] >= 2:  # epoch 1 has ended, so a backup exists
             os.kill(proc.pid, signal.SIGSTOP)
@@ -149,8 +156,9 @@ def test_sigkill_mid_epoch_then_resume_counts_exactly_the_applied_steps(tmp_path
     out = str(tmp_path / "run")
     log1, err1 = str(tmp_path / "first.log"), str(tmp_path / "first.err")
     with open(log1, "w") as stdout, open(err1, "w") as stderr:
-        proc = subprocess.Popen(_command(out), cwd=ROOT, env=_env(), stdout=stdout, stderr=stderr,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _command(out), cwd=ROOT, env=_env(), stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL
+        )
     try:
         epoch, steps_seen, backup = _kill_mid_epoch(proc, out, log1, err1)
     finally:
@@ -175,8 +183,16 @@ def test_sigkill_mid_epoch_then_resume_counts_exactly_the_applied_steps(tmp_path
     # Started again with the same command: resumes from the backup and completes.
     log2 = str(tmp_path / "second.log")
     with open(log2, "w") as stdout:
-        second = subprocess.run(_command(out), cwd=ROOT, env=_env(), stdout=stdout, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, text=True, timeout=DEADLINE_S)
+        second = subprocess.run(
+            _command(out),
+            cwd=ROOT,
+            env=_env(),
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=DEADLINE_S,
+        )
     assert second.returncode == 0, second.stderr[-3000:]
     first_epoch = int(EPOCH_HEADER.search(_read(log2)).group(1))
     assert first_epoch == epoch  # restarts the killed epoch from the backup, not the run from scratch

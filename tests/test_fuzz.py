@@ -47,8 +47,13 @@ class Tally:
 
 def _activation(rng):
     kind = rng.choice(["groupsort2", "groupsort4", "fullsort", "relu", "abs"])
-    return {"groupsort2": lambda: L.GroupSort(2), "groupsort4": lambda: L.GroupSort(4), "fullsort": L.FullSort,
-            "relu": L.ReLU, "abs": L.Abs}[kind]()
+    return {
+        "groupsort2": lambda: L.GroupSort(2),
+        "groupsort4": lambda: L.GroupSort(4),
+        "fullsort": L.FullSort,
+        "relu": L.ReLU,
+        "abs": L.Abs,
+    }[kind]()
 
 
 def _linear_options(rng):
@@ -100,11 +105,16 @@ def random_architecture(rng):
         if rng.random() < 0.2:
             h = L.ClipGradient(float(rng.uniform(0.01, 0.5)))(h)
     out = L.LipschitzDense(classes, **_linear_options(rng))(h)
-    loss = [losses.TauCategoricalCrossentropy(float(rng.choice([1.0, 8.0, 64.0]))), losses.MulticlassHinge(),
-            losses.HingeKR(alpha=float(rng.uniform(1, 20))), losses.KCosineSimilarity(K=float(rng.uniform(0.5, 3)))]
+    loss = [
+        losses.TauCategoricalCrossentropy(float(rng.choice([1.0, 8.0, 64.0]))),
+        losses.MulticlassHinge(),
+        losses.HingeKR(alpha=float(rng.uniform(1, 20))),
+        losses.KCosineSimilarity(K=float(rng.uniform(0.5, 3))),
+    ]
     model = tf.keras.Model(inp, out)
-    model.compile(optimizer=tf.keras.optimizers.SGD(float(rng.choice([0.1, 1.0]))),
-                  loss=loss[int(rng.integers(0, len(loss)))])
+    model.compile(
+        optimizer=tf.keras.optimizers.SGD(float(rng.choice([0.1, 1.0]))), loss=loss[int(rng.integers(0, len(loss)))]
+    )
     return model, classes
 
 
@@ -136,7 +146,7 @@ def lattice_inputs(model, n, rng):
     x = rng.integers(-1, 2, size=shape).astype("float32")
     norms = np.linalg.norm(x.reshape(n, -1), axis=1)
     halvings = np.ceil(np.log2(np.maximum(norms / INPUT_NORM, 1.0)))
-    return (x / (2.0 ** halvings).reshape((-1,) + (1,) * (x.ndim - 1))).astype("float32")  # exact: powers of 2
+    return (x / (2.0**halvings).reshape((-1,) + (1,) * (x.ndim - 1))).astype("float32")  # exact: powers of 2
 
 
 def random_inputs(model, n, rng):

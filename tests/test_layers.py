@@ -93,17 +93,18 @@ def kernel_gradient(layer, x, z):
     """Per-sample kernel and bias gradients for cotangent ``z`` (one sample at a time)."""
     grads = []
     for i in range(len(x)):
-        xi = tf.constant(x[i:i + 1], tf.float32)
+        xi = tf.constant(x[i : i + 1], tf.float32)
         with tf.GradientTape() as tape:
             out = layer(xi)
-        grads.append(tape.gradient(out, layer.trainable_variables,
-                                   output_gradients=tf.constant(z[i:i + 1], tf.float32)))
+        grads.append(
+            tape.gradient(out, layer.trainable_variables, output_gradients=tf.constant(z[i : i + 1], tf.float32))
+        )
     return grads
 
 
 def assert_bias_gradient_bound_attained(layer, x, z, label):
     """A cotangent constant over positions makes ||grad b|| = sqrt(P) ||z||: the bound must hold and be attained."""
-    (_, g_bias), = kernel_gradient(layer, x, z)
+    ((_, g_bias),) = kernel_gradient(layer, x, z)
     _, (_, bias_bound) = layer.gradient_bounds(f64(norms(x)[0]), f64(norms(z)[0]))
     measured = np.linalg.norm(g_bias.numpy())
     assert measured <= float(bias_bound) * (1 + RTOL)
@@ -135,8 +136,15 @@ CONV_IDS = [f"k{c[0]}-s{c[1]}-{c[2]}-{'x'.join(map(str, c[3]))}-{c[5]}".replace(
 
 def make_conv(case, bias_bound=0.7, target=1.0):
     kernel, strides, padding, in_shape, filters, constraint = case
-    layer = L.LipschitzConv2D(filters, kernel, strides=strides, padding=padding, weight_constraint=constraint,
-                              lipschitz_target=target, bias_bound=bias_bound)
+    layer = L.LipschitzConv2D(
+        filters,
+        kernel,
+        strides=strides,
+        padding=padding,
+        weight_constraint=constraint,
+        lipschitz_target=target,
+        bias_bound=bias_bound,
+    )
     layer(np.zeros((1,) + in_shape, np.float32))
     if bias_bound:
         nonzero_bias(layer)
@@ -156,8 +164,9 @@ def expected_overlap(kernel, strides):
 def conv_patches(layer, x):
     kh, kw = layer.kernel_size
     sh, sw = layer.strides
-    return tf.image.extract_patches(tf.constant(x, tf.float32), [1, kh, kw, 1], [1, sh, sw, 1], [1, 1, 1, 1],
-                                    layer.padding.upper())
+    return tf.image.extract_patches(
+        tf.constant(x, tf.float32), [1, kh, kw, 1], [1, sh, sw, 1], [1, 1, 1, 1], layer.padding.upper()
+    )
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
@@ -192,14 +201,15 @@ def test_conv_operator_norm_and_output_bound(case):
         rng = np.random.default_rng(1)
         h, w, c = in_shape
         checker = np.indices((h, w)).sum(0) % 2 * 2.0 - 1.0
-        candidates = np.concatenate([
-            rng.normal(size=(4,) + in_shape),
-            np.ones((1,) + in_shape),
-            np.repeat(checker[None, :, :, None], c, axis=3),
-        ]).reshape(6, -1)
+        candidates = np.concatenate(
+            [
+                rng.normal(size=(4,) + in_shape),
+                np.ones((1,) + in_shape),
+                np.repeat(checker[None, :, :, None], c, axis=3),
+            ]
+        ).reshape(6, -1)
         offset = layer(np.zeros((1,) + in_shape, np.float32)).numpy().reshape(-1).astype(np.float64)
-        candidates = np.concatenate([radius * unit(candidates),
-                                     worst_output_inputs(matrix, offset, radius)])
+        candidates = np.concatenate([radius * unit(candidates), worst_output_inputs(matrix, offset, radius)])
         out = layer(candidates.reshape((-1,) + in_shape).astype("float32"))
         bound = float(layer.output_bound(f64(radius)))
         measured = norms(out)
@@ -266,13 +276,15 @@ def test_conv_kernel_and_bias_gradient_bounds(case):
     patch_reference = tf.einsum("bhwk,bhwo->bko", conv_patches(layer, x), z).numpy()
     worst_kernel = 0.0
     for i, (g_kernel, g_bias) in enumerate(grads):
-        np.testing.assert_allclose(g_kernel.numpy().reshape(patch_reference[i].shape), patch_reference[i],
-                                   atol=1e-4, rtol=1e-4)
-        (kv, kernel_bound), (bv, bias_bound) = layer.gradient_bounds(f64(norms(x[i:i + 1])[0]),
-                                                                     f64(norms(z[i:i + 1])[0]))
+        np.testing.assert_allclose(
+            g_kernel.numpy().reshape(patch_reference[i].shape), patch_reference[i], atol=1e-4, rtol=1e-4
+        )
+        (kv, kernel_bound), (bv, bias_bound) = layer.gradient_bounds(
+            f64(norms(x[i : i + 1])[0]), f64(norms(z[i : i + 1])[0])
+        )
         assert kv is layer.kernel and bv is layer.bias
         kernel_norm = np.linalg.norm(g_kernel.numpy())
-        expected_bound = math.sqrt(layer.overlap) * norms(x[i:i + 1])[0] * norms(z[i:i + 1])[0]
+        expected_bound = math.sqrt(layer.overlap) * norms(x[i : i + 1])[0] * norms(z[i : i + 1])[0]
         assert float(kernel_bound) == pytest.approx(expected_bound, rel=1e-6)
         assert kernel_norm <= float(kernel_bound) * (1 + RTOL), (i, kernel_norm, float(kernel_bound))
         assert np.linalg.norm(g_bias.numpy()) <= float(bias_bound) * (1 + RTOL)
@@ -340,9 +352,18 @@ def test_conv_lipschitz_bound_by_power_iteration_on_a_larger_input():
         tightness(f"conv k{kernel} s{strides} 20x20 power iteration / lipschitz_constant", estimate / lip)
 
 
-@pytest.mark.parametrize("bad", [dict(activation="relu"), dict(dilation_rate=2), dict(groups=2),
-                                 dict(data_format="channels_first"), dict(use_bias=True),
-                                 dict(kernel_constraint="non_neg"), dict(padding="causal")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(activation="relu"),
+        dict(dilation_rate=2),
+        dict(groups=2),
+        dict(data_format="channels_first"),
+        dict(use_bias=True),
+        dict(kernel_constraint="non_neg"),
+        dict(padding="causal"),
+    ],
+)
 def test_conv_refuses_arguments_that_would_break_the_bounds(bad):
     with pytest.raises(ValueError):
         L.LipschitzConv2D(2, 3, **bad)
@@ -399,8 +420,12 @@ def test_dense_operator_norm_output_and_cotangent_bounds(shape, units, constrain
         assert exact == pytest.approx(np.linalg.norm(layer.kernel.numpy().astype(np.float64), 2), rel=1e-5)
         radius = 1.7
         offset = layer(np.zeros((1,) + shape, np.float32)).numpy().reshape(-1).astype(np.float64)
-        xs = np.concatenate([radius * unit(np.random.default_rng(0).normal(size=(4, matrix.shape[0]))),
-                             worst_output_inputs(matrix, offset, radius)])
+        xs = np.concatenate(
+            [
+                radius * unit(np.random.default_rng(0).normal(size=(4, matrix.shape[0]))),
+                worst_output_inputs(matrix, offset, radius),
+            ]
+        )
         out = layer(xs.reshape((-1,) + shape).astype("float32"))
         bound = float(layer.output_bound(f64(radius)))
         assert np.all(norms(out) <= bound * (1 + RTOL))
@@ -543,16 +568,18 @@ def test_activation_bounds_and_jacobian(name, shape):
 def test_sorting_backward_pass_is_a_permutation_at_exact_ties(name):
     """At ties tf.minimum/tf.maximum both route their cotangent to one input (norm sqrt 2)."""
     layer = ACTIVATIONS[name]()
-    tied = np.array([[0.5] * 8, [0.5, -1, 2, 0.5, 0.5, -1, 2, 0.5], [0.0] * 8, [1, 1, 1, 1, -3, -3, -3, -3]],
-                    dtype="float32")
+    tied = np.array(
+        [[0.5] * 8, [0.5, -1, 2, 0.5, 0.5, -1, 2, 0.5], [0.0] * 8, [1, 1, 1, 1, -3, -3, -3, -3]], dtype="float32"
+    )
     for jac in _jacobian_matrices(layer, tied):
         np.testing.assert_array_equal(jac.T @ jac, np.eye(8))
 
 
 def test_groupsort_tie_does_not_break_the_kernel_bound():
     """The review's reproduction: identity kernel, tied pre-activations, ratio was sqrt 2."""
-    model = tf.keras.Sequential([tf.keras.Input((2,)), L.InputNormClip(1.0), L.LipschitzDense(2), L.GroupSort(),
-                                 L.LipschitzDense(2)])
+    model = tf.keras.Sequential(
+        [tf.keras.Input((2,)), L.InputNormClip(1.0), L.LipschitzDense(2), L.GroupSort(), L.LipschitzDense(2)]
+    )
     model.compile(loss=losses.TauCategoricalCrossentropy(100.0))
     model.layers[1].kernel.assign(np.eye(2))
     model.layers[3].kernel.assign(np.diag([1.0, -1.0]))
@@ -633,8 +660,9 @@ def test_pooling_matches_reference_and_bounds(case, kind):
     assert layer.gradient_bounds(f64(1.0), f64(1.0)) == []
 
     rng = np.random.default_rng(11)
-    x = np.concatenate([rng.normal(size=(4,) + shape), -np.abs(rng.normal(size=(1,) + shape)),
-                        np.ones((1,) + shape)]).astype("float32")
+    x = np.concatenate(
+        [rng.normal(size=(4,) + shape), -np.abs(rng.normal(size=(1,) + shape)), np.ones((1,) + shape)]
+    ).astype("float32")
     out = layer(x).numpy()
     atol = 1e-5 if kind == "l2" else 0
     np.testing.assert_allclose(out, numpy_pool(x, pool, strides, padding, kind), atol=atol, rtol=1e-5)
@@ -683,6 +711,7 @@ def test_global_l2_norm_pooling():
 # ---------------------------------------------------------------------------------------------
 # LayerCentering, InputNormClip
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("axes", [None, (1, 2), (3,), (1, 2, 3), (-1,), (2,)])
 def test_layer_centering_is_per_sample(axes):
@@ -763,6 +792,7 @@ def test_input_norm_clip_projects_huge_finite_inputs():
 # Merges
 # ---------------------------------------------------------------------------------------------
 
+
 def test_add_and_average_bounds_in_a_functional_model():
     inp = tf.keras.Input((6,))
     h = L.InputNormClip(1.5)(inp)
@@ -827,9 +857,13 @@ def test_merge_of_broadcast_shapes_is_refused(merge):
 CONFIG_LAYERS = [
     lambda: L.LipschitzDense(5, weight_constraint="spectral", lipschitz_target=2.0, bias_bound=0.3),
     lambda: L.LipschitzDense(4, weight_constraint="orthogonal"),
-    lambda: L.LipschitzConv2D(3, (3, 2), strides=(2, 1), padding="valid", weight_constraint="frobenius",
-                              lipschitz_target=0.5, bias_bound=0.2),
-    lambda: L.GroupSort(4), L.FullSort, L.ReLU, L.Abs,
+    lambda: L.LipschitzConv2D(
+        3, (3, 2), strides=(2, 1), padding="valid", weight_constraint="frobenius", lipschitz_target=0.5, bias_bound=0.2
+    ),
+    lambda: L.GroupSort(4),
+    L.FullSort,
+    L.ReLU,
+    L.Abs,
     lambda: L.L2NormPooling2D(3, 2, "same"),
     lambda: L.MaxPooling2D((2, 3), (1, 2), "same"),
     L.GlobalL2NormPooling2D,
@@ -838,7 +872,8 @@ CONFIG_LAYERS = [
     L.LayerCentering,
     L.Flatten,
     lambda: L.Reshape((-1, 2)),
-    L.Add, L.Average,
+    L.Add,
+    L.Average,
     lambda: L.ClipGradient(0.1),
 ]
 
@@ -854,8 +889,19 @@ def test_get_config_round_trips(factory):
     restored = tf.keras.layers.deserialize(json.loads(json.dumps(tf.keras.layers.serialize(layer))))
     assert type(restored) is type(layer)
     assert tf.keras.utils.get_registered_name(type(layer)) == f"lipdp>{type(layer).__name__}"
-    for attr in ("weight_constraint", "lipschitz_target", "bias_bound", "overlap", "pool_size", "strides",
-                 "padding", "group_size", "norm", "axes", "clip_value"):
+    for attr in (
+        "weight_constraint",
+        "lipschitz_target",
+        "bias_bound",
+        "overlap",
+        "pool_size",
+        "strides",
+        "padding",
+        "group_size",
+        "norm",
+        "axes",
+        "clip_value",
+    ):
         if hasattr(layer, attr):
             assert getattr(restored, attr) == getattr(layer, attr), attr
 
@@ -892,8 +938,11 @@ def _every_layer_model():
 def test_model_with_every_layer_saves_and_loads(tmp_path):
     model = _every_layer_model()
     types = {type(layer) for layer in model.layers}
-    expected = {getattr(L, n) for n in L.__all__ if isinstance(getattr(L, n), type)
-                and issubclass(getattr(L, n), tf.keras.layers.Layer)}
+    expected = {
+        getattr(L, n)
+        for n in L.__all__
+        if isinstance(getattr(L, n), type) and issubclass(getattr(L, n), tf.keras.layers.Layer)
+    }
     assert expected <= types, expected - types
     x = np.random.default_rng(18).normal(size=(5, 8, 8, 2)).astype("float32")
     before = model.predict(x, verbose=0)

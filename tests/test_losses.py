@@ -120,8 +120,12 @@ def test_logit_gradient_norm_is_within_the_declared_constant(name, classes):
             measured = np.linalg.norm(grads, axis=1)
             assert np.all(measured <= bound * (1 + RTOL)), (name, classes, kind, measured.max(), bound, z)
             worst[kind] = max(worst.get(kind, 0.0), measured.max() / bound)
-    log.warning("tightness %-24s C=%-3d grad norm / logit_lipschitz: %s", name, classes,
-                ", ".join(f"{kind} {ratio:.4f}" for kind, ratio in worst.items()))
+    log.warning(
+        "tightness %-24s C=%-3d grad norm / logit_lipschitz: %s",
+        name,
+        classes,
+        ", ".join(f"{kind} {ratio:.4f}" for kind, ratio in worst.items()),
+    )
     assert max(worst.values()) > 0.5, f"{name}: the declared constant {bound} is never approached ({worst})"
 
 
@@ -150,8 +154,9 @@ def test_each_sample_loss_depends_only_on_that_sample(name):
     z = (rng.normal(size=(5, classes)) * 2).astype("float32")
     values = loss.call(tf.constant(y, tf.float32), tf.constant(z)).numpy()
     assert values.shape == (5,)
-    alone = np.array([loss.call(tf.constant(y[i:i + 1], tf.float32), tf.constant(z[i:i + 1])).numpy()[0]
-                      for i in range(5)])
+    alone = np.array(
+        [loss.call(tf.constant(y[i : i + 1], tf.float32), tf.constant(z[i : i + 1])).numpy()[0] for i in range(5)]
+    )
     np.testing.assert_allclose(values, alone, rtol=1e-6, atol=1e-6)
     # other samples replaced by extreme logits and other labels: sample 0 unchanged
     z_other = z.copy()
@@ -189,12 +194,15 @@ def test_loss_config_round_trips(name):
     assert restored.logit_lipschitz(5) == loss.logit_lipschitz(5)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: losses.TauCategoricalCrossentropy(tau=0.0),
-    lambda: losses.TauCategoricalCrossentropy(tau=-1.0),
-    lambda: losses.HingeKR(alpha=-0.1),
-    lambda: losses.KCosineSimilarity(K=0.0),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: losses.TauCategoricalCrossentropy(tau=0.0),
+        lambda: losses.TauCategoricalCrossentropy(tau=-1.0),
+        lambda: losses.HingeKR(alpha=-0.1),
+        lambda: losses.KCosineSimilarity(K=0.0),
+    ],
+)
 def test_invalid_parameters_are_refused(make):
     with pytest.raises(ValueError):
         make()
@@ -213,8 +221,15 @@ HOSTILE_LABELS = {
 
 
 @pytest.mark.parametrize("label_kind", sorted(HOSTILE_LABELS))
-@pytest.mark.parametrize("make_loss", [lambda: losses.TauCategoricalCrossentropy(4.0), losses.MulticlassHinge,
-                                       lambda: losses.HingeKR(alpha=5.0), lambda: losses.KCosineSimilarity(K=2.0)])
+@pytest.mark.parametrize(
+    "make_loss",
+    [
+        lambda: losses.TauCategoricalCrossentropy(4.0),
+        losses.MulticlassHinge,
+        lambda: losses.HingeKR(alpha=5.0),
+        lambda: losses.KCosineSimilarity(K=2.0),
+    ],
+)
 def test_hostile_labels_keep_the_lipschitz_constant(make_loss, label_kind):
     loss = make_loss()
     rng = np.random.default_rng(0)

@@ -15,14 +15,17 @@ def make_model(noise_seed=0, big_constraints=False):
     """A small model; with ``big_constraints`` no projection changes the weights after a step."""
     target = 1e6 if big_constraints else 1.0
     tf.keras.utils.set_random_seed(3)
-    model = lipdp.DPSequential([
-        tf.keras.Input((6,)), L.InputNormClip(2.0),
-        L.LipschitzDense(8, weight_constraint="spectral", lipschitz_target=target, bias_bound=target),
-        L.GroupSort(),
-        L.LipschitzDense(3, weight_constraint="spectral", lipschitz_target=target, bias_bound=target),
-    ], noise_seed=noise_seed)
-    model.compile(tf.keras.optimizers.SGD(1.0), loss=lipdp.losses.TauCategoricalCrossentropy(2.0),
-                  metrics=["accuracy"])
+    model = lipdp.DPSequential(
+        [
+            tf.keras.Input((6,)),
+            L.InputNormClip(2.0),
+            L.LipschitzDense(8, weight_constraint="spectral", lipschitz_target=target, bias_bound=target),
+            L.GroupSort(),
+            L.LipschitzDense(3, weight_constraint="spectral", lipschitz_target=target, bias_bound=target),
+        ],
+        noise_seed=noise_seed,
+    )
+    model.compile(tf.keras.optimizers.SGD(1.0), loss=lipdp.losses.TauCategoricalCrossentropy(2.0), metrics=["accuracy"])
     return model
 
 
@@ -152,7 +155,8 @@ def test_make_private_validates_the_model_up_front():
 
 
 HALF_PRECISION_CASES = [("global policy", p) for p in ("float16", "bfloat16", "mixed_float16", "mixed_bfloat16")] + [
-    (where, dtype) for where in ("input clip", "dense") for dtype in ("float16", "bfloat16")]
+    (where, dtype) for where in ("input clip", "dense") for dtype in ("float16", "bfloat16")
+]
 
 
 @pytest.mark.parametrize("where, half", HALF_PRECISION_CASES)
@@ -166,9 +170,14 @@ def test_half_precision_is_refused(where, half, clipping):
             if where == "global policy":
                 tf.keras.mixed_precision.set_global_policy(half)
             layer_dtype = {"dtype": half} if where != "global policy" else {}
-            model = lipdp.DPSequential([
-                tf.keras.Input((6,)), L.InputNormClip(2.0, **(layer_dtype if where == "input clip" else {})),
-                L.LipschitzDense(3, **(layer_dtype if where == "dense" else {}))], clipping=clipping)
+            model = lipdp.DPSequential(
+                [
+                    tf.keras.Input((6,)),
+                    L.InputNormClip(2.0, **(layer_dtype if where == "input clip" else {})),
+                    L.LipschitzDense(3, **(layer_dtype if where == "dense" else {})),
+                ],
+                clipping=clipping,
+            )
             model.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy())
             model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=1.0)
     finally:
@@ -285,8 +294,16 @@ def test_checkpoints_written_during_fit_hold_no_metric_state(tmp_path):
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
     model.make_private(sampler, noise_multiplier=1.0)
     backup = str(tmp_path / "backup")
-    model.fit(sampler, epochs=1, verbose=0, callbacks=[tf.keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: tf.train.Checkpoint(model=model).save(backup))])
+    model.fit(
+        sampler,
+        epochs=1,
+        verbose=0,
+        callbacks=[
+            tf.keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: tf.train.Checkpoint(model=model).save(backup)
+            )
+        ],
+    )
     names = [name for name, _ in tf.train.list_variables(tf.train.latest_checkpoint(str(tmp_path)))]
     assert any("privacy_steps" in name for name in names)
     assert not [name for name in names if "total" in name or "/count" in name or "tracker" in name], names

@@ -17,9 +17,13 @@ from lipdp.callbacks import GradientNoiseMonitor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
-TINY = ["model.layers=[{type: Flatten}, {type: LipschitzDense, units: 16}, {type: GroupSort},"
-        " {type: LipschitzDense, units: 10}]", "training.epochs=2",
-        "privacy.target_epsilon=null", "privacy.noise_multiplier=2.0"]  # no calibration: RDP at q=0.18 is slow
+TINY = [
+    "model.layers=[{type: Flatten}, {type: LipschitzDense, units: 16}, {type: GroupSort},"
+    " {type: LipschitzDense, units: 10}]",
+    "training.epochs=2",
+    "privacy.target_epsilon=null",
+    "privacy.noise_multiplier=2.0",
+]  # no calibration: RDP at q=0.18 is slow
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -77,8 +81,14 @@ def test_report_numbers_are_those_of_privacy_json(run_dir):
 
 def test_report_sections_and_held_out_measurements(run_dir):
     markdown = read(os.path.join(run_dir, "report.md"))
-    for title in ("Privacy guarantee", "Training curves", "Sensitivity", "Bound tightness", "Calibration",
-                  "Empirical privacy audit"):
+    for title in (
+        "Privacy guarantee",
+        "Training curves",
+        "Sensitivity",
+        "Bound tightness",
+        "Calibration",
+        "Empirical privacy audit",
+    ):
         assert f"## {title}" in markdown
     assert "not covered by the privacy guarantee" in markdown and "held-out (test) batch" in markdown
     assert "WARNING" not in markdown
@@ -126,9 +136,18 @@ def test_violated_bounds_and_audits_beyond_the_bound_are_flagged():
     broken = sensitivity.Verification(1.2, {"dense/kernel": 1.2}, [("dense/kernel", 3, 1.2, 1.0)])
     assert not any(b.kind == "warning" for b in reports.tightness_blocks(fine, 10))
     assert "BOUND VIOLATED" in reports.render_markdown(reports.tightness_blocks(broken, 10), "t")
-    result = {"backend": "x", "members": 5, "nonmembers": 5, "epsilon": 1.0, "delta": 0.0, "advantage_bound": 0.46,
-              "auc_bound": 0.7, "margins": {"advantage": 0.1, "auc": 0.1}, "exceeds_bound": True,
-              "attacks": {"threshold": {"auc": 0.99, "advantage": 0.9, "exceeds_bound": True}}}
+    result = {
+        "backend": "x",
+        "members": 5,
+        "nonmembers": 5,
+        "epsilon": 1.0,
+        "delta": 0.0,
+        "advantage_bound": 0.46,
+        "auc_bound": 0.7,
+        "margins": {"advantage": 0.1, "auc": 0.1},
+        "exceeds_bound": True,
+        "attacks": {"threshold": {"auc": 0.99, "advantage": 0.9, "exceeds_bound": True}},
+    }
     page = reports.render_html(reports.audit_section(result), "t")
     assert "class='warning'" in page and "<td>YES</td>" in page
 
@@ -136,8 +155,15 @@ def test_violated_bounds_and_audits_beyond_the_bound_are_flagged():
 # -- the held-out gradient-to-noise monitor --------------------------------------------
 def test_gradient_noise_monitor_is_inversely_proportional_to_the_noise():
     tf.keras.utils.set_random_seed(0)
-    model = lipdp.DPSequential([tf.keras.Input((5,)), L.InputNormClip(1.0), L.LipschitzDense(6, bias_bound=0.5),
-                                L.GroupSort(), L.LipschitzDense(2)])
+    model = lipdp.DPSequential(
+        [
+            tf.keras.Input((5,)),
+            L.InputNormClip(1.0),
+            L.LipschitzDense(6, bias_bound=0.5),
+            L.GroupSort(),
+            L.LipschitzDense(2),
+        ]
+    )
     model.compile(tf.keras.optimizers.Adam(1e-2), loss=lipdp.losses.TauCategoricalCrossentropy(4.0))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 5)).astype("float32")

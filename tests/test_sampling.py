@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lipdp.sampling import SAMPLERS as SAMPLINGS
 from lipdp import sampling
+from lipdp.sampling import SAMPLERS as SAMPLINGS
 from lipdp.sampling import PoissonSampler, ShuffleSampler, make_sampler
 
 # Bounds below are 5 standard errors of the sampling distribution: with the
@@ -81,8 +81,9 @@ def test_poisson_dataset_elements():
     assert not all(np.array_equal(a, b) for (_, a), b in zip(batches, other))
 
 
-@pytest.mark.parametrize("q,steps", [(0.01, 100), (0.3, 4), (0.7, 2), (1.0, 1), (0.004, 250), (0.1, 10),
-                                     (256 / 60000, 235), (0.07, 15)])
+@pytest.mark.parametrize(
+    "q,steps", [(0.01, 100), (0.3, 4), (0.7, 2), (1.0, 1), (0.004, 250), (0.1, 10), (256 / 60000, 235), (0.07, 15)]
+)
 def test_poisson_steps_per_epoch_is_ceil_of_one_over_q(q, steps):
     """One rule everywhere: E epochs make at least E expected passes (235, not round(234.375) = 234)."""
     assert PoissonSampler(*_data(10), sampling_rate=q).steps_per_epoch == steps
@@ -92,8 +93,12 @@ def test_poisson_steps_per_epoch_is_ceil_of_one_over_q(q, steps):
 def test_poisson_attributes_and_errors():
     x, y = _data(200)
     sampler = PoissonSampler(x, y, expected_batch_size=50)
-    assert (sampler.kind, sampler.dataset_size, sampler.sampling_rate, sampler.expected_batch_size) == \
-        ("poisson", 200, 0.25, 50.0)
+    assert (sampler.kind, sampler.dataset_size, sampler.sampling_rate, sampler.expected_batch_size) == (
+        "poisson",
+        200,
+        0.25,
+        50.0,
+    )
     with pytest.raises(ValueError, match="sampling_rate and expected_batch_size"):
         PoissonSampler(x, y)
     with pytest.raises(ValueError, match="sampling_rate and expected_batch_size"):
@@ -116,7 +121,7 @@ def test_shuffle_epochs_cover_distinct_examples():
     batches = [(xb.numpy(), yb.numpy()) for xb, yb in sampler.dataset().take(30)]
     for xb, yb in batches:
         np.testing.assert_array_equal(xb, x[yb])
-    epochs = [np.concatenate([yb for _, yb in batches[i:i + 10]]) for i in (0, 10, 20)]
+    epochs = [np.concatenate([yb for _, yb in batches[i : i + 10]]) for i in (0, 10, 20)]
     for labels in epochs:
         assert len(labels) == 100 and len(np.unique(labels)) == 100
     assert not np.array_equal(epochs[0], epochs[1])  # reshuffled

@@ -50,8 +50,7 @@ def conv_pool_dense():
 def conv_overlapping_pools():
     inp, h = _image_input((9, 9, 1))
     h = L.LayerCentering(axes=(1, 2))(h)
-    h = L.LipschitzConv2D(4, (3, 2), strides=(2, 1), padding="same", weight_constraint="spectral",
-                          bias_bound=1.0)(h)
+    h = L.LipschitzConv2D(4, (3, 2), strides=(2, 1), padding="same", weight_constraint="spectral", bias_bound=1.0)(h)
     h = L.FullSort()(h)
     h = L.MaxPooling2D(pool_size=3, strides=2, padding="same")(h)
     h = L.L2NormPooling2D(pool_size=2, strides=1)(h)
@@ -85,8 +84,9 @@ def gradient_clipped():
     return inp, out, losses.HingeKR(alpha=20.0)
 
 
-ARCHITECTURES = {f.__name__: f for f in (deep_dense, conv_pool_dense, conv_overlapping_pools, residual,
-                                          gradient_clipped)}
+ARCHITECTURES = {
+    f.__name__: f for f in (deep_dense, conv_pool_dense, conv_overlapping_pools, residual, gradient_clipped)
+}
 
 
 def build(name, seed=0):
@@ -190,7 +190,8 @@ def test_gradient_clip_rule_is_min_of_loss_lipschitz_and_clip():
     records = {r.layer.name: r for r in sensitivity.propagate(model)}
     clip = next(r for r in records.values() if isinstance(r.layer, L.ClipGradient))
     assert float(clip.layer.input_cotangent_bound(clip.cotangent_bound)) == pytest.approx(
-        min(float(clip.cotangent_bound), 0.05))
+        min(float(clip.cotangent_bound), 0.05)
+    )
     first_dense = model.layers[2]
     # 0.05 after the clip, then the rounding margin of the clip's and the GroupSort's stated bounds
     assert float(records[first_dense.name].cotangent_bound) == pytest.approx(0.05 * (1 + ROUNDING_MARGIN) ** 2)
@@ -218,12 +219,15 @@ def test_report_lists_every_layer_and_global_sensitivity():
     assert "global sensitivity" in text
 
 
-@pytest.mark.parametrize("bad_layer, expected", [
-    (lambda: tf.keras.layers.Dense(4), "LipschitzDense"),
-    (lambda: tf.keras.layers.BatchNormalization(), "batch statistics mix samples"),
-    (lambda: tf.keras.layers.Dropout(0.5), "Dropout"),
-    (lambda: tf.keras.layers.Activation("tanh"), "GroupSort"),
-])
+@pytest.mark.parametrize(
+    "bad_layer, expected",
+    [
+        (lambda: tf.keras.layers.Dense(4), "LipschitzDense"),
+        (lambda: tf.keras.layers.BatchNormalization(), "batch statistics mix samples"),
+        (lambda: tf.keras.layers.Dropout(0.5), "Dropout"),
+        (lambda: tf.keras.layers.Activation("tanh"), "GroupSort"),
+    ],
+)
 def test_non_lipschitz_layers_are_refused_with_a_hint(bad_layer, expected):
     inp = tf.keras.Input((8,))
     h = L.InputNormClip(1.0)(inp)
@@ -236,6 +240,7 @@ def test_non_lipschitz_layers_are_refused_with_a_hint(bad_layer, expected):
 
 def test_deel_lip_reparameterised_layer_is_refused():
     from deel.lip.layers import SpectralDense
+
     inp = tf.keras.Input((8,))
     model = tf.keras.Model(inp, SpectralDense(2)(L.InputNormClip(1.0)(inp)))
     model.compile(loss=losses.TauCategoricalCrossentropy())
@@ -277,8 +282,15 @@ def test_nested_model_is_refused():
 
 
 def test_sequential_model_is_supported():
-    model = tf.keras.Sequential([tf.keras.Input((8,)), L.InputNormClip(1.0), L.LipschitzDense(8, bias_bound=1.0),
-                                 L.GroupSort(), L.LipschitzDense(3)])
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input((8,)),
+            L.InputNormClip(1.0),
+            L.LipschitzDense(8, bias_bound=1.0),
+            L.GroupSort(),
+            L.LipschitzDense(3),
+        ]
+    )
     model.compile(loss=losses.TauCategoricalCrossentropy())
     x, y = data(model)
     check(model, x, y, "sequential")

@@ -4,9 +4,9 @@ import json
 import os
 
 import pytest
+from test_sensitivity import ARCHITECTURES, build, check, data, train_a_few_steps
 
 from lipdp import cli, sensitivity
-from test_sensitivity import ARCHITECTURES, build, check, data, train_a_few_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow

@@ -24,7 +24,17 @@ from lipdp.clipping.rules import (
 )
 
 __all__ = [
-    "CLIP_MARGIN", "RULES", "AutomaticClipping", "ClippingRule", "FlatClipping", "GlobalClipping",
-    "conv2d_squared_norms", "forward_with_norms", "make_layer_registry", "per_example_gradient_norms",
-    "per_sample_losses", "register_rule", "validate",
+    "CLIP_MARGIN",
+    "RULES",
+    "AutomaticClipping",
+    "ClippingRule",
+    "FlatClipping",
+    "GlobalClipping",
+    "conv2d_squared_norms",
+    "forward_with_norms",
+    "make_layer_registry",
+    "per_example_gradient_norms",
+    "per_sample_losses",
+    "register_rule",
+    "validate",
 ]

@@ -48,9 +48,9 @@ import logging
 
 import tensorflow as tf
 
+from lipdp.errors import ModelNotSupportedError
 from lipdp.layers import ClipGradient, LipschitzConv2D, LipschitzDense
 from lipdp.losses import LipschitzLoss
-from lipdp.errors import ModelNotSupportedError
 from lipdp.sensitivity import check_precision
 
 logger = logging.getLogger(__name__)
@@ -92,14 +92,16 @@ def per_example_loss(model):
         return loss
     raise ModelNotSupportedError(
         f"clipped DP training needs the loss as a tf.keras.losses.Loss instance (its per-example values come "
-        f"from loss.call), e.g. tf.keras.losses.CategoricalCrossentropy(from_logits=True); got {loss!r}")
+        f"from loss.call), e.g. tf.keras.losses.CategoricalCrossentropy(from_logits=True); got {loss!r}"
+    )
 
 
 def validate(model):
     """Raises :class:`ModelNotSupportedError` if the model cannot be trained with clipping."""
     if not getattr(model, "_is_graph_network", False) or model.inputs is None:
         raise ModelNotSupportedError(
-            "the model has no layer graph yet: give it an input shape (tf.keras.Input(...) as first layer)")
+            "the model has no layer graph yet: give it an input shape (tf.keras.Input(...) as first layer)"
+        )
     if len(model.outputs) != 1:
         raise ModelNotSupportedError(f"the model has {len(model.outputs)} outputs; exactly one is supported")
     check_precision(model)
@@ -110,17 +112,20 @@ def validate(model):
         if _is_batch_normalization(layer):
             raise ModelNotSupportedError(
                 f"layer {layer.name!r} ({type(layer).__name__}) normalises with batch statistics, so one "
-                "example's gradient depends on the others: remove it or use LayerNormalization / GroupNormalization")
+                "example's gradient depends on the others: remove it or use LayerNormalization / GroupNormalization"
+            )
         if isinstance(layer, ClipGradient):
             raise ModelNotSupportedError(
                 f"layer {layer.name!r} clips cotangents in its custom gradient, which is not linear in the "
-                "cotangent: the weighted second backward pass of clipped training would be wrong; remove it")
+                "cotangent: the weighted second backward pass of clipped training would be wrong; remove it"
+            )
         for variable in layer.trainable_variables:
             owner = owners.setdefault(variable.ref(), layer)
             if owner is not layer:
                 raise ModelNotSupportedError(
                     f"variable {variable.name} is shared by layers {owner.name!r} and {layer.name!r}; "
-                    "per-example norms are computed per layer")
+                    "per-example norms are computed per layer"
+                )
     missing = [v.name for v in model.trainable_variables if v.ref() not in owners]
     if missing:
         raise ModelNotSupportedError(f"trainable variable(s) {missing} are not used by any layer of the graph")
@@ -154,8 +159,12 @@ def conv2d_squared_norms(inputs, grads, layer, method="auto"):
     """
     kh, kw = layer.kernel_size
     patches = tf.image.extract_patches(
-        inputs, sizes=[1, kh, kw, 1], strides=[1, *layer.strides, 1], rates=[1, *layer.dilation_rate, 1],
-        padding=layer.padding.upper())
+        inputs,
+        sizes=[1, kh, kw, 1],
+        strides=[1, *layer.strides, 1],
+        rates=[1, *layer.dilation_rate, 1],
+        padding=layer.padding.upper(),
+    )
     batch = tf.shape(inputs)[0]
     depth, filters = kh * kw * int(inputs.shape[-1]), int(grads.shape[-1])
     a = tf.reshape(patches, [batch, -1, depth])
@@ -206,9 +215,11 @@ def make_layer_registry(conv_method="auto"):
     from tensorflow_privacy.privacy.fast_gradient_clipping import layer_registry
     from tensorflow_privacy.privacy.fast_gradient_clipping.registry_functions.dense import dense_layer_computation
     from tensorflow_privacy.privacy.fast_gradient_clipping.registry_functions.einsum_dense import (
-        einsum_layer_computation)
+        einsum_layer_computation,
+    )
     from tensorflow_privacy.privacy.fast_gradient_clipping.registry_functions.layer_normalization import (
-        layer_normalization_computation)
+        layer_normalization_computation,
+    )
 
     registry = layer_registry.make_default_layer_registry()
     conv = functools.partial(conv2d_layer_computation, method=conv_method)
@@ -242,8 +253,13 @@ def _warn_fallback(layer, reason):
     key = (id(layer), layer.name)
     if key not in _warned_fallback:
         _warned_fallback.add(key)
-        logger.warning("lipdp clipping: layer %r (%s) %s; its per-example gradients are computed with "
-                       "tf.vectorized_map (slower, more memory)", layer.name, type(layer).__name__, reason)
+        logger.warning(
+            "lipdp clipping: layer %r (%s) %s; its per-example gradients are computed with "
+            "tf.vectorized_map (slower, more memory)",
+            layer.name,
+            type(layer).__name__,
+            reason,
+        )
 
 
 # -- the fallback: per-example gradients of one layer ---------------------------
@@ -276,8 +292,9 @@ def _fallback_gradients(layer, calls, cotangents):
                 args, kwargs = tf.nest.pack_sequence_as(structure, values)
                 outputs.extend(tf.nest.flatten(layer(*args, **kwargs)))
                 output_grads.extend(c[None] for c in cots)
-        grads = tape.gradient(outputs, variables, output_gradients=output_grads,
-                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = tape.gradient(
+            outputs, variables, output_gradients=output_grads, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
         return [tf.convert_to_tensor(g) for g in grads]
 
     return tf.vectorized_map(one_example, mapped, fallback_to_while_loop=True)
@@ -285,8 +302,12 @@ def _fallback_gradients(layer, calls, cotangents):
 
 def _squared_norms(per_example_grads):
     """``sum_v ||g_v,i||^2`` for per-example gradients ``[(B, *shape)]``."""
-    return tf.add_n([tf.reduce_sum(tf.square(tf.reshape(tf.cast(g, tf.float32), [tf.shape(g)[0], -1])), axis=1)
-                     for g in per_example_grads])
+    return tf.add_n(
+        [
+            tf.reduce_sum(tf.square(tf.reshape(tf.cast(g, tf.float32), [tf.shape(g)[0], -1])), axis=1)
+            for g in per_example_grads
+        ]
+    )
 
 
 # -- forward pass with norms ---------------------------------------------------
@@ -337,8 +358,10 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
             base, outputs, sqr_norm_fn = registry.lookup(layer)(layer, args, kwargs, tape, None)
             fast.append((base, sqr_norm_fn))
             return outputs, None
-        _warn_fallback(layer, "is called more than once (shared weights)" if id(layer) in shared
-                       else "has no fast per-example norm rule")
+        _warn_fallback(
+            layer,
+            "is called more than once (shared weights)" if id(layer) in shared else "has no fast per-example norm rule",
+        )
         outputs = layer(*args, **kwargs)
         flat_outputs = tf.nest.flatten(outputs)
         tape.watch(flat_outputs)
@@ -350,13 +373,13 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
         y_pred, _ = gradient_clipping_utils.model_forward_pass(model, x, generator_fn=generator_fn)
         losses = per_sample_losses(loss, y, y_pred)
         total = tf.reduce_sum(losses)
-    with (outer_tape.stop_recording() if outer_tape is not None else contextlib.nullcontext()):
+    with outer_tape.stop_recording() if outer_tape is not None else contextlib.nullcontext():
         watched = [base for base, _ in fast] + [call[2] for _, calls in fallback.values() for call in calls]
         grads = tape.gradient(total, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        squared = [fn(g) for (_, fn), g in zip(fast, grads[:len(fast)])]
+        squared = [fn(g) for (_, fn), g in zip(fast, grads[: len(fast)])]
         position, fallback_grads = len(fast), {}
         for layer, calls in fallback.values():
-            per_example = _fallback_gradients(layer, calls, grads[position:position + len(calls)])
+            per_example = _fallback_gradients(layer, calls, grads[position : position + len(calls)])
             fallback_grads.update({v.ref(): g for v, g in zip(layer.trainable_variables, per_example)})
             squared.append(_squared_norms(per_example))
             position += len(calls)

@@ -107,7 +107,8 @@ class ClippingRule(mechanisms.GradientMechanism):
 def _clipped_gradient_sums(rule, model, x, y, registry):
     with tf.GradientTape() as outer:
         y_pred, losses, norms, fallback_grads = fast_norms.forward_with_norms(
-            model, x, y, registry=registry, outer_tape=outer)
+            model, x, y, registry=registry, outer_tape=outer
+        )
         weights = tf.stop_gradient(rule.weights(norms))
         weighted = tf.reduce_sum(tf.cast(weights, losses.dtype) * losses)
     from_forward = [v for v in model.trainable_variables if v.ref() not in fallback_grads]
@@ -120,8 +121,9 @@ def _clipped_gradient_sums(rule, model, x, y, registry):
             sums.append(tf.tensordot(tf.cast(weights, per_example.dtype), per_example, axes=1))
         else:
             sums.append(tf.convert_to_tensor(forward_sums[variable.ref()]))  # densify IndexedSlices (embeddings)
-    return mechanisms.PrivateGradient(y_pred, losses, sums,
-                                      mechanisms.Sensitivity.of_whole_contribution(rule.sensitivity()))
+    return mechanisms.PrivateGradient(
+        y_pred, losses, sums, mechanisms.Sensitivity.of_whole_contribution(rule.sensitivity())
+    )
 
 
 @register_rule
@@ -170,5 +172,7 @@ class GlobalClipping(ClippingRule):
         return self.clip_norm
 
     def describe(self):
-        return (f"global per-example clipping (examples with gradient norm above R={self.clip_norm:.4g} dropped; "
-                f"sensitivity {self.clip_norm:.4g})")
+        return (
+            f"global per-example clipping (examples with gradient norm above R={self.clip_norm:.4g} dropped; "
+            f"sensitivity {self.clip_norm:.4g})"
+        )

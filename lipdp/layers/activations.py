@@ -46,7 +46,8 @@ class GroupSort(DPLayer, tf.keras.layers.Layer):
         channels = input_shape[-1]
         if self.group_size is not None and channels % self.group_size:
             raise ValueError(
-                f"{self.name}: the last axis ({channels}) is not divisible by group_size={self.group_size}")
+                f"{self.name}: the last axis ({channels}) is not divisible by group_size={self.group_size}"
+            )
         super().build(input_shape)
 
     def call(self, inputs):

@@ -54,7 +54,8 @@ def refuse_half_precision(layer):
     if dtypes & set(HALF_PRECISION):
         raise ModelNotSupportedError(
             f"layer {layer.name!r} computes in {layer.compute_dtype} with {layer.variable_dtype} variables; DP "
-            "bounds need float32 or float64: build it with dtype='float32' (and no mixed-precision policy)")
+            "bounds need float32 or float64: build it with dtype='float32' (and no mixed-precision policy)"
+        )
 
 
 def as_bound(value):

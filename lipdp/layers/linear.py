@@ -78,7 +78,8 @@ def _pop_managed_arguments(layer_name, kwargs):
                 f"{layer_name} does not accept {key}={value!r}: use a lipdp activation layer for "
                 "non-linearities, bias_bound=... for a bias and weight_constraint=... for the kernel; "
                 "dilation, groups, channels_first and activity regularizers (a data-dependent loss "
-                "term outside the loss's bound) are not supported.")
+                "term outside the loss's bound) are not supported."
+            )
 
 
 def make_kernel_constraint(kind, max_norm):
@@ -121,8 +122,10 @@ class _LipschitzLinear(DPLayer):
     def _pin_input_shape(self, input_shape):
         """Fixes the full input shape: the bias bounds depend on the number of positions."""
         if None in tuple(input_shape[1:]):
-            raise ValueError(f"{self.name}: every non-batch input dimension must be static "
-                             f"(the bias bounds count positions), got {tuple(input_shape)}")
+            raise ValueError(
+                f"{self.name}: every non-batch input dimension must be static "
+                f"(the bias bounds count positions), got {tuple(input_shape)}"
+            )
         self.input_spec = tf.keras.layers.InputSpec(shape=(None,) + tuple(input_shape[1:]))
 
     def _project_initial_weights(self):
@@ -150,8 +153,9 @@ class _LipschitzLinear(DPLayer):
         config = super().get_config()
         for key in _MANAGED_DEFAULTS:
             config.pop(key, None)
-        config.update(weight_constraint=self.weight_constraint, lipschitz_target=self.lipschitz_target,
-                      bias_bound=self.bias_bound)
+        config.update(
+            weight_constraint=self.weight_constraint, lipschitz_target=self.lipschitz_target, bias_bound=self.bias_bound
+        )
         return config
 
 
@@ -176,8 +180,15 @@ class LipschitzDense(_LipschitzLinear, tf.keras.layers.Dense):
             means no bias.
     """
 
-    def __init__(self, units, weight_constraint="orthogonal", lipschitz_target=1.0,
-                 bias_bound=None, kernel_initializer="orthogonal", **kwargs):
+    def __init__(
+        self,
+        units,
+        weight_constraint="orthogonal",
+        lipschitz_target=1.0,
+        bias_bound=None,
+        kernel_initializer="orthogonal",
+        **kwargs,
+    ):
         _pop_managed_arguments(type(self).__name__, kwargs)
         self._set_up_constraints(weight_constraint, lipschitz_target, bias_bound)
         super().__init__(
@@ -216,9 +227,18 @@ class LipschitzConv2D(_LipschitzLinear, tf.keras.layers.Conv2D):
     that the layer is ``lipschitz_target``-Lipschitz.
     """
 
-    def __init__(self, filters, kernel_size, strides=(1, 1), padding="same",
-                 weight_constraint="orthogonal", lipschitz_target=1.0, bias_bound=None,
-                 kernel_initializer="orthogonal", **kwargs):
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=(1, 1),
+        padding="same",
+        weight_constraint="orthogonal",
+        lipschitz_target=1.0,
+        bias_bound=None,
+        kernel_initializer="orthogonal",
+        **kwargs,
+    ):
         _pop_managed_arguments(type(self).__name__, kwargs)
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")

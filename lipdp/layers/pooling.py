@@ -48,8 +48,7 @@ class _WindowedPooling(DPLayer, tf.keras.layers.Layer):
         return self.lipschitz_constant() * input_bound
 
     def get_config(self):
-        return {**super().get_config(), "pool_size": self.pool_size, "strides": self.strides,
-                "padding": self.padding}
+        return {**super().get_config(), "pool_size": self.pool_size, "strides": self.strides, "padding": self.padding}
 
 
 @tf.keras.utils.register_keras_serializable("lipdp")
@@ -65,8 +64,9 @@ class L2NormPooling2D(_WindowedPooling):
     def call(self, inputs):
         squares = tf.square(inputs)
         if self.padding == "same":
-            pads = [_same_padding(int(inputs.shape[axis]), k, s)
-                    for axis, k, s in zip((1, 2), self.pool_size, self.strides)]
+            pads = [
+                _same_padding(int(inputs.shape[axis]), k, s) for axis, k, s in zip((1, 2), self.pool_size, self.strides)
+            ]
             squares = tf.pad(squares, [[0, 0], pads[0], pads[1], [0, 0]])
         area = self.pool_size[0] * self.pool_size[1]
         sums = tf.nn.avg_pool2d(squares, self.pool_size, self.strides, "VALID") * area

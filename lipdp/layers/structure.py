@@ -66,15 +66,19 @@ class LayerCentering(DPLayer, tf.keras.layers.Layer):
         super().__init__(**kwargs)
         axes = (axes,) if isinstance(axes, int) else axes
         if axes is not None and (not axes or 0 in axes):
-            raise ValueError(f"LayerCentering axes={axes!r}: give non-batch axes; averaging over the batch "
-                             "axis 0 would mix samples and break per-sample bounds")
+            raise ValueError(
+                f"LayerCentering axes={axes!r}: give non-batch axes; averaging over the batch "
+                "axis 0 would mix samples and break per-sample bounds"
+            )
         self.axes = None if axes is None else tuple(axes)
 
     def build(self, input_shape):
         rank = len(input_shape)
         if self.axes is not None and any(axis % rank == 0 for axis in self.axes):
-            raise ValueError(f"{self.name}: axes {self.axes} include the batch axis for rank-{rank} inputs; "
-                             "that would mix samples and break per-sample bounds")
+            raise ValueError(
+                f"{self.name}: axes {self.axes} include the batch axis for rank-{rank} inputs; "
+                "that would mix samples and break per-sample bounds"
+            )
         super().build(input_shape)
 
     def call(self, inputs):
@@ -97,8 +101,10 @@ class _Merge(DPLayer):
     def build(self, input_shape):
         shapes = {tuple(shape[1:]) for shape in input_shape}
         if len(shapes) != 1:
-            raise ValueError(f"{self.name}: merged inputs must have identical shapes (no broadcasting), "
-                             f"got {[tuple(s) for s in input_shape]}")
+            raise ValueError(
+                f"{self.name}: merged inputs must have identical shapes (no broadcasting), "
+                f"got {[tuple(s) for s in input_shape]}"
+            )
         self.num_inputs = len(input_shape)
         super().build(input_shape)
 
