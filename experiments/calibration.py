@@ -66,7 +66,7 @@ def main(argv=None):
     args.epochs = args.epochs or config.load(common.config_path(args)).training.epochs
     overrides = common.base_overrides(args)
     cfg = config.load(common.config_path(args), overrides)
-    dataset = data.load(cfg.dataset.name, data_dir=cfg.dataset.data_dir)
+    dataset = data.load_configured(cfg.dataset)
     print(f"data: {dataset.source}")
     sigma = common.shared_noise_multiplier(cfg, dataset, args.epsilon)
     noise = ["privacy.target_epsilon=null", f"privacy.noise_multiplier={sigma!r}"]

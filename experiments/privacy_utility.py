@@ -192,7 +192,7 @@ def main(argv=None):
     args.epochs = args.epochs or base_cfg.training.epochs
     overrides = base_overrides(args)
     cfg = config.load(config_path(args), overrides)
-    dataset = data.load(cfg.dataset.name, data_dir=cfg.dataset.data_dir)
+    dataset = data.load_configured(cfg.dataset)
     print(f"data: {dataset.source}")
     os.makedirs(args.out, exist_ok=True)
 

@@ -22,11 +22,14 @@ from lipdp.errors import ConfigError
 class DatasetConfig:
     name: str = "digits"
     data_dir: Optional[str] = None
+    feature_cache: Optional[str] = "~/.cache/lipdp/features"  # front-end features, keyed by data and settings
+    validation_fraction: Optional[float] = None  # tune on the last fraction of the training split (test unused)
 
 
 @dataclasses.dataclass
 class ModelConfig:
     input_norm: float = 8.0
+    frontend: Optional[Dict[str, Any]] = None  # a fixed per-example map before the input clip, e.g. Scattering2D
     layers: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     clipping: Optional[str] = None
     clip_norm: float = 1.0

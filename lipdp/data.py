@@ -836,3 +836,35 @@ def load(name: str, data_dir: Optional[PathLike] = None, **kwargs) -> Dataset:
     if key not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
     return DATASETS[key](data_dir=data_dir, **kwargs)
+
+
+def validation_split(dataset: Dataset, fraction: float) -> Dataset:
+    """The data set for hyper-parameter search: the last ``fraction`` of its *training* examples become the test set.
+
+    The real test split is dropped, so choices made on this data set never
+    see it. The order of the training examples is kept (no shuffle): the
+    carve is reproducible and stated in ``source``.
+    """
+    if not 0.0 < float(fraction) < 1.0:
+        raise ValueError(f"a validation fraction must lie in (0, 1), got {fraction!r}")
+    n = len(dataset.x_train)
+    n_fit = n - int(round(float(fraction) * n))
+    if not 0 < n_fit < n:
+        raise ValueError(f"validation fraction {fraction} of {n} training examples leaves an empty split")
+    return dataclasses.replace(
+        dataset,
+        x_train=dataset.x_train[:n_fit],
+        y_train=dataset.y_train[:n_fit],
+        x_test=dataset.x_train[n_fit:],
+        y_test=dataset.y_train[n_fit:],
+        source=f"{dataset.source}; VALIDATION: its training examples split {n_fit} fit / {n - n_fit} validation "
+        "(last), the test split unused",
+    )
+
+
+def load_configured(dataset_config, data_dir=None) -> Dataset:
+    """The data set a config's ``dataset`` section describes (``data_dir`` overrides its folder)."""
+    dataset = load(dataset_config.name, data_dir=data_dir or dataset_config.data_dir)
+    if dataset_config.validation_fraction is not None:
+        dataset = validation_split(dataset, dataset_config.validation_fraction)
+    return dataset

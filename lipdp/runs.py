@@ -120,7 +120,7 @@ class Run:
         if self._dataset is None:
             from lipdp import data
 
-            self._dataset = data.load(self.config.dataset.name, data_dir=self.data_dir or self.config.dataset.data_dir)
+            self._dataset = data.load_configured(self.config.dataset, data_dir=self.data_dir)
         return self._dataset
 
     @property

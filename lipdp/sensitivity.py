@@ -29,6 +29,7 @@ from lipdp import mechanisms
 from lipdp.errors import ModelNotSupportedError
 from lipdp.layers import DPLayer, InputNormClip
 from lipdp.layers.base import HALF_PRECISION, ROUNDING_MARGIN, as_bound, refuse_half_precision
+from lipdp.layers.frontends import FrontEnd
 from lipdp.losses import LipschitzLoss
 
 _REPLACEMENTS = {
@@ -133,11 +134,24 @@ def validate(model):
             f"the model output has shape {model.outputs[0].shape}; the loss bounds assume one logit vector "
             "per sample, shape (batch, classes): add lipdp.layers.Flatten or a global pooling before the last layer"
         )
-    input_ids = {str(id(t)) for t in model.inputs}
+    _check_clipped_input(model, nodes)
+
+
+def _check_clipped_input(model, nodes):
+    """Only front-ends (fixed per-example maps) may come before the input clip, and only the clip after them."""
+    unclipped = {str(id(t)) for t in model.inputs}  # the model input and front-end outputs
     for node in nodes:
         if node.is_input or isinstance(node.layer, InputNormClip):
             continue
-        if input_ids.intersection(node.flat_input_ids):
+        reads_unclipped = bool(unclipped.intersection(node.flat_input_ids))
+        if isinstance(node.layer, FrontEnd):
+            if not reads_unclipped or node.layer.trainable_weights:
+                raise ModelNotSupportedError(
+                    f"front-end {node.layer.name!r} must come before lipdp.layers.InputNormClip and have no "
+                    "trainable variables (a fixed per-example map)"
+                )
+            unclipped.update(node.flat_output_ids)
+        elif reads_unclipped:
             raise ModelNotSupportedError(
                 f"layer {node.layer.name!r} reads the model input directly; put "
                 "lipdp.layers.InputNormClip(norm) first so the input norm is bounded"
@@ -156,8 +170,8 @@ class LayerBounds:
 
 
 def _with_margin(bound):
-    """``bound * (1 + ROUNDING_MARGIN)``: every stated bound covers float32 rounding."""
-    return bound * (1.0 + ROUNDING_MARGIN)
+    """``bound * (1 + ROUNDING_MARGIN)``: every stated bound covers float32 rounding (``None``: unbounded)."""
+    return None if bound is None else bound * (1.0 + ROUNDING_MARGIN)
 
 
 def propagate(model) -> List[LayerBounds]:

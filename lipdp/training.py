@@ -6,6 +6,8 @@ An interrupted run resumes from its backup when started again with the same
 command; a completed run is never overwritten.
 """
 
+import dataclasses
+import os
 import warnings
 
 import tensorflow as tf
@@ -14,7 +16,7 @@ import yaml
 from lipdp import callbacks, data, losses, runs, sampling, sensitivity
 from lipdp import config as config_lib
 from lipdp.errors import RunExistsError  # noqa: F401  (raised by runs.start; its home before 0.2)
-from lipdp.layers import InputNormClip
+from lipdp.layers import FrontEnd, InputNormClip, cached_features
 from lipdp.model import DPSequential
 
 
@@ -27,8 +29,33 @@ def build_layers(cfg: config_lib.Config, input_shape):
     return layers
 
 
+def build_frontend(cfg: config_lib.Config):
+    """The configured front-end layer (``model.frontend``), or ``None``."""
+    if cfg.model.frontend is None:
+        return None
+    spec = dict(cfg.model.frontend)
+    cls = config_lib.layer_class(spec.pop("type", None))
+    if not issubclass(cls, FrontEnd):
+        raise config_lib.ConfigError(f"model.frontend: {cls.__name__} is not a lipdp front-end (e.g. Scattering2D)")
+    return cls(**spec)
+
+
+def with_frontend(head, frontend, input_shape):
+    """The model that takes raw inputs: ``frontend`` then the trained ``head``'s layers (shared weights).
+
+    Training on cached front-end features is the same mechanism as training
+    this model on raw inputs (the front-end is a fixed per-example map), so
+    the head's privacy policy and step count carry over unchanged.
+    """
+    model = DPSequential([tf.keras.Input(input_shape), frontend] + head.layers, mechanism=head.mechanism)
+    model.compile(optimizer=head.optimizer, loss=head.loss, metrics=["accuracy"])
+    model.privacy = head.privacy
+    model.privacy_steps.assign(head.privacy_steps)
+    return model
+
+
 def build_model(cfg: config_lib.Config, input_shape):
-    """The compiled DP model described by ``cfg``."""
+    """The compiled DP model described by ``cfg``, on inputs of ``input_shape`` (features, with a front-end)."""
     layers = build_layers(cfg, input_shape)
     clipping = {}
     if cfg.model.clipping is not None:
@@ -51,8 +78,11 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
     """Trains as configured and writes the artefacts; returns the model and ``metrics.json``'s content."""
     runs.start(out_dir)
     tf.keras.utils.set_random_seed(cfg.training.seed)
-    dataset = data.load(cfg.dataset.name, data_dir=cfg.dataset.data_dir)
+    dataset = data.load_configured(cfg.dataset)
     runs.write_text(out_dir, runs.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    raw, frontend = dataset, build_frontend(cfg)
+    if frontend is not None:
+        dataset = _features(dataset, frontend, cfg.dataset.feature_cache, verbose)
 
     model = build_model(cfg, dataset.input_shape)
     seed = cfg.sampling.seed
@@ -97,7 +127,21 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
         verbose=verbose,
     )
     runs.remove_emptied_backup(out_dir)
-    return _write_artefacts(model, dataset, out_dir)
+    if frontend is not None:
+        model = with_frontend(model, frontend, raw.input_shape)
+    return _write_artefacts(model, raw, out_dir)
+
+
+def _features(dataset, frontend, cache_dir, verbose):
+    """The data set with the front-end's features as inputs (computed once, cached by data and settings)."""
+    if verbose:
+        print(
+            f"front-end {type(frontend).__name__}: features of {len(dataset.x_train) + len(dataset.x_test)} examples"
+            f"{'' if cache_dir is None else f' (cache: {cache_dir})'}"
+        )
+    cache_dir = None if cache_dir is None else os.path.expanduser(cache_dir)
+    train, test = (cached_features(frontend, x, cache_dir, verbose=verbose) for x in (dataset.x_train, dataset.x_test))
+    return dataclasses.replace(dataset, x_train=train, x_test=test)
 
 
 def _write_artefacts(model, dataset, out_dir):

@@ -547,3 +547,15 @@ def test_real_mnist_t10k_from_shared():
     assert 0.11 < ds.x_train.mean() < 0.15  # MNIST mean intensity ~0.13
     assert ds.y_train.sum(0).min() > 600  # all ten digits well represented
     assert "8000 train / 2000 test" in ds.source and "test set" in ds.source
+
+
+def test_validation_split_carves_the_training_data_and_drops_the_test_split():
+    digits = data.load("digits")
+    carved = data.validation_split(digits, 0.25)
+    n_fit = len(digits.x_train) - round(0.25 * len(digits.x_train))
+    np.testing.assert_array_equal(carved.x_train, digits.x_train[:n_fit])
+    np.testing.assert_array_equal(carved.x_test, digits.x_train[n_fit:])
+    assert "VALIDATION" in carved.source
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="validation fraction"):
+            data.validation_split(digits, bad)

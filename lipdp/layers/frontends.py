@@ -1,0 +1,158 @@
+"""Data-independent feature front-ends, placed before :class:`lipdp.layers.InputNormClip`.
+
+A front-end is a fixed map applied to each example on its own: no trainable
+variables, no randomness, nothing estimated from data. Privacy needs nothing
+more than the input clip after it: the bounds of a DP network start at the
+clip's output norm, whatever the front-end did to the example, so a front-end
+states no bounds of its own (its output bound is unknown, ``None``, and the
+clip replaces it). Because the map is fixed, its features may be computed once
+per data set and cached (:func:`cached_features`); a trained model keeps the
+front-end inside it, so it takes raw inputs.
+"""
+
+import hashlib
+import json
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from lipdp.layers.base import DPLayer, as_bound
+
+
+class FrontEnd(DPLayer):
+    """Marks a layer as a per-example preprocessing map allowed before the input clip.
+
+    Bounds: output unknown (``None``: only :class:`InputNormClip` may follow
+    it), no variables; the cotangent flowing back into the model input feeds
+    no variable, so it is reported as unbounded.
+    """
+
+    per_example_preprocessing = True
+
+    def output_bound(self, input_bound):
+        del input_bound
+        return None
+
+    def lipschitz_constant(self):
+        return as_bound(math.inf)
+
+    def input_cotangent_bound(self, cotangent_bound):
+        del cotangent_bound
+        return as_bound(math.inf)
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class Scattering2D(FrontEnd, tf.keras.layers.Layer):
+    """Wavelet scattering transform (kymatio 0.3.0) of each image, channels last.
+
+    Input ``(batch, H, W, C)``, output ``(batch, H / 2^J, W / 2^J, C K)`` with
+    ``K = 1 + L J + L^2 J (J - 1) / 2`` scattering channels per input channel
+    (``max_order=2``). With ``normalize="group"`` each example's channels are
+    split into ``groups`` groups, each centred and scaled to unit variance
+    over its positions and channels (a per-example map: it never mixes
+    examples, and has no affine parameters). No trainable variables.
+
+    Args:
+        J: number of scales (the output is ``2^J`` times smaller per axis).
+        L: number of orientations.
+        max_order: 1 or 2.
+        normalize: ``None`` or ``"group"``.
+        groups: number of groups for ``normalize="group"``.
+    """
+
+    def __init__(self, J=2, L=8, max_order=2, normalize=None, groups=1, **kwargs):
+        kwargs.setdefault("trainable", False)
+        super().__init__(**kwargs)
+        if normalize not in (None, "group"):
+            raise ValueError(f"normalize must be None or 'group', got {normalize!r}")
+        if int(groups) < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
+        self.J, self.L, self.max_order = int(J), int(L), int(max_order)
+        self.normalize, self.groups = normalize, int(groups)
+
+    def build(self, input_shape):
+        from kymatio.tensorflow import Scattering2D as KymatioScattering2D
+
+        if len(input_shape) != 4 or None in tuple(input_shape[1:]):
+            raise ValueError(f"{self.name}: needs static (batch, H, W, C) inputs, got {tuple(input_shape)}")
+        self._input_hwc = tuple(int(d) for d in input_shape[1:])
+        height, width, self.channels = self._input_hwc
+        self._scattering = KymatioScattering2D(J=self.J, shape=(height, width), L=self.L, max_order=self.max_order)
+        out_channels = self.channels * self.scattering_channels()
+        if self.normalize == "group" and out_channels % self.groups:
+            raise ValueError(f"{self.name}: {out_channels} output channels are not divisible by groups={self.groups}")
+        super().build(input_shape)
+
+    def scattering_channels(self):
+        """``K``, the scattering channels per input channel."""
+        second = self.L**2 * self.J * (self.J - 1) // 2 if self.max_order == 2 else 0
+        return 1 + self.L * self.J + second
+
+    def call(self, inputs):
+        x = tf.transpose(tf.cast(inputs, tf.float32), [0, 3, 1, 2])  # (B, C, H, W)
+        s = tf.transpose(self._scattering(x), [0, 3, 4, 1, 2])  # (B, H', W', C, K)
+        _, height, width, channels = self.compute_output_shape((None,) + self._input_hwc)
+        s = tf.reshape(s, [-1, height, width, channels])
+        if self.normalize == "group":
+            grouped = tf.reshape(s, [-1, height, width, self.groups, channels // self.groups])
+            mean, variance = tf.nn.moments(grouped, axes=[1, 2, 4], keepdims=True)
+            s = tf.reshape((grouped - mean) * tf.math.rsqrt(variance + 1e-5), [-1, height, width, channels])
+        return s
+
+    def compute_output_shape(self, input_shape):
+        scale = 2**self.J
+        return tf.TensorShape(
+            [
+                input_shape[0],
+                input_shape[1] // scale,
+                input_shape[2] // scale,
+                input_shape[3] * self.scattering_channels(),
+            ]
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "J": self.J,
+            "L": self.L,
+            "max_order": self.max_order,
+            "normalize": self.normalize,
+            "groups": self.groups,
+        }
+
+
+def _fingerprint(layer, x):
+    digest = hashlib.sha256(
+        json.dumps({k: v for k, v in layer.get_config().items() if k != "name"}, sort_keys=True, default=str).encode()
+    )
+    digest.update(str((x.shape, x.dtype.str)).encode())
+    digest.update(np.ascontiguousarray(x).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def cached_features(layer, x, cache_dir=None, batch_size=512, verbose=0):
+    """``layer(x)`` computed in batches, cached on disk by a hash of the data and the layer's settings.
+
+    ``cache_dir=None`` computes without caching. The key covers every value
+    of ``x`` and the layer's config, so a change to either recomputes.
+    """
+    path = None
+    if cache_dir is not None:
+        path = os.path.join(cache_dir, f"{type(layer).__name__}-{_fingerprint(layer, x)}.npy")
+        if os.path.exists(path):
+            return np.load(path)
+    batches = range(0, len(x), batch_size)
+    progress = tf.keras.utils.Progbar(len(x), verbose=verbose, unit_name="example")
+    features = []
+    for start in batches:
+        features.append(layer(x[start : start + batch_size]).numpy())
+        progress.add(len(features[-1]))
+    features = np.concatenate(features)
+    if path is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        temporary = f"{path}.{os.getpid()}.tmp.npy"
+        np.save(temporary, features)
+        os.replace(temporary, path)  # atomic: a killed run never leaves a truncated cache file
+    return features
