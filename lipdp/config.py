@@ -63,6 +63,9 @@ class SamplingConfig:
 class OptimizerConfig:
     name: str = "adam"
     learning_rate: float = 1e-3
+    # Exponential moving average of the weights, swapped in when fit ends: post-processing of the private
+    # iterates (no privacy cost); the bounds of every step use the weights in use, never the average.
+    ema_momentum: Optional[float] = None
 
 
 @dataclasses.dataclass

@@ -54,6 +54,16 @@ def with_frontend(head, frontend, input_shape):
     return model
 
 
+def _ema(cfg):
+    """Keras' weight averaging (``use_ema``): the averaged weights replace the trained ones when fit ends."""
+    momentum = cfg.optimizer.ema_momentum
+    if momentum is None:
+        return {}
+    if not 0.0 < momentum < 1.0:
+        raise config_lib.ConfigError(f"optimizer.ema_momentum: must be in (0, 1), got {momentum!r}")
+    return {"use_ema": True, "ema_momentum": float(momentum)}
+
+
 def build_model(cfg: config_lib.Config, input_shape):
     """The compiled DP model described by ``cfg``, on inputs of ``input_shape`` (features, with a front-end)."""
     layers = build_layers(cfg, input_shape)
@@ -67,7 +77,7 @@ def build_model(cfg: config_lib.Config, input_shape):
     optimizer = tf.keras.optimizers.get(
         {  # not the legacy optimizer: model.keras drops a legacy one's state
             "class_name": cfg.optimizer.name,
-            "config": {"learning_rate": cfg.optimizer.learning_rate, "is_legacy_optimizer": False},
+            "config": {"learning_rate": cfg.optimizer.learning_rate, "is_legacy_optimizer": False, **_ema(cfg)},
         }
     )
     model.compile(optimizer=optimizer, loss=loss_cls(**cfg.loss.params), metrics=["accuracy"])

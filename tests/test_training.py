@@ -1,0 +1,31 @@
+"""Training runs from configs: optimizer options."""
+
+import os
+
+import pytest
+import tensorflow as tf
+
+from lipdp import cli, config, data, sensitivity, training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
+
+
+def test_weight_averaging_is_applied_at_the_end_and_the_bounds_hold(tmp_path):
+    """optimizer.ema_momentum: the saved weights are the average of the private iterates (post-processing)."""
+    out = str(tmp_path / "run")
+    overrides = [
+        "optimizer.ema_momentum=0.9",
+        "training.epochs=2",
+        "model.layers=[{type: Flatten}, {type: LipschitzDense, units: 16}, {type: GroupSort},"
+        " {type: LipschitzDense, units: 10}]",
+    ]
+    assert (
+        cli.main(["train", DIGITS, "--out", out, "--verbose", "0"] + [a for s in overrides for a in ("--set", s)]) == 0
+    )
+    model = tf.keras.models.load_model(os.path.join(out, "model.keras"))
+    assert model.optimizer.use_ema and model.optimizer.ema_momentum == 0.9
+    digits = data.load("digits")
+    assert not sensitivity.verify_bounds(model, digits.x_test[:32], digits.y_test[:32], rtol=0).violations
+    with pytest.raises(config.ConfigError, match="ema_momentum"):
+        training.build_model(config.load(DIGITS, ["optimizer.ema_momentum=1.5"]), (8, 8, 1))
