@@ -135,8 +135,7 @@ def build(clipping=None, clip_norm=1.0, gamma=0.01):
     """The mechanism of the models' ``clipping=`` argument: ``None`` is clipless (certified bounds)."""
     if clipping is None:
         return from_config({"name": "certified"})
-    from lipdp import clipping as clipping_rules  # registers the rules
-
-    if clipping not in clipping_rules.RULES:
-        raise ValueError(f"clipping={clipping!r} is not one of {(None,) + tuple(clipping_rules.RULES)}")
+    rules = tuple(name for name, cls in _REGISTRY.items() if not cls.certifies_layer_bounds)
+    if clipping not in rules:
+        raise ValueError(f"clipping={clipping!r} is not one of {(None,) + rules}")
     return from_config({"name": clipping, "clip_norm": clip_norm, "gamma": gamma})
