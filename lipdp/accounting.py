@@ -430,12 +430,44 @@ class PrivacyPolicy:
     noise_allocation: str = "global"
     target_epsilon: Optional[float] = None
     planned_steps: Optional[int] = None
+    quantile_noise_share: Optional[float] = None
 
     def __post_init__(self):
         validate_delta(self.delta, self.dataset_size)
         if self.noise_allocation not in NOISE_ALLOCATIONS:
             raise ValueError(f"noise_allocation={self.noise_allocation!r} is not one of {NOISE_ALLOCATIONS}")
+        if self.quantile_noise_share is not None:
+            if not 0.0 < self.quantile_noise_share < 1.0:
+                raise PrivacyParameterError(
+                    f"quantile_noise_share must be in (0, 1), got {self.quantile_noise_share!r}"
+                )
+            if self.sampling != "poisson":
+                raise PrivacyParameterError("adaptive clipping (quantile_noise_share) needs Poisson sampling")
         compute_epsilon(**self._accounting_args(steps=1))  # validates the rest
+
+    @property
+    def gradient_noise_multiplier(self):
+        """The multiplier of the gradient noise: all of ``noise_multiplier``, or its share with the quantile release.
+
+        Each step of adaptive clipping releases two Gaussian mechanisms on the
+        same Poisson batch: the gradient sum (multiplier ``z_g``) and the count
+        of examples under the clipping threshold (sensitivity 1, multiplier
+        ``z_b``). Together they are exactly one Gaussian mechanism of
+        multiplier ``z`` with ``1/z^2 = 1/z_g^2 + 1/z_b^2`` (a Gaussian vector
+        mechanism on the concatenated release), which is the
+        ``PoissonSampled(q, Gaussian(z))`` event the accountant composes.
+        With share ``r``: ``z_g = z / sqrt(1 - r)`` and ``z_b = z / sqrt(r)``.
+        """
+        if self.quantile_noise_share is None:
+            return self.noise_multiplier
+        return self.noise_multiplier / math.sqrt(1.0 - self.quantile_noise_share)
+
+    @property
+    def quantile_noise_multiplier(self):
+        """``z_b``: the noise multiplier (= std, sensitivity 1) of the released count (see above)."""
+        if self.quantile_noise_share is None:
+            raise PrivacyParameterError("this policy has no quantile release (quantile_noise_share is None)")
+        return self.noise_multiplier / math.sqrt(self.quantile_noise_share)
 
     def _accounting_args(self, steps):
         return dict(
@@ -479,6 +511,7 @@ class PrivacyPolicy:
         delta=None,
         accountant="rdp",
         noise_allocation="global",
+        quantile_noise_share=None,
     ):
         """Policy for ``sampler``; the noise is given or calibrated to a target epsilon.
 
@@ -518,4 +551,5 @@ class PrivacyPolicy:
             noise_allocation=noise_allocation,
             target_epsilon=None if target_epsilon is None else float(target_epsilon),
             planned_steps=planned_steps,
+            quantile_noise_share=None if quantile_noise_share is None else float(quantile_noise_share),
         )

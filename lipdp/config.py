@@ -50,6 +50,7 @@ class PrivacyConfig:
     accountant: str = "rdp"
     noise_allocation: str = "global"
     epsilon_budget: Optional[float] = None
+    quantile_noise_share: Optional[float] = None  # privacy share of an AdaptiveClipGradient's threshold releases
 
 
 @dataclasses.dataclass

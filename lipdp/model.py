@@ -32,6 +32,7 @@ import tensorflow as tf
 from lipdp import accounting, mechanisms, sampling
 from lipdp.accounting import NOISE_ALLOCATIONS, PrivacyPolicy  # noqa: F401  (their home before 0.2)
 from lipdp.errors import ModelNotSupportedError, NotPrivateError
+from lipdp.layers import AdaptiveClipGradient
 
 
 class DPModelMixin:
@@ -126,6 +127,7 @@ class DPModelMixin:
         """
         self._validate_for_privacy()
         policy = PrivacyPolicy.from_sampler(sampler, **policy_args)
+        self._check_adaptive_clipping(policy)
         if int(self.privacy_steps) > 0 and policy != self.privacy:
             raise ValueError(
                 f"these weights already took {int(self.privacy_steps)} private steps under "
@@ -222,7 +224,7 @@ class DPModelMixin:
         if not isinstance(sensitivity_, mechanisms.Sensitivity):
             sensitivity_ = mechanisms.Sensitivity.of_variables(sensitivity_)
         return sensitivity_.noise_stddevs(
-            self.privacy.noise_multiplier, self.privacy.noise_allocation, len(self.trainable_variables)
+            self.privacy.gradient_noise_multiplier, self.privacy.noise_allocation, len(self.trainable_variables)
         )
 
     def noisy_gradients(self, gradient_sums, sensitivity_):
@@ -254,12 +256,35 @@ class DPModelMixin:
                 "model.allow_unaccounted_steps()"
             ],
         )
+        adaptive = self._adaptive_clip_layers()
         with tf.control_dependencies([gate]):  # nothing of the step runs before the check passed
-            y_pred, per_sample_loss, gradient_sums, sensitivity_ = self.private_gradient_sums(x, y)
+            for layer in adaptive:  # counts from other calls (held-out monitors) must not leak into the release
+                layer.reset_count()
+            with _counting(adaptive):
+                y_pred, per_sample_loss, gradient_sums, sensitivity_ = self.private_gradient_sums(x, y)
             noisy = self.noisy_gradients(gradient_sums, sensitivity_)
             self.optimizer.apply_gradients(zip(noisy, self.trainable_variables))
+            for layer in adaptive:  # after the gradient, whose bound used the threshold in force
+                layer.release_quantile(
+                    self.privacy.quantile_noise_multiplier, self.privacy.expected_batch_size, self._noise
+                )
             self.privacy_steps.assign_add(1)
             return self._update_metrics(y, y_pred, per_sample_loss)
+
+    def _adaptive_clip_layers(self):
+        return [layer for layer in self._flatten_layers(include_self=False) if isinstance(layer, AdaptiveClipGradient)]
+
+    def _check_adaptive_clipping(self, policy):
+        adaptive = self._adaptive_clip_layers()
+        if len(adaptive) > 1:
+            raise ModelNotSupportedError(
+                f"{len(adaptive)} AdaptiveClipGradient layers: one quantile release per step is supported"
+            )
+        if bool(adaptive) != (policy.quantile_noise_share is not None):
+            raise ModelNotSupportedError(
+                "an AdaptiveClipGradient layer needs make_private(..., quantile_noise_share=r) (the share of the "
+                "privacy spent on its threshold), and quantile_noise_share needs such a layer"
+            )
 
     def private_gradient_sums(self, x, y):
         """``(y_pred, per_sample_loss, gradient_sums, sensitivity)`` from the model's mechanism.
@@ -304,6 +329,13 @@ class DPModelMixin:
         """A one-paragraph, human-readable statement of the guarantee."""
         state = self.privacy_state()
         mechanism = self.mechanism.describe()
+        share = state.get("quantile_noise_share")
+        if share is not None:
+            mechanism += (
+                f", with an adaptive logit clipping threshold released as a noisy quantile each step (share "
+                f"{share:.3g} of the privacy: gradient multiplier {self.privacy.gradient_noise_multiplier:.4g}, "
+                f"count multiplier {self.privacy.quantile_noise_multiplier:.4g}, composed exactly)"
+            )
         adjacency = sampling.sampler_class(state["sampling"]).adjacency
         return (
             f"The trained weights are ({state['epsilon']:.4g}, {state['delta']:.3g})-differentially private "
@@ -387,3 +419,18 @@ class DPSequential(DPModelMixin, tf.keras.Sequential):
     ):
         super().__init__(layers=layers, name=name)
         self._init_privacy(privacy, noise_seed, mechanism, clipping=clipping, clip_norm=clip_norm, gamma=gamma)
+
+
+class _counting:
+    """While active, the adaptive clipping layers count the examples under their threshold (trace time)."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.counting = True
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.counting = False

@@ -117,6 +117,7 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
         delta=privacy.delta,
         accountant=privacy.accountant,
         noise_allocation=privacy.noise_allocation,
+        quantile_noise_share=privacy.quantile_noise_share,
     )
     extra = [
         callbacks.PrivacyLedger(),

@@ -11,6 +11,7 @@ from lipdp.layers.linear import (
 )
 from lipdp.layers.pooling import GlobalL2NormPooling2D, L2NormPooling2D, MaxPooling2D
 from lipdp.layers.structure import (
+    AdaptiveClipGradient,
     Add,
     Average,
     ClipGradient,
@@ -22,6 +23,7 @@ from lipdp.layers.structure import (
 
 __all__ = [
     "Abs",
+    "AdaptiveClipGradient",
     "FrontEnd",
     "Scattering2D",
     "cached_features",

@@ -171,3 +171,96 @@ class ClipGradient(DPLayer, tf.keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "clip_value": self.clip_value}
+
+
+def _clip_and_count(inputs, threshold, counter):
+    """Identity forward; backward clips each sample's cotangent to ``threshold`` and counts those already under it."""
+
+    @tf.custom_gradient
+    def clip(x):
+        def backward(upstream):
+            axes = list(range(1, len(upstream.shape)))
+            norms = tf.sqrt(tf.reduce_sum(tf.square(tf.cast(upstream, tf.float64)), axis=axes))
+            counter.assign_add(tf.reduce_sum(tf.cast(norms <= tf.cast(threshold, tf.float64), counter.dtype)))
+            return _clip_per_sample(upstream, threshold)
+
+        return tf.identity(x), backward
+
+    return clip(inputs)
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class AdaptiveClipGradient(ClipGradient):
+    """:class:`ClipGradient` whose threshold follows a quantile of the per-sample cotangent norms.
+
+    Andrew et al. (2021), "Differentially private learning with adaptive
+    clipping": after each private step the threshold ``C`` moves by
+    ``C <- C exp(-learning_rate (b - target_quantile))``, where ``b`` is the
+    fraction of the step's examples whose cotangent norm was at most ``C``,
+    released with Gaussian noise: ``b = (count + N(0, z_b^2)) / (q N)``
+    (the count has sensitivity 1; ``z_b`` comes from the privacy policy's
+    ``quantile_noise_share``, and the accountant composes this release with
+    the gradient's, see :attr:`lipdp.accounting.PrivacyPolicy.gradient_noise_multiplier`).
+    The raw count is kept out of tracking (never saved); the threshold is a
+    function of noisy releases only.
+
+    Bounds: output ``= ||x||``; input cotangent ``min(c, C_t)`` with ``C_t``
+    the threshold in use at this step (the release happens after the step's
+    gradient); no trainable variables.
+
+    Args:
+        initial_value: the first threshold.
+        target_quantile: the fraction of examples meant to be under the threshold.
+        learning_rate: step size of the geometric update.
+    """
+
+    def __init__(self, initial_value, target_quantile=0.5, learning_rate=0.2, **kwargs):
+        kwargs.pop("clip_value", None)
+        super().__init__(clip_value=initial_value, **kwargs)
+        if not 0.0 < target_quantile < 1.0:
+            raise ValueError(f"target_quantile must be in (0, 1), got {target_quantile}")
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        self.initial_value = float(initial_value)
+        self.target_quantile, self.learning_rate = float(target_quantile), float(learning_rate)
+        self.counting = False  # set by the model's train step while it computes the private gradient
+        object.__setattr__(self, "_count", tf.Variable(0.0, trainable=False, dtype=tf.float64))
+
+    def build(self, input_shape):
+        self.threshold = self.add_weight(
+            name="threshold",
+            shape=(),
+            dtype=tf.float32,
+            initializer=tf.keras.initializers.Constant(self.initial_value),
+            trainable=False,
+        )
+        super().build(input_shape)
+
+    def call(self, inputs):
+        threshold = tf.cast(self.threshold, inputs.dtype)
+        if self.counting:
+            return _clip_and_count(inputs, threshold, self._count)
+        return _clip_cotangent(inputs, threshold)
+
+    def input_cotangent_bound(self, cotangent_bound):
+        return tf.minimum(cotangent_bound, tf.cast(self.threshold, tf.float64))
+
+    def reset_count(self):
+        return self._count.assign(0.0)
+
+    def release_quantile(self, noise_multiplier, expected_batch_size, generator):
+        """The noisy fraction under the threshold, then the threshold update (after the step's gradient)."""
+        noisy_count = self._count + generator.normal([], dtype=tf.float64) * noise_multiplier
+        fraction = noisy_count / expected_batch_size
+        factor = tf.exp(-self.learning_rate * (fraction - self.target_quantile))
+        return self.threshold.assign(tf.cast(tf.cast(self.threshold, tf.float64) * factor, tf.float32))
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("clip_value", None)
+        return {
+            **config,
+            "initial_value": self.initial_value,
+            "target_quantile": self.target_quantile,
+            "learning_rate": self.learning_rate,
+        }
