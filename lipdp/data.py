@@ -864,7 +864,11 @@ def validation_split(dataset: Dataset, fraction: float) -> Dataset:
 
 def load_configured(dataset_config, data_dir=None) -> Dataset:
     """The data set a config's ``dataset`` section describes (``data_dir`` overrides its folder)."""
-    dataset = load(dataset_config.name, data_dir=data_dir or dataset_config.data_dir)
-    if dataset_config.validation_fraction is not None:
-        dataset = validation_split(dataset, dataset_config.validation_fraction)
-    return dataset
+    return configured_split(load(dataset_config.name, data_dir=data_dir or dataset_config.data_dir), dataset_config)
+
+
+def configured_split(dataset: Dataset, dataset_config) -> Dataset:
+    """``dataset`` with the config's ``validation_fraction`` carve applied, if any."""
+    if dataset_config.validation_fraction is None:
+        return dataset
+    return validation_split(dataset, dataset_config.validation_fraction)

@@ -88,11 +88,12 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
     """Trains as configured and writes the artefacts; returns the model and ``metrics.json``'s content."""
     runs.start(out_dir)
     tf.keras.utils.set_random_seed(cfg.training.seed)
-    dataset = data.load_configured(cfg.dataset)
+    full = data.load(cfg.dataset.name, data_dir=cfg.dataset.data_dir)
     runs.write_text(out_dir, runs.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    raw, frontend = dataset, build_frontend(cfg)
-    if frontend is not None:
-        dataset = _features(dataset, frontend, cfg.dataset.feature_cache, verbose)
+    raw, frontend = data.configured_split(full, cfg.dataset), build_frontend(cfg)
+    dataset = raw
+    if frontend is not None:  # features of the whole data set (one cache entry for every split of it)
+        dataset = data.configured_split(_features(full, frontend, cfg.dataset.feature_cache, verbose), cfg.dataset)
 
     model = build_model(cfg, dataset.input_shape)
     seed = cfg.sampling.seed
