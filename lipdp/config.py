@@ -73,6 +73,7 @@ class OptimizerConfig:
 class TrainingConfig:
     epochs: int = 10
     seed: int = 0  # initial weights only (public); the DP noise never uses it
+    microbatch_size: Optional[int] = None  # accumulate each Poisson step over micro-batches (flat memory)
 
 
 @dataclasses.dataclass

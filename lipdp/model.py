@@ -38,8 +38,13 @@ from lipdp.layers import AdaptiveClipGradient
 class DPModelMixin:
     """Clipless DP training for Keras models (see the module docstring)."""
 
-    def _init_privacy(self, privacy=None, noise_seed=None, mechanism=None, accountable=True, **clipping):
+    def _init_privacy(
+        self, privacy=None, noise_seed=None, mechanism=None, accountable=True, microbatch_size=None, **clipping
+    ):
         self.mechanism = _resolve_mechanism(mechanism, **clipping)
+        if microbatch_size is not None and (isinstance(microbatch_size, bool) or int(microbatch_size) < 1):
+            raise ValueError(f"microbatch_size must be a positive integer, got {microbatch_size!r}")
+        self.microbatch_size = None if microbatch_size is None else int(microbatch_size)
         self.privacy_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="privacy_steps")
         # The loss tracker sums losses over private Poisson batches (its count is the true number of sampled
         # records): kept out of tracking, so no checkpoint (BackupAndRestore) or saved model holds its state.
@@ -294,8 +299,47 @@ class DPModelMixin:
         per-variable bounds for the weights in use. Clipping: the clipped sum
         and the rule's sensitivity (:mod:`lipdp.clipping`).
         """
-        result = self.mechanism.gradient_sums(self, x, y)
-        return result.y_pred, result.per_sample_loss, result.sums, result.sensitivity
+        if self.microbatch_size is None:
+            result = self.mechanism.gradient_sums(self, x, y)
+            return result.y_pred, result.per_sample_loss, result.sums, result.sensitivity
+        return self._microbatched_gradient_sums(x, y)
+
+    def _microbatched_gradient_sums(self, x, y):
+        """The same sums, accumulated over micro-batches of ``microbatch_size`` examples (memory flat in the batch).
+
+        One logical Poisson step: the sums of all micro-batches are added
+        before the noise (added once, by the caller) and the division by the
+        expected batch size. The sensitivity comes from an empty micro-batch
+        (it does not depend on the data), so an empty batch works too. The
+        loop runs one micro-batch at a time (``parallel_iterations=1``).
+        """
+        empty = self.mechanism.gradient_sums(self, x[:0], y[:0])
+        size = self.microbatch_size
+        count = (tf.shape(x)[0] + size - 1) // size
+
+        def step(i, sums, predictions, losses):
+            part = self.mechanism.gradient_sums(self, x[i * size : (i + 1) * size], y[i * size : (i + 1) * size])
+            sums = [total + tf.convert_to_tensor(g) for total, g in zip(sums, part.sums)]
+            return i + 1, sums, predictions.write(i + 1, part.y_pred), losses.write(i + 1, part.per_sample_loss)
+
+        def collector(tensor):
+            array = tf.TensorArray(
+                tensor.dtype,
+                size=1,
+                dynamic_size=True,
+                infer_shape=False,
+                element_shape=tf.TensorShape([None]).concatenate(tensor.shape[1:]),
+            )
+            return array.write(0, tensor)
+
+        initial = (
+            tf.constant(0),
+            [tf.convert_to_tensor(g) for g in empty.sums],
+            collector(empty.y_pred),
+            collector(empty.per_sample_loss),
+        )
+        _, sums, predictions, losses = tf.while_loop(lambda i, *_: i < count, step, initial, parallel_iterations=1)
+        return predictions.concat(), losses.concat(), sums, empty.sensitivity
 
     def test_step(self, data):
         x, y, _ = tf.keras.utils.unpack_x_y_sample_weight(data)
@@ -354,6 +398,7 @@ class DPModelMixin:
             "privacy": privacy,
             "accountable": self.accountable,
             "mechanism": self.mechanism.get_config(),
+            "microbatch_size": self.microbatch_size,
         }
 
     @classmethod
@@ -362,9 +407,11 @@ class DPModelMixin:
         privacy = config.pop("privacy", None)
         accountable = config.pop("accountable", True)
         mechanism = config.pop("mechanism", None)
+        microbatch_size = config.pop("microbatch_size", None)
         clipping = {key: config.pop(key) for key in _CLIPPING_ARGUMENTS if key in config}  # saved before 0.2
         model = super().from_config(config, custom_objects)
         model._set_privacy(privacy)
+        model.microbatch_size = microbatch_size
         model.mechanism = _resolve_mechanism(mechanism, **clipping)
         if not accountable:
             model.allow_unaccounted_steps()
@@ -396,7 +443,9 @@ class DPModel(DPModelMixin, tf.keras.Model):
 
     def __init__(self, inputs, outputs, name=None, trainable=True, **kwargs):
         # Functional's exact signature, so Keras saves and revives it as a graph.
-        privacy = {key: kwargs.pop(key) for key in ("privacy", "noise_seed", "mechanism") if key in kwargs}
+        privacy = {
+            key: kwargs.pop(key) for key in ("privacy", "noise_seed", "mechanism", "microbatch_size") if key in kwargs
+        }
         clipping = {key: kwargs.pop(key) for key in _CLIPPING_ARGUMENTS if key in kwargs}
         super().__init__(inputs, outputs, name=name, trainable=trainable, **kwargs)
         self._init_privacy(**privacy, **clipping)
@@ -416,9 +465,18 @@ class DPSequential(DPModelMixin, tf.keras.Sequential):
         clip_norm=1.0,
         gamma=0.01,
         mechanism=None,
+        microbatch_size=None,
     ):
         super().__init__(layers=layers, name=name)
-        self._init_privacy(privacy, noise_seed, mechanism, clipping=clipping, clip_norm=clip_norm, gamma=gamma)
+        self._init_privacy(
+            privacy,
+            noise_seed,
+            mechanism,
+            microbatch_size=microbatch_size,
+            clipping=clipping,
+            clip_norm=clip_norm,
+            gamma=gamma,
+        )
 
 
 class _counting:

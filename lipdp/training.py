@@ -47,7 +47,11 @@ def with_frontend(head, frontend, input_shape):
     this model on raw inputs (the front-end is a fixed per-example map), so
     the head's privacy policy and step count carry over unchanged.
     """
-    model = DPSequential([tf.keras.Input(input_shape), frontend] + head.layers, mechanism=head.mechanism)
+    model = DPSequential(
+        [tf.keras.Input(input_shape), frontend] + head.layers,
+        mechanism=head.mechanism,
+        microbatch_size=head.microbatch_size,
+    )
     model.compile(optimizer=head.optimizer, loss=head.loss, metrics=["accuracy"])
     model.privacy = head.privacy
     model.privacy_steps.assign(head.privacy_steps)
@@ -70,7 +74,9 @@ def build_model(cfg: config_lib.Config, input_shape):
     clipping = {}
     if cfg.model.clipping is not None:
         clipping = dict(clipping=cfg.model.clipping, clip_norm=cfg.model.clip_norm, gamma=cfg.model.gamma)
-    model = DPSequential(layers, **clipping)  # the noise generator is seeded from OS entropy, never from the config
+    model = DPSequential(
+        layers, microbatch_size=cfg.training.microbatch_size, **clipping
+    )  # the noise generator is seeded from OS entropy, never from the config
     loss_cls = getattr(losses, cfg.loss.type, None)
     if loss_cls is None or not isinstance(loss_cls, type) or not issubclass(loss_cls, losses.LipschitzLoss):
         raise config_lib.ConfigError(f"loss.type: {cfg.loss.type!r} is not a lipdp.losses loss")

@@ -371,3 +371,31 @@ def test_privacy_state_carries_the_dp_accounting_ledger():
     accountant.compose(event)
     assert accountant.get_epsilon(policy.delta) == pytest.approx(state["epsilon"])
     assert state["steps"] == sampler.steps_per_epoch and state["clipping"] is None
+
+
+@pytest.mark.parametrize("clipping", [None, "flat"])
+@pytest.mark.parametrize("batch", [0, 7, 50])
+def test_microbatched_sums_equal_the_whole_batch(clipping, batch):
+    """One logical step: the same sums, predictions, losses and sensitivity, whatever the micro-batch size."""
+    x, y = make_data()
+    whole = make_model()
+    parts = lipdp.DPSequential.from_config({**whole.get_config(), "microbatch_size": 16})
+    parts.set_weights(whole.get_weights())
+    for model in (whole, parts):
+        model.mechanism = lipdp.mechanisms.build(clipping)
+        model.compile(tf.keras.optimizers.SGD(1.0), loss=lipdp.losses.TauCategoricalCrossentropy(2.0))
+
+    def flat(result):
+        y_pred, losses, sums, sensitivity_ = result
+        return y_pred, losses, sums, sensitivity_.total
+
+    expected = flat(whole.private_gradient_sums(x[:batch], y[:batch]))
+    spec = (tf.TensorSpec((None, 6)), tf.TensorSpec((None, 3)))
+    in_graph = tf.function(lambda a, b: flat(parts.private_gradient_sums(a, b)), input_signature=spec)
+    for got in (flat(parts.private_gradient_sums(x[:batch], y[:batch])), in_graph(x[:batch], y[:batch])):
+        for a, b in zip(expected[2], got[2]):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[0].numpy(), expected[0].numpy(), rtol=1e-6)
+        np.testing.assert_allclose(got[1].numpy(), expected[1].numpy(), rtol=1e-6)
+        assert got[0].shape[0] == batch
+        np.testing.assert_allclose(float(got[3]), float(expected[3]), rtol=1e-12)

@@ -29,3 +29,13 @@ def test_weight_averaging_is_applied_at_the_end_and_the_bounds_hold(tmp_path):
     assert not sensitivity.verify_bounds(model, digits.x_test[:32], digits.y_test[:32], rtol=0).violations
     with pytest.raises(config.ConfigError, match="ema_momentum"):
         training.build_model(config.load(DIGITS, ["optimizer.ema_momentum=1.5"]), (8, 8, 1))
+
+
+def test_microbatched_training_run_counts_one_step_per_poisson_batch(tmp_path):
+    out = str(tmp_path / "run")
+    overrides = ["training.microbatch_size=32", "training.epochs=1", "sampling.batch_size=256"]
+    assert (
+        cli.main(["train", DIGITS, "--out", out, "--verbose", "0"] + [a for s in overrides for a in ("--set", s)]) == 0
+    )
+    model = tf.keras.models.load_model(os.path.join(out, "model.keras"))
+    assert model.microbatch_size == 32 and int(model.privacy_steps) == model.privacy.steps_per_epoch
