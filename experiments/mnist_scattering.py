@@ -49,9 +49,17 @@ def main(argv=None):
             start, reused = time.time(), os.path.exists(os.path.join(run_dir, "privacy.json"))
             metrics, privacy = common.private_run(CONFIG, overrides, run_dir)
             seconds = None if reused else round(time.time() - start, 1)  # wall time only of runs trained now
-            rows.append({"method": method, "epsilon": privacy["epsilon"], "delta": privacy["delta"],
-                         "test_accuracy": metrics["test_accuracy"], "seconds": seconds,
-                         "run_dir": run_dir, "data": metrics["data"]})
+            rows.append(
+                {
+                    "method": method,
+                    "epsilon": privacy["epsilon"],
+                    "delta": privacy["delta"],
+                    "test_accuracy": metrics["test_accuracy"],
+                    "seconds": seconds,
+                    "run_dir": run_dir,
+                    "data": metrics["data"],
+                }
+            )
             print(f"  {method:<10} eps={epsilon:g} accuracy={metrics['test_accuracy']:.4f}", flush=True)
     common.print_table(rows, ["method", "epsilon", "test_accuracy", "seconds"])
     common.write_rows(os.path.join(args.out, "mnist_scattering.csv"), rows)
