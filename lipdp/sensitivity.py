@@ -245,7 +245,7 @@ class CertifiedBounds(mechanisms.GradientMechanism):
             y_pred = model(x, training=True)
             per_sample_loss = model.loss.call(y, y_pred)
             loss_sum = tf.reduce_sum(per_sample_loss)
-        sums = tape.gradient(loss_sum, model.trainable_variables)
+        sums = tape.gradient(loss_sum, model.trainable_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return mechanisms.PrivateGradient(
             y_pred, per_sample_loss, sums, mechanisms.Sensitivity.of_variables(gradient_bound_tensors(model))
         )

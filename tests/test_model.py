@@ -399,3 +399,31 @@ def test_microbatched_sums_equal_the_whole_batch(clipping, batch):
         np.testing.assert_allclose(got[1].numpy(), expected[1].numpy(), rtol=1e-6)
         assert got[0].shape[0] == batch
         np.testing.assert_allclose(float(got[3]), float(expected[3]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("microbatch_size", [None, 8])
+def test_conv_model_takes_an_empty_poisson_batch(microbatch_size):
+    """TF's oneDNN conv returns an empty batch unchanged ((0, H, W, C)): GroupSort after it used to crash."""
+    tf.keras.utils.set_random_seed(0)
+    model = lipdp.DPSequential(
+        [
+            tf.keras.Input((8, 8, 1)),
+            L.InputNormClip(1.0),
+            L.LipschitzConv2D(4, 3, padding="valid", bias_bound=0.5),
+            L.GroupSort(),
+            L.Flatten(),
+            L.LipschitzDense(3),
+        ],
+        noise_seed=0,
+        microbatch_size=microbatch_size,
+    )
+    model.compile(tf.keras.optimizers.SGD(1.0), loss=lipdp.losses.TauCategoricalCrossentropy(2.0))
+    x = np.random.default_rng(0).random((20, 8, 8, 1)).astype("float32")
+    y = np.eye(3, dtype="float32")[np.arange(20) % 3]
+    model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=5), noise_multiplier=1.0)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    model.allow_unaccounted_steps().train_on_batch(x[:0], y[:0])  # the compiled (graph) step
+    assert int(model.privacy_steps) == 1
+    assert all(not np.allclose(b, v.numpy()) for b, v in zip(before, model.trainable_variables))  # noise only
+    model.train_on_batch(x[:11], y[:11])
+    assert int(model.privacy_steps) == 2

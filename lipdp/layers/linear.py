@@ -264,4 +264,19 @@ class LipschitzConv2D(_LipschitzLinear, tf.keras.layers.Conv2D):
         self._pin_input_shape(input_shape)
         out_shape = self.compute_output_shape(input_shape)
         self.positions = int(out_shape[1]) * int(out_shape[2])
+        self._output_hwc = [int(d) for d in out_shape[1:]]
         self._project_initial_weights()
+
+    def convolution_op(self, inputs, kernel):
+        """The convolution; an empty batch gives an empty output of the right shape.
+
+        TensorFlow 2.15's oneDNN CPU convolution returns a ``(0, H, W, C)``
+        input unchanged instead of ``(0, H', W', filters)``, which broke the
+        next layer on an empty Poisson batch (a valid step: noise only).
+        """
+        batch = tf.shape(inputs)[0]
+        return tf.cond(
+            batch > 0,
+            lambda: super(LipschitzConv2D, self).convolution_op(inputs, kernel),
+            lambda: tf.zeros(tf.concat([[batch], self._output_hwc], axis=0), inputs.dtype) + 0 * tf.reduce_sum(kernel),
+        )
