@@ -147,6 +147,11 @@ class DPModelMixin:
         if getattr(self, "optimizer", None) is None:
             raise NotPrivateError("compile the model (optimizer and a lipdp.losses loss) before make_private")
         self.mechanism.validate(self)
+        if getattr(self, "jit_compile", False):
+            raise ModelNotSupportedError(
+                "jit_compile=True: XLA compiles away the runtime checks of the private step (the sampler gate that "
+                "refuses steps outside fit(sampler), the finite-input check); compile without jit_compile"
+            )
         if getattr(self, "_steps_per_execution", None) is not None and int(self._steps_per_execution) != 1:
             raise ModelNotSupportedError("steps_per_execution must be 1: one noisy update per step")
         if self.losses:
@@ -276,14 +281,20 @@ class DPModelMixin:
             self.privacy_steps.assign_add(1)
             return self._update_metrics(y, y_pred, per_sample_loss)
 
+    def _nodes_by_depth_flat(self):
+        return [node for nodes in getattr(self, "_nodes_by_depth", {}).values() for node in nodes]
+
     def _adaptive_clip_layers(self):
         return [layer for layer in self._flatten_layers(include_self=False) if isinstance(layer, AdaptiveClipGradient)]
 
     def _check_adaptive_clipping(self, policy):
         adaptive = self._adaptive_clip_layers()
-        if len(adaptive) > 1:
+        calls = [node for node in self._nodes_by_depth_flat() if isinstance(node.layer, AdaptiveClipGradient)]
+        if len(adaptive) > 1 or len(calls) > 1:
             raise ModelNotSupportedError(
-                f"{len(adaptive)} AdaptiveClipGradient layers: one quantile release per step is supported"
+                f"{len(adaptive)} AdaptiveClipGradient layer(s) called {len(calls)} times: one call of one such "
+                "layer per model is supported (each call would count every example once more, beyond the count's "
+                "sensitivity of 1)"
             )
         if bool(adaptive) != (policy.quantile_noise_share is not None):
             raise ModelNotSupportedError(

@@ -55,6 +55,8 @@ def with_frontend(head, frontend, input_shape):
     model.compile(optimizer=head.optimizer, loss=head.loss, metrics=["accuracy"])
     model.privacy = head.privacy
     model.privacy_steps.assign(head.privacy_steps)
+    if not head.accountable:
+        model.allow_unaccounted_steps()
     return model
 
 

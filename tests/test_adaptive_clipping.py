@@ -120,3 +120,26 @@ def test_make_private_refuses_an_unaccounted_or_a_missing_quantile_release():
         adaptive_model().make_private(
             lipdp.ShuffleSampler(x, y, batch_size=100), noise_multiplier=1.0, quantile_noise_share=0.1
         )
+
+
+def test_an_adaptive_layer_called_twice_is_refused():
+    """Two calls count every example twice (sensitivity 2), while the count's noise is set for 1 (review finding)."""
+    inp = tf.keras.Input((6,))
+    h = L.InputNormClip(1.0)(inp)
+    shared = L.AdaptiveClipGradient(1.0)
+    out = L.Add()([shared(L.LipschitzDense(3)(h)), shared(L.LipschitzDense(3)(h))])
+    model = lipdp.DPModel(inp, out)
+    model.compile("adam", loss=lipdp.losses.TauCategoricalCrossentropy(4.0))
+    x, y = data()
+    with pytest.raises(lipdp.errors.ModelNotSupportedError, match="called 2 times"):
+        model.make_private(
+            lipdp.PoissonSampler(x, y, expected_batch_size=50), noise_multiplier=1.0, quantile_noise_share=0.5
+        )
+
+
+def test_the_raw_count_does_not_outlive_its_release():
+    model, (x, y) = adaptive_model(), data()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=100)
+    model.make_private(sampler, noise_multiplier=1.0, quantile_noise_share=0.1)
+    model.fit(sampler, epochs=1, verbose=0)
+    assert float(model.layers[-1]._count) == 0.0

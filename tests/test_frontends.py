@@ -138,3 +138,17 @@ def test_frontend_config_must_name_a_front_end():
     cfg = config.load(DIGITS, ["model.frontend={type: Flatten}"])
     with pytest.raises(config.ConfigError, match="not a lipdp front-end"):
         training.build_frontend(cfg)
+
+
+def test_assembling_a_front_end_keeps_an_unaccountable_head_unaccountable():
+    head = lipdp.DPSequential([tf.keras.Input((4, 4, 25)), L.InputNormClip(1.0), L.Flatten(), L.LipschitzDense(3)])
+    head.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy())
+    features = np.random.default_rng(0).random((12, 4, 4, 25)).astype("float32")
+    head.make_private(
+        lipdp.PoissonSampler(features, np.eye(3, dtype="float32")[np.arange(12) % 3], expected_batch_size=4),
+        noise_multiplier=1.0,
+    )
+    head.allow_unaccounted_steps()
+    model = training.with_frontend(head, L.Scattering2D(J=2, L=4), (16, 16, 1))
+    with pytest.raises(lipdp.errors.NotPrivateError, match="unaccountable"):
+        model.epsilon()

@@ -427,3 +427,12 @@ def test_conv_model_takes_an_empty_poisson_batch(microbatch_size):
     assert all(not np.allclose(b, v.numpy()) for b, v in zip(before, model.trainable_variables))  # noise only
     model.train_on_batch(x[:11], y[:11])
     assert int(model.privacy_steps) == 2
+
+
+def test_xla_compiled_steps_are_refused():
+    """XLA drops tf.debugging.Assert: the sampler gate would not hold (review finding: 3 unsampled steps counted)."""
+    x, y = make_data()
+    model = make_model()
+    model.compile(tf.keras.optimizers.SGD(1.0), loss=lipdp.losses.TauCategoricalCrossentropy(2.0), jit_compile=True)
+    with pytest.raises(sensitivity.ModelNotSupportedError, match="jit_compile"):
+        model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=1.0)

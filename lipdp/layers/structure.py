@@ -253,7 +253,10 @@ class AdaptiveClipGradient(ClipGradient):
         noisy_count = self._count + generator.normal([], dtype=tf.float64) * noise_multiplier
         fraction = noisy_count / expected_batch_size
         factor = tf.exp(-self.learning_rate * (fraction - self.target_quantile))
-        return self.threshold.assign(tf.cast(tf.cast(self.threshold, tf.float64) * factor, tf.float32))
+        with tf.control_dependencies(
+            [self.threshold.assign(tf.cast(tf.cast(self.threshold, tf.float64) * factor, tf.float32))]
+        ):
+            return self._count.assign(0.0)  # the raw count does not outlive its noisy release
 
     def get_config(self):
         config = super().get_config()
