@@ -907,8 +907,9 @@ def test_get_config_round_trips(factory):
 
 
 def _every_layer_model():
-    inp = tf.keras.Input((8, 8, 2))
-    h = L.InputNormClip(3.0)(inp)
+    inp = tf.keras.Input((16, 16, 2))
+    h = L.Scattering2D(J=1, L=4, normalize="group", groups=2)(inp)  # 8 x 8 x 10
+    h = L.InputNormClip(3.0)(h)
     h = L.LayerCentering(axes=(1, 2))(h)
     h = L.LipschitzConv2D(4, 3, bias_bound=0.5)(h)
     h = L.GroupSort(2)(h)
@@ -925,7 +926,7 @@ def _every_layer_model():
     h = L.Add()([g, f])
     h = L.Reshape((2, 2))(h)
     h = L.LipschitzDense(4, bias_bound=0.3)(h)  # two positions
-    h = L.ClipGradient(0.5)(L.Flatten()(h))
+    h = L.AdaptiveClipGradient(0.4)(L.ClipGradient(0.5)(L.Flatten()(h)))
     out = L.LipschitzDense(3, bias_bound=0.5)(h)
     model = tf.keras.Model(inp, out)
     model.compile(optimizer="sgd", loss=losses.TauCategoricalCrossentropy(tau=3.0))
@@ -944,7 +945,7 @@ def test_model_with_every_layer_saves_and_loads(tmp_path):
         if isinstance(getattr(L, n), type) and issubclass(getattr(L, n), tf.keras.layers.Layer)
     }
     assert expected <= types, expected - types
-    x = np.random.default_rng(18).normal(size=(5, 8, 8, 2)).astype("float32")
+    x = np.random.default_rng(18).normal(size=(5, 16, 16, 2)).astype("float32")
     before = model.predict(x, verbose=0)
     path = str(tmp_path / "model.keras")
     model.save(path)

@@ -264,7 +264,6 @@ class LipschitzConv2D(_LipschitzLinear, tf.keras.layers.Conv2D):
         self._pin_input_shape(input_shape)
         out_shape = self.compute_output_shape(input_shape)
         self.positions = int(out_shape[1]) * int(out_shape[2])
-        self._output_hwc = [int(d) for d in out_shape[1:]]
         self._project_initial_weights()
 
     def convolution_op(self, inputs, kernel):
@@ -272,11 +271,10 @@ class LipschitzConv2D(_LipschitzLinear, tf.keras.layers.Conv2D):
 
         TensorFlow 2.15's oneDNN CPU convolution returns a ``(0, H, W, C)``
         input unchanged instead of ``(0, H', W', filters)``, which broke the
-        next layer on an empty Poisson batch (a valid step: noise only).
+        next layer on an empty Poisson batch (a valid step: noise only). An
+        empty batch is padded with one zero example, dropped after the
+        convolution; no control flow, so per-example ``vectorized_map`` works.
         """
         batch = tf.shape(inputs)[0]
-        return tf.cond(
-            batch > 0,
-            lambda: super(LipschitzConv2D, self).convolution_op(inputs, kernel),
-            lambda: tf.zeros(tf.concat([[batch], self._output_hwc], axis=0), inputs.dtype) + 0 * tf.reduce_sum(kernel),
-        )
+        padding = tf.zeros(tf.concat([[tf.maximum(1 - batch, 0)], tf.shape(inputs)[1:]], axis=0), inputs.dtype)
+        return super().convolution_op(tf.concat([inputs, padding], axis=0), kernel)[:batch]
