@@ -123,3 +123,10 @@ def test_privacy_refuses_large_delta(capsys):
     )
     assert code == 2
     assert "delta" in capsys.readouterr().err
+
+
+def test_a_budget_that_allows_no_step_is_a_clear_error(tmp_path, capsys):
+    """PrivacyBudgetExhausted (a LipdpError) used to escape the CLI as a traceback."""
+    args = ["train", DIGITS, "--out", str(tmp_path / "r"), "--verbose", "0", "--set", "privacy.epsilon_budget=0.0001"]
+    assert cli.main(args) == 2
+    assert "allows 0 steps" in capsys.readouterr().err
