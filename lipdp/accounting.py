@@ -303,7 +303,7 @@ def max_steps(
     _check_count("upper", upper, 1)
     _check_schedule(sampling_rate, upper, sampling, steps_per_epoch)
     _check_choice("accountant", accountant, ACCOUNTANTS)
-    unit = int(steps_per_epoch) if sampling == "shuffle" else 1
+    unit = sampler_class(sampling).accounting_unit(steps_per_epoch)
 
     def epsilon(steps):
         return compute_epsilon(

@@ -213,7 +213,7 @@ class DPModelMixin:
         permutations really used when every ``fit`` starts at an epoch boundary.
         """
         steps, per_epoch = int(self.privacy_steps), self.privacy.steps_per_epoch
-        if not sampling.sampler_class(self.privacy.sampling).resumes_mid_epoch and steps % per_epoch:
+        if steps % sampling.sampler_class(self.privacy.sampling).accounting_unit(per_epoch):
             raise ValueError(
                 f"shuffled sampling cannot resume mid-epoch ({steps} steps, {per_epoch} per epoch): a new "
                 "permutation would reuse examples the accountant counts once; use Poisson sampling to stop "

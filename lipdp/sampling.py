@@ -81,9 +81,9 @@ def make_sampler(kind, x, y, *, batch_size, seed=None):
 class Sampler:
     """What a sampler states about itself for the accountant, and independent seeds per iteration.
 
-    Subclasses set ``kind``, ``adjacency`` (the neighbouring relation of the
-    guarantee, in words) and ``resumes_mid_epoch``, and implement
-    ``epoch_length``, ``dp_event`` and ``with_batch_size``.
+    Subclasses set ``kind`` and ``adjacency`` (the neighbouring relation of
+    the guarantee, in words), and implement ``epoch_length``,
+    ``accounting_unit``, ``dp_event`` and ``with_batch_size``.
 
     Privacy accounting assumes each step samples afresh. Restarting from the
     same seed when ``fit`` is called again (or a run resumes) would replay
@@ -94,8 +94,12 @@ class Sampler:
 
     kind = None
     adjacency = None
-    #: Whether training may stop and resume at any step (else only at epoch boundaries).
-    resumes_mid_epoch = True
+
+    @staticmethod
+    def accounting_unit(steps_per_epoch):
+        """How many steps the accountant counts as one: epsilon changes, and training may stop, only at multiples."""
+        del steps_per_epoch
+        return 1
 
     @staticmethod
     def epoch_length(dataset_size, batch_size):
@@ -220,7 +224,15 @@ class ShuffleSampler(Sampler):
 
     kind = "shuffle"
     adjacency = "replacing one example (fixed-size shuffled batches, no amplification by subsampling)"
-    resumes_mid_epoch = False
+
+    @staticmethod
+    def accounting_unit(steps_per_epoch):
+        """A whole epoch: each epoch started is one event (see :meth:`dp_event`)."""
+        if steps_per_epoch is None:
+            raise PrivacyParameterError(
+                "steps_per_epoch is required for sampling='shuffle' (epochs are what is composed)"
+            )
+        return int(steps_per_epoch)
 
     @staticmethod
     def epoch_length(dataset_size, batch_size):
@@ -235,11 +247,7 @@ class ShuffleSampler(Sampler):
         claimed (it would rest on the shuffle staying secret).
         """
         del sampling_rate
-        if steps_per_epoch is None:
-            raise PrivacyParameterError(
-                "steps_per_epoch is required for sampling='shuffle' (epochs are what is composed)"
-            )
-        epochs = -(-int(steps) // int(steps_per_epoch))
+        epochs = -(-int(steps) // cls.accounting_unit(steps_per_epoch))
         return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(float(noise_multiplier) / 2), epochs)
 
     @classmethod
