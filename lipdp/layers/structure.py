@@ -6,10 +6,15 @@ import tensorflow as tf
 from lipdp.layers.base import DPLayer, as_bound
 
 
+def _per_sample_norms(tensor, keepdims=False):
+    """The l2 norm of each sample over every non-batch axis, in float64 (no overflow)."""
+    axes = list(range(1, len(tensor.shape)))
+    return tf.sqrt(tf.reduce_sum(tf.square(tf.cast(tensor, tf.float64)), axis=axes, keepdims=keepdims))
+
+
 def _clip_per_sample(tensor, max_norm):
     """Scales each sample to norm <= ``max_norm``; the norm is taken in float64 (no overflow)."""
-    axes = list(range(1, len(tensor.shape)))
-    norm = tf.sqrt(tf.reduce_sum(tf.square(tf.cast(tensor, tf.float64)), axis=axes, keepdims=True))
+    norm = _per_sample_norms(tensor, keepdims=True)
     scale = tf.minimum(tf.cast(1.0, tf.float64), tf.cast(max_norm, tf.float64) / tf.maximum(norm, 1e-12))
     return tensor * tf.cast(scale, tensor.dtype)
 
@@ -135,12 +140,24 @@ class Average(_Merge, tf.keras.layers.Average):
         return [cotangent_bound / self.num_inputs] * self.num_inputs
 
 
-@tf.custom_gradient
-def _clip_cotangent(inputs, max_norm):
-    def backward(upstream):
-        return _clip_per_sample(upstream, max_norm), tf.zeros_like(max_norm)
+def _clip_cotangent(inputs, max_norm, counter=None):
+    """Identity forward; the backward pass clips each sample's cotangent to ``max_norm``.
 
-    return tf.identity(inputs), backward
+    With a ``counter`` (a variable), it also adds the number of samples whose
+    cotangent norm was at most ``max_norm`` (see :class:`AdaptiveClipGradient`).
+    """
+
+    @tf.custom_gradient
+    def clip(x):
+        def backward(upstream):
+            if counter is not None:
+                under = _per_sample_norms(upstream) <= tf.cast(max_norm, tf.float64)
+                counter.assign_add(tf.reduce_sum(tf.cast(under, counter.dtype)))
+            return _clip_per_sample(upstream, max_norm)
+
+        return tf.identity(x), backward
+
+    return clip(inputs)
 
 
 @tf.keras.utils.register_keras_serializable("lipdp")
@@ -164,29 +181,13 @@ class ClipGradient(DPLayer, tf.keras.layers.Layer):
         self.clip_value = float(clip_value)
 
     def call(self, inputs):
-        return _clip_cotangent(inputs, tf.constant(self.clip_value, inputs.dtype))
+        return _clip_cotangent(inputs, self.clip_value)
 
     def input_cotangent_bound(self, cotangent_bound):
         return tf.minimum(cotangent_bound, as_bound(self.clip_value))
 
     def get_config(self):
         return {**super().get_config(), "clip_value": self.clip_value}
-
-
-def _clip_and_count(inputs, threshold, counter):
-    """Identity forward; backward clips each sample's cotangent to ``threshold`` and counts those already under it."""
-
-    @tf.custom_gradient
-    def clip(x):
-        def backward(upstream):
-            axes = list(range(1, len(upstream.shape)))
-            norms = tf.sqrt(tf.reduce_sum(tf.square(tf.cast(upstream, tf.float64)), axis=axes))
-            counter.assign_add(tf.reduce_sum(tf.cast(norms <= tf.cast(threshold, tf.float64), counter.dtype)))
-            return _clip_per_sample(upstream, threshold)
-
-        return tf.identity(x), backward
-
-    return clip(inputs)
 
 
 @tf.keras.utils.register_keras_serializable("lipdp")
@@ -237,10 +238,7 @@ class AdaptiveClipGradient(ClipGradient):
         super().build(input_shape)
 
     def call(self, inputs):
-        threshold = tf.cast(self.threshold, inputs.dtype)
-        if self.counting:
-            return _clip_and_count(inputs, threshold, self._count)
-        return _clip_cotangent(inputs, threshold)
+        return _clip_cotangent(inputs, self.threshold, self._count if self.counting else None)
 
     def input_cotangent_bound(self, cotangent_bound):
         return tf.minimum(cotangent_bound, tf.cast(self.threshold, tf.float64))
