@@ -37,6 +37,10 @@ class RunExistsError(LipdpError, FileExistsError):
     """The output folder already holds a completed run."""
 
 
+class IncompleteRunError(LipdpError, FileNotFoundError):
+    """The folder holds no completed run (no ``privacy.json``)."""
+
+
 class DataUnavailableError(LipdpError, RuntimeError):
     """The data could not be obtained: the download failed or local files are missing."""
 

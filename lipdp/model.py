@@ -29,7 +29,7 @@ are not covered by the guarantee.
 
 import tensorflow as tf
 
-from lipdp import accounting, mechanisms, sampling
+from lipdp import accounting, mechanisms, sampling, sensitivity
 from lipdp.accounting import NOISE_ALLOCATIONS, PrivacyPolicy  # noqa: F401  (their home before 0.2)
 from lipdp.errors import ModelNotSupportedError, NotPrivateError
 from lipdp.layers import AdaptiveClipGradient
@@ -281,15 +281,12 @@ class DPModelMixin:
             self.privacy_steps.assign_add(1)
             return self._update_metrics(y, y_pred, per_sample_loss)
 
-    def _nodes_by_depth_flat(self):
-        return [node for nodes in getattr(self, "_nodes_by_depth", {}).values() for node in nodes]
-
     def _adaptive_clip_layers(self):
         return [layer for layer in self._flatten_layers(include_self=False) if isinstance(layer, AdaptiveClipGradient)]
 
     def _check_adaptive_clipping(self, policy):
         adaptive = self._adaptive_clip_layers()
-        calls = [node for node in self._nodes_by_depth_flat() if isinstance(node.layer, AdaptiveClipGradient)]
+        calls = [node for node in sensitivity.graph_nodes(self) if isinstance(node.layer, AdaptiveClipGradient)]
         if len(adaptive) > 1 or len(calls) > 1:
             raise ModelNotSupportedError(
                 f"{len(adaptive)} AdaptiveClipGradient layer(s) called {len(calls)} times: one call of one such "

@@ -27,15 +27,11 @@ import os
 
 import numpy as np
 
-from lipdp.errors import LipdpError, RunExistsError
+from lipdp.errors import IncompleteRunError, RunExistsError
 
 CONFIG, HISTORY, MODEL, SENSITIVITY = "config.yaml", "history.csv", "model.keras", "sensitivity.txt"
 PRIVACY, METRICS, AUDIT = "privacy.json", "metrics.json", "audit.json"
 BACKUP, ATTEMPTS = "backup", "attempts"
-
-
-class IncompleteRunError(LipdpError, FileNotFoundError):
-    """The folder holds no completed run (no ``privacy.json``)."""
 
 
 def path(run_dir, name):

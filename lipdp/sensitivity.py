@@ -63,7 +63,7 @@ def _replacement_hint(layer):
     return _REPLACEMENTS.get(name, "a lipdp.layers layer, or implement the DPLayer protocol")
 
 
-def _graph_nodes(model):
+def graph_nodes(model):
     """The model's nodes, inputs first (Keras depth counts from the outputs)."""
     if not getattr(model, "_is_graph_network", False) or model.inputs is None:
         raise ModelNotSupportedError(
@@ -116,7 +116,7 @@ def check_precision(model):
 
 def validate(model):
     """Raises :class:`ModelNotSupportedError` naming the first problem found."""
-    nodes = _graph_nodes(model)
+    nodes = graph_nodes(model)
     check_precision(model)
     if len(model.outputs) != 1:
         raise ModelNotSupportedError(f"the model has {len(model.outputs)} outputs; exactly one is supported")
@@ -181,7 +181,7 @@ def propagate(model) -> List[LayerBounds]:
     :data:`lipdp.layers.base.ROUNDING_MARGIN` as it is used.
     """
     validate(model)
-    nodes = [node for node in _graph_nodes(model) if not node.is_input]
+    nodes = [node for node in graph_nodes(model) if not node.is_input]
     loss = model_loss(model)
     norms = {}
     for node in nodes:

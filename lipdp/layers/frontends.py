@@ -29,8 +29,6 @@ class FrontEnd(DPLayer):
     no variable, so it is reported as unbounded.
     """
 
-    per_example_preprocessing = True
-
     def output_bound(self, input_bound):
         del input_bound
         return None
