@@ -75,20 +75,20 @@ class BudgetStop(tf.keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.max_steps = self.model.privacy.max_steps(self.epsilon_budget)
-        if int(self.model.privacy_steps) >= self.max_steps:
+        if self.model.steps_taken >= self.max_steps:
             raise PrivacyBudgetExhausted(
                 f"the budget epsilon={self.epsilon_budget} allows {self.max_steps} steps and "
-                f"{int(self.model.privacy_steps)} were already taken (epsilon={self.model.epsilon():.4g})"
+                f"{self.model.steps_taken} were already taken (epsilon={self.model.epsilon():.4g})"
             )
 
     def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.privacy_steps) >= self.max_steps:
+        if self.model.steps_taken >= self.max_steps:
             self.model.stop_training = True
 
     def on_train_end(self, logs=None):
-        if self.verbose and int(self.model.privacy_steps) >= self.max_steps:
+        if self.verbose and self.model.steps_taken >= self.max_steps:
             print(
-                f"BudgetStop: stopped after {int(self.model.privacy_steps)} steps, "
+                f"BudgetStop: stopped after {self.model.steps_taken} steps, "
                 f"epsilon={self.model.epsilon():.4g} <= budget {self.epsilon_budget}"
             )
 

@@ -29,7 +29,7 @@ are not covered by the guarantee.
 
 import tensorflow as tf
 
-from lipdp import accounting, mechanisms, sampling, sensitivity
+from lipdp import accounting, distribute, mechanisms, sampling, sensitivity
 from lipdp.accounting import NOISE_ALLOCATIONS, PrivacyPolicy  # noqa: F401  (their home before 0.2)
 from lipdp.errors import ModelNotSupportedError, NotPrivateError
 from lipdp.layers import AdaptiveClipGradient
@@ -45,7 +45,14 @@ class DPModelMixin:
         if microbatch_size is not None and (isinstance(microbatch_size, bool) or int(microbatch_size) < 1):
             raise ValueError(f"microbatch_size must be a positive integer, got {microbatch_size!r}")
         self.microbatch_size = None if microbatch_size is None else int(microbatch_size)
-        self.privacy_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="privacy_steps")
+        # One count per global step: under a tf.distribute strategy, the first replica's update is kept.
+        self.privacy_steps = tf.Variable(
+            0,
+            dtype=tf.int64,
+            trainable=False,
+            name="privacy_steps",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
         # The loss tracker sums losses over private Poisson batches (its count is the true number of sampled
         # records): kept out of tracking, so no checkpoint (BackupAndRestore) or saved model holds its state.
         object.__setattr__(self, "_loss_tracker", tf.keras.metrics.Mean(name="loss"))
@@ -133,9 +140,9 @@ class DPModelMixin:
         self._validate_for_privacy()
         policy = PrivacyPolicy.from_sampler(sampler, **policy_args)
         self._check_adaptive_clipping(policy)
-        if int(self.privacy_steps) > 0 and policy != self.privacy:
+        if self.steps_taken > 0 and policy != self.privacy:
             raise ValueError(
-                f"these weights already took {int(self.privacy_steps)} private steps under "
+                f"these weights already took {self.steps_taken} private steps under "
                 f"{'an unknown policy (weights loaded without it)' if self.privacy is None else self.privacy}; "
                 "resume from the saved model with the same policy, or start from fresh weights"
             )
@@ -152,7 +159,8 @@ class DPModelMixin:
                 "jit_compile=True: XLA compiles away the runtime checks of the private step (the sampler gate that "
                 "refuses steps outside fit(sampler), the finite-input check); compile without jit_compile"
             )
-        if getattr(self, "_steps_per_execution", None) is not None and int(self._steps_per_execution) != 1:
+        distribute.check_strategy(distribute.strategy_of(self))
+        if getattr(self, "_steps_per_execution", None) is not None and int(self._steps_per_execution.numpy()) != 1:
             raise ModelNotSupportedError("steps_per_execution must be 1: one noisy update per step")
         if self.losses:
             raise ModelNotSupportedError(
@@ -190,20 +198,25 @@ class DPModelMixin:
         callbacks = list(callbacks or [])
         if not any(isinstance(c, PrivacyLedger) for c in callbacks):
             callbacks.insert(0, PrivacyLedger())
+        strategy = distribute.strategy_of(self)
+        dataset = x.dataset() if strategy is None else x.distributed_dataset(strategy)
         self._sampler_gate.assign(True)
         try:
-            return super().fit(
-                x.dataset(), epochs=epochs, steps_per_epoch=x.steps_per_epoch, callbacks=callbacks, **kwargs
-            )
+            return super().fit(dataset, epochs=epochs, steps_per_epoch=x.steps_per_epoch, callbacks=callbacks, **kwargs)
         finally:
             self._sampler_gate.assign(not self.accountable)
             self.reset_metrics()  # training metrics are private: keep them out of a saved model
+
+    @property
+    def steps_taken(self):
+        """The private steps these weights took (global steps under a ``tf.distribute`` strategy), an int."""
+        return int(self.privacy_steps.numpy())
 
     def steps_left(self):
         """Steps the calibrated plan still allows (``None`` when the noise was given, not calibrated)."""
         if self.privacy.planned_steps is None:
             return None
-        return max(0, self.privacy.planned_steps - int(self.privacy_steps))
+        return max(0, self.privacy.planned_steps - self.steps_taken)
 
     def check_sampling_alignment(self):
         """Refuses to start shuffled sampling in the middle of an accounted epoch.
@@ -212,7 +225,7 @@ class DPModelMixin:
         ``ceil(steps / steps_per_epoch)`` epochs, which only bounds the
         permutations really used when every ``fit`` starts at an epoch boundary.
         """
-        steps, per_epoch = int(self.privacy_steps), self.privacy.steps_per_epoch
+        steps, per_epoch = self.steps_taken, self.privacy.steps_per_epoch
         if steps % sampling.sampler_class(self.privacy.sampling).accounting_unit(per_epoch):
             raise ValueError(
                 f"shuffled sampling cannot resume mid-epoch ({steps} steps, {per_epoch} per epoch): a new "
@@ -238,10 +251,17 @@ class DPModelMixin:
         )
 
     def noisy_gradients(self, gradient_sums, sensitivity_):
-        """Adds noise calibrated to ``sensitivity_`` once, then divides by ``q N``."""
+        """Adds noise calibrated to ``sensitivity_`` once, then divides by ``q N``.
+
+        Under a ``tf.distribute`` strategy, ``gradient_sums`` is this
+        replica's part of the sum, and only the first replica adds noise
+        (:func:`lipdp.distribute.noise_mask`): the optimizer's all-reduce
+        then holds one draw.
+        """
         stddevs = self.noise_stddevs(sensitivity_)
+        mask = distribute.noise_mask()
         return [
-            (g + self._noise.normal(tf.shape(g), dtype=g.dtype) * tf.cast(std, g.dtype))
+            (g + self._noise.normal(tf.shape(g), dtype=g.dtype) * tf.cast(std * tf.cast(mask, std.dtype), g.dtype))
             / self.privacy.expected_batch_size
             for g, std in zip(gradient_sums, stddevs)
         ]
@@ -363,12 +383,12 @@ class DPModelMixin:
     def epsilon(self):
         """Epsilon spent so far (at the policy's delta)."""
         self._check_accountable()
-        return self.privacy.epsilon(int(self.privacy_steps))
+        return self.privacy.epsilon(self.steps_taken)
 
     def privacy_state(self):
         """What ``privacy.json`` records."""
         self._check_accountable()
-        steps = int(self.privacy_steps)
+        steps = self.steps_taken
         return {
             "epsilon": self.privacy.epsilon(steps),
             "steps": steps,

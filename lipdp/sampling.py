@@ -13,6 +13,16 @@ must resist an adversary predicting the samples needs a secure source.
 Amplification by subsampling assumes the batches stay secret: a sampler
 seed (``seed=...``) must not be published, or the guarantee degrades to the
 one without amplification. The default ``seed=None`` draws OS entropy.
+
+Several replicas (:mod:`lipdp.distribute`): the data set is partitioned into
+one fixed shard per replica (example ``i`` of input pipeline ``p`` of ``P``
+when ``i % P == p``; within a pipeline, its ``L`` local replicas take every
+``L``-th of those). Each global step, every replica draws its part of the batch
+from its own shard with the same rule -- Poisson with rate ``q``, or its share
+``B / R`` of a shuffled epoch -- from independent randomness. Independent
+Poisson(q) draws on disjoint shards form one Poisson(q) draw over all ``N``
+examples, and a shuffled epoch still holds each example at most once, so the
+accountant sees the same events as on one device.
 """
 
 import math
@@ -114,8 +124,58 @@ class Sampler:
         self.seed = seed
         self._seeds = np.random.SeedSequence(seed)
 
-    def _fresh_rng(self):
-        return np.random.default_rng(self._seeds.spawn(1)[0])
+    def _fresh_rng(self, pipeline=0, pipelines=1):
+        """A new generator for one iteration of one input pipeline (pipelines never share a stream)."""
+        return np.random.default_rng(self._seeds.spawn(1)[0].spawn(pipelines)[pipeline])
+
+    def dataset(self):
+        """Infinite ``tf.data.Dataset`` of ``(x_batch, y_batch)``, one element per step (one device)."""
+        return self._pipeline_dataset(pipeline=0, pipelines=1, replicas=1)
+
+    def distributed_dataset(self, strategy):
+        """The batches for ``strategy``'s replicas: each pipeline draws from its shards (see the module docstring).
+
+        Returns a ``tf.distribute.DistributedDataset`` whose global step
+        gathers one element per replica; ``fit`` on a model built in
+        ``strategy.scope()`` consumes it.
+        """
+        replicas = strategy.num_replicas_in_sync
+
+        def pipeline_dataset(context):
+            pipelines = context.num_input_pipelines
+            if replicas % pipelines:
+                raise ValueError(f"{replicas} replicas do not split evenly over {pipelines} input pipelines")
+            return self._pipeline_dataset(context.input_pipeline_id, pipelines, replicas // pipelines)
+
+        self._check_replicas(replicas)
+        return strategy.distribute_datasets_from_function(pipeline_dataset)
+
+    def _check_replicas(self, replicas):
+        """Raises if this sampler cannot feed ``replicas`` replicas."""
+
+    def _pipeline_dataset(self, pipeline, pipelines, replicas):
+        """Infinite dataset of input pipeline ``pipeline`` (of ``pipelines``): per step, one element per local replica.
+
+        Local replica ``j`` owns the shard ``arange(N)[pipeline::pipelines][j::replicas]``.
+        """
+        shards = [np.arange(self.dataset_size)[pipeline::pipelines][j::replicas] for j in range(replicas)]
+        share = self._element_batch_size(pipelines * replicas)
+
+        def batches():
+            rng = self._fresh_rng(pipeline, pipelines)
+            for step in self._steps(rng, shards, share):
+                for indices in step:
+                    yield self.x[indices], self.y[indices]
+
+        return _batch_dataset(batches, self.x, self.y, share)
+
+    def _steps(self, rng, shards, share):
+        """Yields forever, per step, the indices each shard contributes to the batch (``share`` each, if fixed)."""
+        raise NotImplementedError
+
+    def _element_batch_size(self, replicas):
+        """The static size of each replica's part of a batch (``None`` when it varies)."""
+        return None
 
 
 @register_sampler
@@ -185,28 +245,24 @@ class PoissonSampler(Sampler):
         """``ceil(1 / q)``: at least one expected pass over the data (see :meth:`epoch_length`)."""
         return self.epoch_length(self.dataset_size, self.expected_batch_size)
 
-    def sample_indices(self, rng):
+    def sample_indices(self, rng, population=None):
         """Draws one batch: sorted indices, each included with probability q.
 
-        The batch size is drawn from Binomial(N, q), then a uniform subset of
-        that size, which has the same distribution as N independent coin flips.
+        The batch size is drawn from Binomial(n, q), then a uniform subset of
+        that size, which has the same distribution as n independent coin flips.
 
         Args:
             rng: A ``np.random.Generator``.
+            population: The indices to draw from (a replica's shard); all ``N`` by default.
         """
-        size = rng.binomial(self.dataset_size, self.sampling_rate)
-        return np.sort(rng.choice(self.dataset_size, size, replace=False))
+        population = np.arange(self.dataset_size) if population is None else np.asarray(population)
+        size = rng.binomial(len(population), self.sampling_rate)
+        return population[np.sort(rng.choice(len(population), size, replace=False))]
 
-    def dataset(self):
-        """Infinite ``tf.data.Dataset`` of ``(x_batch, y_batch)``, batch size varying (possibly 0)."""
-
-        def batches():
-            rng = self._fresh_rng()
-            while True:
-                indices = self.sample_indices(rng)
-                yield self.x[indices], self.y[indices]
-
-        return _batch_dataset(batches, self.x, self.y, None)
+    def _steps(self, rng, shards, share):
+        del share  # Poisson batch sizes vary
+        while True:
+            yield [self.sample_indices(rng, shard) for shard in shards]
 
 
 @register_sampler
@@ -279,22 +335,35 @@ class ShuffleSampler(Sampler):
         """Full batches per epoch, ``N // batch_size`` (see :meth:`epoch_length`)."""
         return self.epoch_length(self.dataset_size, self.batch_size)
 
-    def epoch_indices(self, rng):
+    def epoch_indices(self, rng, population=None, batch_size=None):
         """Draws one epoch: an int array of shape ``(steps_per_epoch, batch_size)`` of distinct indices.
 
         Args:
             rng: A ``np.random.Generator``.
+            population: The indices to shuffle (a replica's shard); all ``N`` by default.
+            batch_size: The examples per step taken from ``population``; the batch size by default.
         """
-        used = self.steps_per_epoch * self.batch_size
-        return rng.permutation(self.dataset_size)[:used].reshape(self.steps_per_epoch, self.batch_size)
+        population = np.arange(self.dataset_size) if population is None else np.asarray(population)
+        batch_size = self.batch_size if batch_size is None else batch_size
+        used = self.steps_per_epoch * batch_size
+        return rng.permutation(population)[:used].reshape(self.steps_per_epoch, batch_size)
 
-    def dataset(self):
-        """Infinite ``tf.data.Dataset`` of ``(x_batch, y_batch)`` with a static batch size."""
+    def _check_replicas(self, replicas):
+        if self.batch_size % replicas:
+            raise ValueError(
+                f"batch_size={self.batch_size} does not split evenly over {replicas} replicas: choose a multiple "
+                "(each replica takes batch_size / replicas examples of its shard per step)"
+            )
 
-        def batches():
-            rng = self._fresh_rng()
-            while True:
-                for indices in self.epoch_indices(rng):
-                    yield self.x[indices], self.y[indices]
+    def _element_batch_size(self, replicas):
+        return self.batch_size // replicas
 
-        return _batch_dataset(batches, self.x, self.y, self.batch_size)
+    def _steps(self, rng, shards, share):
+        """Each epoch, every shard is shuffled and gives ``share = B / R`` examples per step (``N // B`` steps).
+
+        A shard holds at least ``floor(N / R) >= (N // B) B / R`` examples, so
+        every shard fills every step of the epoch.
+        """
+        while True:
+            epochs = [self.epoch_indices(rng, shard, share) for shard in shards]
+            yield from zip(*epochs)

@@ -12,3 +12,17 @@ def pytest_terminal_summary(terminalreporter):
             f"{name}: {tally.architectures} random architectures, {tally.samples} samples checked against true "
             f"per-sample gradients, worst true/bound ratio {tally.max_ratio:.6f}"
         )
+
+
+def _split_cpu_for_distribution_tests():
+    """Two logical CPU devices for the MirroredStrategy tests (tests/test_distribute.py).
+
+    Logical devices must be set before TensorFlow initialises its devices, so
+    this runs when pytest loads this file, before any test module.
+    """
+    from lipdp import distribute
+
+    distribute.split_cpu(2)
+
+
+_split_cpu_for_distribution_tests()

@@ -1,0 +1,209 @@
+"""Private training under tf.distribute: sampling by shards, one noise draw per global step, global counting.
+
+The CPU is split into two logical devices by ``conftest.py`` (before TensorFlow
+initialises), so ``MirroredStrategy`` runs two replicas here.
+"""
+
+import contextlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import lipdp
+from lipdp import distribute, sensitivity
+from lipdp import layers as L
+from lipdp.errors import ConfigError, ModelNotSupportedError
+
+N, FEATURES, CLASSES, SIGMA = 120, 16, 4, 0.7
+TWO_CPUS = ["/cpu:0", "/cpu:1"]
+
+
+def mirrored():
+    return tf.distribute.MirroredStrategy(TWO_CPUS)
+
+
+def make_data(n=N, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, FEATURES)).astype("float32")
+    y = tf.one_hot(rng.integers(0, CLASSES, n), CLASSES).numpy()
+    return x, y
+
+
+def make_model(strategy=None, **model_args):
+    """A small model whose constraints never move the weights after a step (radius 1e3), SGD at lr 1."""
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        tf.keras.utils.set_random_seed(1)
+        model = lipdp.DPSequential(
+            [
+                tf.keras.Input((FEATURES,)),
+                L.InputNormClip(1.0),
+                L.LipschitzDense(32, weight_constraint="frobenius", lipschitz_target=1e3, bias_bound=1e3),
+                L.GroupSort(),
+                L.LipschitzDense(CLASSES, weight_constraint="frobenius", lipschitz_target=1e3),
+            ],
+            **model_args,
+        )
+        model.compile(tf.keras.optimizers.SGD(1.0), loss=lipdp.losses.TauCategoricalCrossentropy(4.0))
+    return model
+
+
+def full_batch_sampler(x, y):
+    """q = 1: every step's batch is the whole data set, on one device or split over replicas."""
+    return lipdp.PoissonSampler(x, y, sampling_rate=1.0)
+
+
+def one_step_update(model, sampler, start):
+    """The weights' change of one private step from ``start``."""
+    model.set_weights(start)
+    model.fit(sampler, epochs=1, verbose=0)
+    return [after - before for after, before in zip(model.get_weights(), start)]
+
+
+def without_noise(model):
+    model.noise_stddevs = lambda sensitivity_: [tf.constant(0.0, tf.float64)] * len(model.trainable_variables)
+    return model
+
+
+def test_two_replicas_give_the_single_device_update_without_noise():
+    x, y = make_data()
+    single, replicated = without_noise(make_model()), without_noise(make_model(mirrored()))
+    sampler = full_batch_sampler(x, y)
+    for model in (single, replicated):
+        model.make_private(sampler, noise_multiplier=SIGMA)
+    start = single.get_weights()
+    expected = one_step_update(single, sampler, start)
+    found = one_step_update(replicated, sampler, start)
+    assert max(np.abs(e).max() for e in expected) > 1e-3  # the step moved the weights
+    for e, f in zip(expected, found):
+        np.testing.assert_allclose(f, e, rtol=1e-4, atol=1e-6)
+
+
+def _added_noise(model, sampler, start, gradient_sum, steps):
+    """Noise in the all-reduced sum: SGD at lr 1 gives update = -(gradient sum + noise) / (q N)."""
+    draws = []
+    for _ in range(steps):
+        update = one_step_update(model, sampler, start)
+        draws.append(np.concatenate([(-u * N - g).ravel() for u, g in zip(update, gradient_sum)]))
+    return np.concatenate(draws)
+
+
+@pytest.mark.parametrize("strategy", [None, "mirrored"])
+def test_one_noise_draw_per_global_step(strategy):
+    """The aggregated noise has std sigma ||C|| on the sum, neither sqrt(2) too small nor too large."""
+    x, y = make_data()
+    sampler = full_batch_sampler(x, y)
+    reference = without_noise(make_model())
+    reference.make_private(sampler, noise_multiplier=SIGMA)
+    start = reference.get_weights()
+    bounds = np.array([float(b) for b in sensitivity.gradient_bound_tensors(reference)])  # at the start weights
+    gradient_sum = [-u * N for u in one_step_update(reference, sampler, start)]
+
+    model = make_model(mirrored() if strategy else None)
+    model.make_private(sampler, noise_multiplier=SIGMA)
+    noise = _added_noise(model, sampler, start, gradient_sum, steps=6)
+    ratio = noise.std() / (SIGMA * np.linalg.norm(bounds))
+    # 3,800 draws: the std is known to ~1.2%; a sqrt(2) mistake either way gives 0.71 or 1.41
+    assert 0.95 < ratio < 1.05, ratio
+    assert abs(noise.mean()) < 0.1 * noise.std()
+
+
+def test_steps_and_epsilon_count_global_steps():
+    x, y = make_data()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=30)
+    single, replicated = make_model(), make_model(mirrored())
+    for model in (single, replicated):
+        model.make_private(sampler, target_epsilon=4.0, epochs=2, delta=1e-3)
+        history = model.fit(sampler, epochs=2, verbose=0)
+    assert replicated.steps_taken == single.steps_taken == 2 * sampler.steps_per_epoch
+    assert replicated.epsilon() == single.epsilon() <= 4.0
+    assert history.history["epsilon"][-1] == replicated.epsilon()
+    assert replicated.privacy_state()["steps"] == 2 * sampler.steps_per_epoch
+
+
+def test_budget_stop_and_save_load_under_mirrored(tmp_path):
+    x, y = make_data()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=30)
+    model = make_model(mirrored())
+    model.make_private(sampler, noise_multiplier=1.0, delta=1e-3)
+    budget = model.privacy.epsilon(5)
+    model.fit(sampler, epochs=3, verbose=0, callbacks=[lipdp.callbacks.BudgetStop(budget, verbose=0)])
+    assert model.steps_taken == model.privacy.max_steps(budget) == 5
+    model.save(tmp_path / "model.keras")
+    loaded = tf.keras.models.load_model(tmp_path / "model.keras")
+    assert loaded.steps_taken == 5 and loaded.epsilon() == model.epsilon()
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def _replica_batches(sampler, strategy, steps):
+    """Per step, each replica's indices (the data's first feature column holds the example's index)."""
+    iterator = iter(sampler.distributed_dataset(strategy))
+    steps_seen = []
+    for _ in range(steps):
+        xs, _ = next(iterator)
+        steps_seen.append([x[:, 0].numpy().astype(int) for x in strategy.experimental_local_results(xs)])
+    return steps_seen
+
+
+def _indexed_data(n):
+    x = np.repeat(np.arange(n, dtype="float32")[:, None], 3, axis=1)
+    return x, np.zeros((n, 2), "float32")
+
+
+def test_poisson_shards_form_one_poisson_draw():
+    n, q, steps = 50, 0.3, 400
+    sampler = lipdp.PoissonSampler(*_indexed_data(n), sampling_rate=q, seed=5)
+    counts, sizes = np.zeros(n), []
+    for step in _replica_batches(sampler, mirrored(), steps):
+        first, second = step
+        assert set(first) <= set(range(0, n, 2)) and set(second) <= set(range(1, n, 2))  # fixed, disjoint shards
+        counts[np.concatenate(step)] += 1
+        sizes.append(len(first) + len(second))
+    # each example is included with probability q, independently: mean and variance of Binomial(n, q)
+    assert np.all(np.abs(counts / steps - q) < 5 * np.sqrt(q * (1 - q) / steps))
+    assert abs(np.mean(sizes) - n * q) < 5 * np.sqrt(n * q * (1 - q) / steps)
+    assert 0.7 < np.var(sizes) / (n * q * (1 - q)) < 1.4
+
+
+def test_shuffle_epochs_split_over_replicas():
+    n, batch = 41, 10
+    sampler = lipdp.ShuffleSampler(*_indexed_data(n), batch_size=batch, seed=2)
+    steps = _replica_batches(sampler, mirrored(), 2 * sampler.steps_per_epoch)
+    for epoch in (steps[: sampler.steps_per_epoch], steps[sampler.steps_per_epoch :]):
+        seen = np.concatenate([np.concatenate(step) for step in epoch])
+        assert all(len(part) == batch // 2 for step in epoch for part in step)
+        assert len(seen) == len(set(seen)) == sampler.steps_per_epoch * batch  # at most once per epoch
+    with pytest.raises(ValueError, match="split evenly over 2 replicas"):
+        lipdp.ShuffleSampler(*_indexed_data(n), batch_size=9).distributed_dataset(mirrored())
+
+
+def test_clipping_and_microbatches_train_under_mirrored():
+    x, y = make_data()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=40)
+    for args in ({"clipping": "automatic", "clip_norm": 1.0}, {"microbatch_size": 8}):
+        model = make_model(mirrored(), **args)
+        model.make_private(sampler, noise_multiplier=1.0, delta=1e-3)
+        model.fit(sampler, epochs=1, verbose=0)
+        assert model.steps_taken == sampler.steps_per_epoch
+        assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+def test_asynchronous_or_central_strategies_are_refused():
+    x, y = make_data()
+    model = make_model(tf.distribute.experimental.CentralStorageStrategy())
+    with pytest.raises(ModelNotSupportedError, match="CentralStorageStrategy is not supported"):
+        model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=30), noise_multiplier=1.0)
+
+
+def test_strategy_config_values():
+    assert distribute.make_strategy("none") is None
+    assert isinstance(distribute.make_strategy("mirrored"), tf.distribute.MirroredStrategy)
+    with pytest.raises(ConfigError, match="not one of none, mirrored, multi_worker"):
+        distribute.make_strategy("parameter_server")
+    with pytest.raises(ConfigError, match="TF_CONFIG"):
+        distribute.make_strategy("multi_worker")
+    with pytest.raises(ConfigError, match="once TensorFlow has initialised"):
+        distribute.split_cpu(3)
+    distribute.split_cpu(2)  # what conftest set: nothing to do
+    assert distribute.is_chief(None) and distribute.is_chief(mirrored())
