@@ -19,6 +19,7 @@ are discarded together with the weights they produced.
 import numpy as np
 import tensorflow as tf
 
+from lipdp import distribute
 from lipdp.errors import PrivacyBudgetExhausted
 
 
@@ -127,12 +128,19 @@ class GradientNoiseMonitor(tf.keras.callbacks.Callback):
     def ratio(self):
         """The current gradient-to-noise ratio (float)."""
         x, y = self._heldout_batch()
-        _, _, sums, bounds = self.model.private_gradient_sums(x, y)
+        grad_norm, noise_sq = distribute.on_one_replica(self.model, self._norms, x, y)
         scale = self.model.privacy.expected_batch_size / int(x.shape[0])
-        grad_norm = scale * float(tf.norm(tf.stack([tf.norm(tf.cast(g, tf.float64)) for g in sums])))
+        return scale * float(grad_norm) / max(float(noise_sq) ** 0.5, 1e-300)
+
+    def _norms(self, x, y):
+        """The gradient sum's norm and the expected squared norm of the noise (float64 tensors)."""
+        _, _, sums, bounds = self.model.private_gradient_sums(x, y)
+        grad_norm = tf.norm(tf.stack([tf.norm(tf.cast(g, tf.float64)) for g in sums]))
         stds = self.model.noise_stddevs(bounds)
-        noise_sq = sum(float(std) ** 2 * int(tf.size(g)) for std, g in zip(stds, sums))
-        return grad_norm / max(noise_sq**0.5, 1e-300)
+        noise_sq = tf.add_n(
+            [tf.cast(std, tf.float64) ** 2 * tf.cast(tf.size(g), tf.float64) for std, g in zip(stds, sums)]
+        )
+        return grad_norm, noise_sq
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and getattr(self.model, "privacy", None) is not None:

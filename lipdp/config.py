@@ -74,6 +74,8 @@ class TrainingConfig:
     epochs: int = 10
     seed: int = 0  # initial weights only (public); the DP noise never uses it
     microbatch_size: Optional[int] = None  # accumulate each Poisson step over micro-batches (flat memory)
+    strategy: str = "none"  # none | mirrored (devices of one machine) | multi_worker (machines, from TF_CONFIG)
+    logical_cpus: Optional[int] = None  # split the CPU into this many devices first (mirrored on a CPU-only host)
 
 
 @dataclasses.dataclass
@@ -153,9 +155,10 @@ def _check_positive(path, value):
 
 def validate_values(config):
     """Checks choices, ranges and the either/or rules before any data is loaded."""
-    from lipdp import accounting, clipping, losses
+    from lipdp import accounting, clipping, distribute, losses
 
     _check_choice("model.clipping", config.model.clipping, (None,) + tuple(clipping.RULES))
+    _check_choice("training.strategy", config.training.strategy, distribute.STRATEGIES)
     _check_choice("sampling.kind", config.sampling.kind, accounting.SAMPLINGS)
     _check_choice("privacy.accountant", config.privacy.accountant, accounting.ACCOUNTANTS)
     _check_choice("privacy.noise_allocation", config.privacy.noise_allocation, accounting.NOISE_ALLOCATIONS)
@@ -165,12 +168,18 @@ def validate_values(config):
         ("model.gamma", config.model.gamma),
         ("sampling.batch_size", config.sampling.batch_size),
         ("training.epochs", config.training.epochs),
+        ("training.logical_cpus", config.training.logical_cpus),
         ("optimizer.learning_rate", config.optimizer.learning_rate),
         ("privacy.target_epsilon", config.privacy.target_epsilon),
         ("privacy.noise_multiplier", config.privacy.noise_multiplier),
         ("privacy.epsilon_budget", config.privacy.epsilon_budget),
     ):
         _check_positive(path, value)
+    if config.training.strategy == "multi_worker" and config.sampling.seed is not None:
+        raise ConfigError(
+            "sampling.seed: not supported with training.strategy=multi_worker (each worker draws its shards from "
+            "its own OS entropy, so a resumed run never replays a batch)"
+        )
     if (config.privacy.target_epsilon is None) == (config.privacy.noise_multiplier is None):
         raise ConfigError(
             "privacy: set exactly one of target_epsilon and noise_multiplier (to replace a "

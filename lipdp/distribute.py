@@ -29,12 +29,16 @@ What one global step does, and why the guarantee is the single-device one:
   on the first replica), so checkpoints, ``BudgetStop`` and the ledger count
   global steps.
 
+Create one strategy per process (TensorFlow's collective ops of two
+``MirroredStrategy`` objects share keys and can clash).
+
 Only synchronous strategies whose replicas all-reduce every step are
 accepted (:func:`check_strategy`); asynchronous parameter-server training
 would apply updates computed on stale weights whose bounds were never
 certified, and is refused.
 """
 
+import contextlib
 import os
 
 import tensorflow as tf
@@ -56,6 +60,20 @@ def strategy_of(model):
     strategy = model.distribute_strategy
     with strategy.scope():  # the default strategy's scope is no strategy
         return strategy if tf.distribute.has_strategy() else None
+
+
+def scope(strategy):
+    """``strategy.scope()``, or nothing for ``None`` (one device): build and compile models in it."""
+    return contextlib.nullcontext() if strategy is None else strategy.scope()
+
+
+def on_one_replica(model, fn, *args):
+    """``fn(*args)`` for a model's diagnostics: on its first local replica under a strategy (mirrored variables
+    can only be differentiated there), directly without one."""
+    strategy = strategy_of(model)
+    if strategy is None:
+        return fn(*args)
+    return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], strategy.run(fn, args))
 
 
 def check_strategy(strategy):

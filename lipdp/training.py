@@ -8,12 +8,14 @@ command; a completed run is never overwritten.
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import warnings
 
 import tensorflow as tf
 import yaml
 
-from lipdp import callbacks, data, losses, runs, sampling, sensitivity
+from lipdp import callbacks, data, distribute, losses, runs, sampling, sensitivity
 from lipdp import config as config_lib
 from lipdp.errors import RunExistsError  # noqa: F401  (raised by runs.start; its home before 0.2)
 from lipdp.layers import FrontEnd, InputNormClip, cached_features
@@ -93,17 +95,38 @@ def build_model(cfg: config_lib.Config, input_shape):
 
 
 def run(cfg: config_lib.Config, out_dir, verbose=1):
-    """Trains as configured and writes the artefacts; returns the model and ``metrics.json``'s content."""
-    runs.start(out_dir)
+    """Trains as configured and writes the artefacts; returns the model and ``metrics.json``'s content.
+
+    With ``training.strategy`` (:mod:`lipdp.distribute`), the model is built
+    under that strategy. Under ``multi_worker`` every worker runs the same
+    command: the chief writes the run folder, the other workers take part in
+    every step, checkpoint and save, writing into a temporary folder that is
+    removed at the end (Keras' multi-worker rule), and read the chief's backup
+    when a run resumes.
+    """
+    strategy = distribute.make_strategy(cfg.training.strategy, cfg.training.logical_cpus)
+    if distribute.is_chief(strategy):
+        return _run(cfg, out_dir, out_dir, strategy, verbose)
+    work_dir = tempfile.mkdtemp(prefix="lipdp-worker-")
+    try:
+        return _run(cfg, out_dir, work_dir, strategy, verbose=0)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _run(cfg, out_dir, work_dir, strategy, verbose):
+    """:func:`run` in ``work_dir`` (``out_dir`` on the chief), with the backup shared in ``out_dir``."""
+    runs.start(work_dir)
     tf.keras.utils.set_random_seed(cfg.training.seed)
     full = data.load(cfg.dataset.name, data_dir=cfg.dataset.data_dir)
-    runs.write_text(out_dir, runs.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    runs.write_text(work_dir, runs.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     raw, frontend = data.configured_split(full, cfg.dataset), build_frontend(cfg)
     dataset = raw
     if frontend is not None:  # features of the whole data set (one cache entry for every split of it)
         dataset = data.configured_split(_features(full, frontend, cfg.dataset.feature_cache, verbose), cfg.dataset)
 
-    model = build_model(cfg, dataset.input_shape)
+    with distribute.scope(strategy):
+        model = build_model(cfg, dataset.input_shape)
     seed = cfg.sampling.seed
     if seed is not None:
         warnings.warn(
@@ -115,7 +138,7 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
         dataset.x_train,
         dataset.y_train,
         batch_size=cfg.sampling.batch_size,
-        seed=None if seed is None else [seed, runs.next_attempt(out_dir)],
+        seed=None if seed is None else [seed, runs.next_attempt(work_dir)],
     )
     privacy = cfg.privacy
     model.make_private(
@@ -132,13 +155,15 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
         callbacks.PrivacyLedger(),
         callbacks.GradientNoiseMonitor(dataset.x_test, dataset.y_test),  # held-out data only
         tf.keras.callbacks.BackupAndRestore(runs.path(out_dir, runs.BACKUP)),
-        tf.keras.callbacks.CSVLogger(runs.path(out_dir, runs.HISTORY), append=True),
+        tf.keras.callbacks.CSVLogger(runs.path(work_dir, runs.HISTORY), append=True),
     ]
     if privacy.epsilon_budget is not None:
         extra.append(callbacks.BudgetStop(privacy.epsilon_budget))
     if verbose:
         print(f"data: {dataset.source}")
         print(f"privacy policy: {model.privacy}")
+        if strategy is not None:
+            print(f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replicas")
     model.fit(
         sampler,
         epochs=cfg.training.epochs,
@@ -146,10 +171,11 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
         callbacks=extra,
         verbose=verbose,
     )
-    runs.remove_emptied_backup(out_dir)
+    runs.remove_emptied_backup(work_dir)
     if frontend is not None:
-        model = with_frontend(model, frontend, raw.input_shape)
-    return _write_artefacts(model, raw, out_dir)
+        with distribute.scope(strategy):
+            model = with_frontend(model, frontend, raw.input_shape)
+    return _write_artefacts(model, raw, work_dir)
 
 
 def _features(dataset, frontend, cache_dir, verbose):

@@ -5,6 +5,11 @@ initialises), so ``MirroredStrategy`` runs two replicas here.
 """
 
 import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,12 +20,26 @@ from lipdp import distribute, sensitivity
 from lipdp import layers as L
 from lipdp.errors import ConfigError, ModelNotSupportedError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, FEATURES, CLASSES, SIGMA = 120, 16, 4, 0.7
 TWO_CPUS = ["/cpu:0", "/cpu:1"]
 
 
+_MIRRORED = []
+
+
 def mirrored():
-    return tf.distribute.MirroredStrategy(TWO_CPUS)
+    """One MirroredStrategy for the whole module.
+
+    Each MirroredStrategy numbers its collective ops from the same keys, and
+    TensorFlow's collective executor remembers an op's shape by key for the
+    life of the process: a second strategy's op of another shape under a
+    reused key fails ("Shape mismatch in the collective instance"). A
+    training process holds one strategy; so do these tests.
+    """
+    if not _MIRRORED:
+        _MIRRORED.append(tf.distribute.MirroredStrategy(TWO_CPUS))
+    return _MIRRORED[0]
 
 
 def make_data(n=N, seed=0):
@@ -207,3 +226,78 @@ def test_strategy_config_values():
         distribute.split_cpu(3)
     distribute.split_cpu(2)  # what conftest set: nothing to do
     assert distribute.is_chief(None) and distribute.is_chief(mirrored())
+
+
+def test_adaptive_threshold_under_mirrored_matches_one_device(monkeypatch):
+    """Without noise (mask 0), the replicas' summed counts move the threshold exactly as one device does."""
+    monkeypatch.setattr(distribute, "noise_mask", lambda: tf.constant(0.0))
+    x, y = make_data()
+    sampler = full_batch_sampler(x, y)
+    thresholds = []
+    for strategy in (None, mirrored()):
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            tf.keras.utils.set_random_seed(1)
+            model = lipdp.DPSequential(
+                [tf.keras.Input((FEATURES,)), L.InputNormClip(1.0), L.LipschitzDense(CLASSES)]
+                + [L.AdaptiveClipGradient(0.05, target_quantile=0.5)]
+            )
+            model.compile(tf.keras.optimizers.SGD(0.5), loss=lipdp.losses.TauCategoricalCrossentropy(4.0))
+        model.make_private(sampler, noise_multiplier=1.0, quantile_noise_share=0.2)
+        model.fit(sampler, epochs=3, verbose=0)
+        thresholds.append(float(model.layers[-1].threshold.numpy()))
+    assert thresholds[0] != 0.05
+    np.testing.assert_allclose(thresholds[1], thresholds[0], rtol=1e-5)
+
+
+WORKER_JOB = """
+import hashlib, sys
+import numpy as np
+from lipdp import config, training
+cfg = config.load("configs/digits.yaml", ["training.strategy=multi_worker", "training.epochs=2"])
+model, metrics = training.run(cfg, sys.argv[1], verbose=0)
+weights = np.concatenate([w.ravel() for w in model.get_weights()]).astype(np.float32)
+print("WEIGHTS", hashlib.sha256(weights.tobytes()).hexdigest(), model.steps_taken, flush=True)
+"""
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_train_one_run_on_loopback(tmp_path):
+    """MultiWorkerMirroredStrategy, two processes on 127.0.0.1: identical weights, the chief's run folder."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    out = tmp_path / "run"
+    workers = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER_JOB, str(out)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    try:
+        outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    results = [line.split()[1:] for output in outputs for line in output.splitlines() if line.startswith("WEIGHTS")]
+    assert len(results) == 2 and results[0] == results[1], outputs  # identical weights, identical step counts
+    privacy = json.loads((out / "privacy.json").read_text())
+    steps_per_epoch = privacy["steps_per_epoch"]
+    assert privacy["steps"] == int(results[0][1]) == 2 * steps_per_epoch  # each global step counted once
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.yaml", "history.csv", "metrics.json", "model.keras", "privacy.json", "sensitivity.txt"]
+    )

@@ -3,6 +3,7 @@ backward-pass gradient clipping."""
 
 import tensorflow as tf
 
+from lipdp import distribute
 from lipdp.layers.base import DPLayer, as_bound
 
 
@@ -225,7 +226,15 @@ class AdaptiveClipGradient(ClipGradient):
         self.initial_value = float(initial_value)
         self.target_quantile, self.learning_rate = float(target_quantile), float(learning_rate)
         self.counting = False  # set by the model's train step while it computes the private gradient
-        object.__setattr__(self, "_count", tf.Variable(0.0, trainable=False, dtype=tf.float64))
+        # Each replica counts its own examples (sync on read); the release all-reduces the counts.
+        count = tf.Variable(
+            0.0,
+            trainable=False,
+            dtype=tf.float64,
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.SUM,
+        )
+        object.__setattr__(self, "_count", count)
 
     def build(self, input_shape):
         self.threshold = self.add_weight(
@@ -234,6 +243,7 @@ class AdaptiveClipGradient(ClipGradient):
             dtype=tf.float32,
             initializer=tf.keras.initializers.Constant(self.initial_value),
             trainable=False,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,  # every replica computes the same update
         )
         super().build(input_shape)
 
@@ -247,8 +257,15 @@ class AdaptiveClipGradient(ClipGradient):
         return self._count.assign(0.0)
 
     def release_quantile(self, noise_multiplier, expected_batch_size, generator):
-        """The noisy fraction under the threshold, then the threshold update (after the step's gradient)."""
-        noisy_count = self._count + generator.normal([], dtype=tf.float64) * noise_multiplier
+        """The noisy fraction under the threshold, then the threshold update (after the step's gradient).
+
+        Under a ``tf.distribute`` strategy, the replicas' counts are summed
+        with the noise of the first replica only (one draw, as for the gradient).
+        """
+        noise = generator.normal([], dtype=tf.float64) * noise_multiplier * tf.cast(distribute.noise_mask(), tf.float64)
+        noisy_count = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, tf.convert_to_tensor(self._count) + noise
+        )
         fraction = noisy_count / expected_batch_size
         factor = tf.exp(-self.learning_rate * (fraction - self.target_quantile))
         with tf.control_dependencies(
