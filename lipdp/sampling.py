@@ -163,13 +163,13 @@ class Sampler:
 
         def batches():
             rng = self._fresh_rng(pipeline, pipelines)
-            for step in self._steps(rng, shards, share):
+            for step in self.shard_batches(rng, shards, share):
                 for indices in step:
                     yield self.x[indices], self.y[indices]
 
         return _batch_dataset(batches, self.x, self.y, share)
 
-    def _steps(self, rng, shards, share):
+    def shard_batches(self, rng, shards, share):
         """Yields forever, per step, the indices each shard contributes to the batch (``share`` each, if fixed)."""
         raise NotImplementedError
 
@@ -259,7 +259,7 @@ class PoissonSampler(Sampler):
         size = rng.binomial(len(population), self.sampling_rate)
         return population[np.sort(rng.choice(len(population), size, replace=False))]
 
-    def _steps(self, rng, shards, share):
+    def shard_batches(self, rng, shards, share):
         del share  # Poisson batch sizes vary
         while True:
             yield [self.sample_indices(rng, shard) for shard in shards]
@@ -358,7 +358,7 @@ class ShuffleSampler(Sampler):
     def _element_batch_size(self, replicas):
         return self.batch_size // replicas
 
-    def _steps(self, rng, shards, share):
+    def shard_batches(self, rng, shards, share):
         """Each epoch, every shard is shuffled and gives ``share = B / R`` examples per step (``N // B`` steps).
 
         A shard holds at least ``floor(N / R) >= (N // B) B / R`` examples, so
