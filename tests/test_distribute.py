@@ -301,3 +301,25 @@ def test_two_workers_train_one_run_on_loopback(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.yaml", "history.csv", "metrics.json", "model.keras", "privacy.json", "sensitivity.txt"]
     )
+
+
+class _Crash(tf.keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 2:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_from_backup_under_mirrored_counts_global_steps_once(tmp_path):
+    x, y = make_data()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=30)
+    backup = tf.keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    first = make_model(mirrored())
+    first.make_private(sampler, noise_multiplier=1.0, delta=1e-3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        first.fit(sampler, epochs=4, verbose=0, callbacks=[backup, _Crash()])
+    assert first.steps_taken == 2 * sampler.steps_per_epoch
+    resumed = make_model(mirrored())  # nothing but the backup survives
+    resumed.make_private(sampler, noise_multiplier=1.0, delta=1e-3)
+    resumed.fit(sampler, epochs=4, verbose=0, callbacks=[tf.keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))])
+    assert resumed.steps_taken == 4 * sampler.steps_per_epoch
+    assert resumed.epsilon() == resumed.privacy.epsilon(4 * sampler.steps_per_epoch)
