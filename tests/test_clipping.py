@@ -185,6 +185,20 @@ def test_fast_norms_inside_a_graph_with_an_unknown_batch_size():
     assert graph_norms(x[:0], y[:0]).shape == (0,)
 
 
+@pytest.mark.parametrize("name", ["conv-s1-valid", "conv-s2-same", "fallback"])
+def test_an_empty_batch_gives_zero_sums_inside_a_graph(name):
+    """oneDNN's Conv2D returns a wrongly shaped output for a batch of zero: the step must still be a no-op."""
+    tf.keras.utils.set_random_seed(0)
+    model, (x, y) = MODELS[name]()
+    spec = (tf.TensorSpec((None,) + x.shape[1:]), tf.TensorSpec((None,) + y.shape[1:]))
+    step = tf.function(lambda a, b: model.private_gradient_sums(a, b)[:3], input_signature=spec)
+    y_pred, losses, sums = step(x[:0], y[:0])
+    assert y_pred.shape[0] == losses.shape[0] == 0
+    assert all(not np.any(g.numpy()) for g in sums)
+    _, _, full_sums = step(x, y)  # the same graph on a real batch
+    assert any(np.any(g.numpy()) for g in full_sums)
+
+
 def test_fallback_warns_once_naming_the_layer(caplog):
     model, (x, y) = fallback_model()
     with caplog.at_level(logging.WARNING, logger="lipdp.clipping.fast_norms"):

@@ -103,13 +103,32 @@ class ClippingRule(mechanisms.GradientMechanism):
         return (1.0 - CLIP_MARGIN) * self.sensitivity()
 
 
+def _at_least_one_example(x, y):
+    """``(x, y)``, with one all-zero example appended when the batch is empty (no branch: pfor-safe).
+
+    Empty Poisson batches are valid steps, but some Keras kernels (oneDNN's
+    Conv2D) return wrongly shaped outputs for a batch of zero; the stand-in
+    example's weight is set to 0, so it contributes nothing.
+    """
+    missing = 1 - tf.minimum(tf.shape(x)[0], 1)
+
+    def padded(tensor):
+        zeros = tf.zeros(tf.concat([[missing], tf.shape(tensor)[1:]], 0), tensor.dtype)
+        return tf.concat([tensor, zeros], 0)
+
+    return padded(x), padded(y)
+
+
 @fast_norms.no_autograph
 def _clipped_gradient_sums(rule, model, x, y, registry):
+    count = tf.shape(x)[0]
+    x, y = _at_least_one_example(x, y)
     with tf.GradientTape() as outer:
         y_pred, losses, norms, fallback_grads = fast_norms.forward_with_norms(
             model, x, y, registry=registry, outer_tape=outer
         )
-        weights = tf.stop_gradient(rule.weights(norms))
+        real = tf.cast(tf.range(tf.shape(x)[0]) < count, norms.dtype)  # 0 for the stand-in of an empty batch
+        weights = tf.stop_gradient(rule.weights(norms) * real)
         weighted = tf.reduce_sum(tf.cast(weights, losses.dtype) * losses)
     from_forward = [v for v in model.trainable_variables if v.ref() not in fallback_grads]
     forward_sums = outer.gradient(weighted, from_forward, unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -122,7 +141,7 @@ def _clipped_gradient_sums(rule, model, x, y, registry):
         else:
             sums.append(tf.convert_to_tensor(forward_sums[variable.ref()]))  # densify IndexedSlices (embeddings)
     return mechanisms.PrivateGradient(
-        y_pred, losses, sums, mechanisms.Sensitivity.of_whole_contribution(rule.sensitivity())
+        y_pred[:count], losses[:count], sums, mechanisms.Sensitivity.of_whole_contribution(rule.sensitivity())
     )
 
 
