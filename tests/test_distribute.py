@@ -323,3 +323,16 @@ def test_resume_from_backup_under_mirrored_counts_global_steps_once(tmp_path):
     resumed.fit(sampler, epochs=4, verbose=0, callbacks=[tf.keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))])
     assert resumed.steps_taken == 4 * sampler.steps_per_epoch
     assert resumed.epsilon() == resumed.privacy.epsilon(4 * sampler.steps_per_epoch)
+
+
+def test_input_pipelines_draw_from_independent_streams_even_with_a_seed():
+    """Workers sharing a sampler seed must not draw the same pattern on their shards (it would correlate them)."""
+    n = 400
+    sampler = lipdp.PoissonSampler(*_indexed_data(n), sampling_rate=0.5, seed=3)
+    draws = []
+    for pipeline in (0, 1):
+        x, _ = next(iter(sampler._pipeline_dataset(pipeline, pipelines=2, replicas=1)))
+        indices = x[:, 0].numpy().astype(int)
+        assert np.all(indices % 2 == pipeline)  # example i belongs to pipeline i % 2
+        draws.append(set(indices // 2))  # positions within the shard
+    assert draws[0] != draws[1]
