@@ -16,12 +16,13 @@ import pytest
 import tensorflow as tf
 
 import lipdp
-from lipdp import distribute, sensitivity
+from lipdp import distribute, runs, sensitivity
 from lipdp import layers as L
 from lipdp.errors import ConfigError, ModelNotSupportedError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, FEATURES, CLASSES, SIGMA = 120, 16, 4, 0.7
+COMPLETED_RUN = sorted([runs.CONFIG, runs.HISTORY, runs.METRICS, runs.MODEL, runs.PRIVACY, runs.SENSITIVITY])
 TWO_CPUS = ["/cpu:0", "/cpu:1"]
 
 
@@ -298,9 +299,7 @@ def test_two_workers_train_one_run_on_loopback(tmp_path):
     privacy = json.loads((out / "privacy.json").read_text())
     steps_per_epoch = privacy["steps_per_epoch"]
     assert privacy["steps"] == int(results[0][1]) == 2 * steps_per_epoch  # each global step counted once
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.yaml", "history.csv", "metrics.json", "model.keras", "privacy.json", "sensitivity.txt"]
-    )
+    assert sorted(p.name for p in out.iterdir()) == COMPLETED_RUN
 
 
 class _Crash(tf.keras.callbacks.Callback):
@@ -336,3 +335,18 @@ def test_input_pipelines_draw_from_independent_streams_even_with_a_seed():
         assert np.all(indices % 2 == pipeline)  # example i belongs to pipeline i % 2
         draws.append(set(indices // 2))  # positions within the shard
     assert draws[0] != draws[1]
+
+
+def test_cli_mirrored_run_writes_the_single_device_run_folder(tmp_path):
+    """``lipdp train ... --set training.strategy=mirrored`` on two logical CPUs (a fresh process: one strategy)."""
+    out = tmp_path / "run"
+    sets = ["training.strategy=mirrored", "training.logical_cpus=2", "training.epochs=2"]
+    command = [sys.executable, "-m", "lipdp.cli", "train", "configs/digits.yaml", "--out", str(out), "--verbose", "0"]
+    done = subprocess.run(
+        command + [a for s in sets for a in ("--set", s)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == COMPLETED_RUN
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["steps"] == 2 * privacy["steps_per_epoch"] and privacy["epsilon"] <= 4.0
+    assert "strategy: mirrored" in (out / "config.yaml").read_text()
