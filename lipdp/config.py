@@ -30,6 +30,7 @@ class DatasetConfig:
 class ModelConfig:
     input_norm: float = 8.0
     frontend: Optional[Dict[str, Any]] = None  # a fixed per-example map before the input clip, e.g. Scattering2D
+    augmentation: Optional[Dict[str, Any]] = None  # {multiplicity: K, layers: [{type: RandomFlip, ...}]}, clipless
     layers: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     clipping: Optional[str] = None
     clip_norm: float = 1.0
@@ -159,6 +160,10 @@ def validate_values(config):
 
     _check_choice("model.clipping", config.model.clipping, (None,) + tuple(clipping.RULES))
     _check_choice("training.strategy", config.training.strategy, distribute.STRATEGIES)
+    if config.model.augmentation is not None and config.model.clipping is not None:
+        raise ConfigError(
+            "model.augmentation: augmentation multiplicity is for clipless training; remove model.clipping or it"
+        )
     _check_choice("sampling.kind", config.sampling.kind, accounting.SAMPLINGS)
     _check_choice("privacy.accountant", config.privacy.accountant, accounting.ACCOUNTANTS)
     _check_choice("privacy.noise_allocation", config.privacy.noise_allocation, accounting.NOISE_ALLOCATIONS)

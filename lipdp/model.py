@@ -39,9 +39,16 @@ class DPModelMixin:
     """Clipless DP training for Keras models (see the module docstring)."""
 
     def _init_privacy(
-        self, privacy=None, noise_seed=None, mechanism=None, accountable=True, microbatch_size=None, **clipping
+        self,
+        privacy=None,
+        noise_seed=None,
+        mechanism=None,
+        accountable=True,
+        microbatch_size=None,
+        augmentation=None,
+        **clipping,
     ):
-        self.mechanism = _resolve_mechanism(mechanism, **clipping)
+        self.mechanism = _resolve_mechanism(mechanism, augmentation=augmentation, **clipping)
         if microbatch_size is not None and (isinstance(microbatch_size, bool) or int(microbatch_size) < 1):
             raise ValueError(f"microbatch_size must be a positive integer, got {microbatch_size!r}")
         self.microbatch_size = None if microbatch_size is None else int(microbatch_size)
@@ -449,8 +456,15 @@ class DPModelMixin:
 _CLIPPING_ARGUMENTS = ("clipping", "clip_norm", "gamma")
 
 
-def _resolve_mechanism(mechanism=None, clipping=None, clip_norm=1.0, gamma=0.01):
+def _resolve_mechanism(mechanism=None, clipping=None, clip_norm=1.0, gamma=0.01, augmentation=None):
     """The model's :class:`lipdp.mechanisms.GradientMechanism`: given, from its config, or from ``clipping=``."""
+    if augmentation is not None and (clipping is not None or mechanism is not None):
+        raise ValueError(
+            "augmentation= is for clipless training (certified bounds); it cannot be combined with clipping= "
+            "(per-example norms would need every view) or mechanism="
+        )
+    if mechanism is None and clipping is None:
+        return mechanisms.from_config({"name": "certified", "augmentation": augmentation})
     if mechanism is None:
         return mechanisms.build(clipping, clip_norm, gamma)
     if clipping is not None:
@@ -466,13 +480,17 @@ class DPModel(DPModelMixin, tf.keras.Model):
 
     ``clipping="flat" | "automatic" | "global"`` (with ``clip_norm``, ``gamma``)
     trains by per-example clipping instead (:mod:`lipdp.clipping`);
-    ``mechanism=`` takes any :class:`lipdp.mechanisms.GradientMechanism`.
+    ``mechanism=`` takes any :class:`lipdp.mechanisms.GradientMechanism`;
+    ``augmentation=`` a :class:`lipdp.augmentation.AugmentationMultiplicity`
+    (clipless training on ``K`` augmented views per example).
     """
 
     def __init__(self, inputs, outputs, name=None, trainable=True, **kwargs):
         # Functional's exact signature, so Keras saves and revives it as a graph.
         privacy = {
-            key: kwargs.pop(key) for key in ("privacy", "noise_seed", "mechanism", "microbatch_size") if key in kwargs
+            key: kwargs.pop(key)
+            for key in ("privacy", "noise_seed", "mechanism", "microbatch_size", "augmentation")
+            if key in kwargs
         }
         clipping = {key: kwargs.pop(key) for key in _CLIPPING_ARGUMENTS if key in kwargs}
         super().__init__(inputs, outputs, name=name, trainable=trainable, **kwargs)
@@ -494,6 +512,7 @@ class DPSequential(DPModelMixin, tf.keras.Sequential):
         gamma=0.01,
         mechanism=None,
         microbatch_size=None,
+        augmentation=None,
     ):
         super().__init__(layers=layers, name=name)
         self._init_privacy(
@@ -501,6 +520,7 @@ class DPSequential(DPModelMixin, tf.keras.Sequential):
             noise_seed,
             mechanism,
             microbatch_size=microbatch_size,
+            augmentation=augmentation,
             clipping=clipping,
             clip_norm=clip_norm,
             gamma=gamma,

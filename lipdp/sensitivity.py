@@ -25,9 +25,10 @@ from typing import List
 import numpy as np
 import tensorflow as tf
 
+from lipdp import augmentation as augmentation_lib
 from lipdp import mechanisms
 from lipdp.errors import ModelNotSupportedError
-from lipdp.layers import DPLayer, InputNormClip
+from lipdp.layers import AdaptiveClipGradient, DPLayer, InputNormClip
 from lipdp.layers.base import HALF_PRECISION, ROUNDING_MARGIN, as_bound, refuse_half_precision
 from lipdp.layers.frontends import FrontEnd
 from lipdp.losses import LipschitzLoss
@@ -174,11 +175,15 @@ def _with_margin(bound):
     return None if bound is None else bound * (1.0 + ROUNDING_MARGIN)
 
 
-def propagate(model) -> List[LayerBounds]:
+def propagate(model, views=1) -> List[LayerBounds]:
     """Runs both passes and returns the bounds of every layer call, inputs first.
 
     Every bound a layer or the loss states is inflated by
-    :data:`lipdp.layers.base.ROUNDING_MARGIN` as it is used.
+    :data:`lipdp.layers.base.ROUNDING_MARGIN` as it is used. ``views``: the
+    loss of each of an example's ``views`` augmented views is ``1/views`` of
+    the loss (:mod:`lipdp.augmentation`), so the backward pass starts from
+    the loss's Lipschitz constant divided by ``views``; the gradient bounds
+    are then those of one view.
     """
     validate(model)
     nodes = [node for node in graph_nodes(model) if not node.is_input]
@@ -190,7 +195,8 @@ def propagate(model) -> List[LayerBounds]:
         out = _with_margin(node.layer.output_bound(node_input))
         norms.update({i: out for i in node.flat_output_ids})
     output = model.outputs[0]
-    cotangents = {str(id(output)): _with_margin(as_bound(loss.logit_lipschitz(int(output.shape[-1]))))}
+    start = as_bound(loss.logit_lipschitz(int(output.shape[-1]))) / views
+    cotangents = {str(id(output)): _with_margin(start)}
     records = []
     for node in reversed(nodes):
         layer = node.layer
@@ -207,17 +213,21 @@ def propagate(model) -> List[LayerBounds]:
     return records[::-1]
 
 
-def gradient_bound_tensors(model, records=None):
+def gradient_bound_tensors(model, records=None, views=1):
     """Bounds aligned with ``model.trainable_variables`` (float64 scalars).
 
     A layer called several times (shared weights) gets the sum of the bounds
     of its calls. Raises if a trainable variable gets no bound. ``records``:
     the result of :func:`propagate`, when the caller already has it.
+    ``views``: an example's gradient is the sum of its ``views`` views'
+    gradients, each bounded by ``propagate(model, views)``: the bounds are
+    ``views`` times those (see :mod:`lipdp.augmentation`).
     """
     by_variable = {}
-    for record in propagate(model) if records is None else records:
+    for record in propagate(model, views) if records is None else records:
         for variable, bound in record.gradient_bounds:
             key = variable.ref()
+            bound = bound * views
             by_variable[key] = by_variable[key] + bound if key in by_variable else bound
     missing = [v.name for v in model.trainable_variables if v.ref() not in by_variable]
     if missing:
@@ -237,21 +247,43 @@ class CertifiedBounds(mechanisms.GradientMechanism):
     name = "certified"
     certifies_layer_bounds = True
 
+    def __init__(self, augmentation=None):
+        if isinstance(augmentation, dict):
+            augmentation = augmentation_lib.AugmentationMultiplicity.from_config(augmentation)
+        self.augmentation = augmentation
+
+    @property
+    def views(self):
+        """Views per example: the augmentation multiplicity, 1 without augmentation."""
+        return 1 if self.augmentation is None else self.augmentation.multiplicity
+
     def validate(self, model):
         validate(model)
+        if self.views > 1 and any(isinstance(n.layer, AdaptiveClipGradient) for n in graph_nodes(model)):
+            raise ModelNotSupportedError(
+                "augmentation multiplicity with an AdaptiveClipGradient: its count would see each example once per "
+                "view (sensitivity K, not 1); use a fixed ClipGradient or multiplicity 1"
+            )
 
     def gradient_sums(self, model, x, y):
+        forward = augmentation_lib.plain_forward if self.augmentation is None else self.augmentation.forward
         with tf.GradientTape() as tape:
-            y_pred = model(x, training=True)
-            per_sample_loss = model.loss.call(y, y_pred)
+            y_pred, per_sample_loss = forward(model, x, y)
             loss_sum = tf.reduce_sum(per_sample_loss)
         sums = tape.gradient(loss_sum, model.trainable_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return mechanisms.PrivateGradient(
-            y_pred, per_sample_loss, sums, mechanisms.Sensitivity.of_variables(gradient_bound_tensors(model))
-        )
+        bounds = gradient_bound_tensors(model, views=self.views)
+        return mechanisms.PrivateGradient(y_pred, per_sample_loss, sums, mechanisms.Sensitivity.of_variables(bounds))
 
     def describe(self):
-        return "certified per-sample gradient bounds"
+        if self.augmentation is None:
+            return "certified per-sample gradient bounds"
+        return f"certified per-sample gradient bounds ({self.views} augmented views per example, losses averaged)"
+
+    def get_config(self):
+        config = super().get_config()
+        if self.augmentation is not None:
+            config["augmentation"] = self.augmentation.get_config()
+        return config
 
 
 def short_variable_name(variable):

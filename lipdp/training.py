@@ -15,7 +15,7 @@ import warnings
 import tensorflow as tf
 import yaml
 
-from lipdp import callbacks, data, distribute, losses, runs, sampling, sensitivity
+from lipdp import augmentation, callbacks, data, distribute, losses, runs, sampling, sensitivity
 from lipdp import config as config_lib
 from lipdp.errors import RunExistsError  # noqa: F401  (raised by runs.start; its home before 0.2)
 from lipdp.layers import FrontEnd, InputNormClip, cached_features
@@ -79,7 +79,10 @@ def build_model(cfg: config_lib.Config, input_shape):
     if cfg.model.clipping is not None:
         clipping = dict(clipping=cfg.model.clipping, clip_norm=cfg.model.clip_norm, gamma=cfg.model.gamma)
     model = DPSequential(
-        layers, microbatch_size=cfg.training.microbatch_size, **clipping
+        layers,
+        microbatch_size=cfg.training.microbatch_size,
+        augmentation=augmentation.from_spec(cfg.model.augmentation),
+        **clipping,
     )  # the noise generator is seeded from OS entropy, never from the config
     loss_cls = getattr(losses, cfg.loss.type, None)
     if loss_cls is None or not isinstance(loss_cls, type) or not issubclass(loss_cls, losses.LipschitzLoss):
