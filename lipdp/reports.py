@@ -50,12 +50,13 @@ def sensitivity_rows(model):
     """:func:`lipdp.sensitivity.bound_rows` plus the noise std on the gradient sum and on the averaged gradient."""
     from lipdp import sensitivity
 
-    records = sensitivity.propagate(model)
-    bounds = sensitivity.gradient_bound_tensors(model, records)
+    views = sensitivity.mechanism_views(model)
+    records = sensitivity.propagate(model, views)
+    bounds = sensitivity.gradient_bound_tensors(model, records, views)
     stds = {v.ref(): float(s) for v, s in zip(model.trainable_variables, model.noise_stddevs(bounds))}
     batch = model.privacy.expected_batch_size
     rows = []
-    for cells, variable in sensitivity.bound_rows(model, records):
+    for cells, variable in sensitivity.bound_rows(model, records, views):
         std = None if variable is None else stds[variable.ref()]
         noise = ["-", "-"] if std is None else [sensitivity.format_bound(std), sensitivity.format_bound(std / batch)]
         rows.append(cells + noise)

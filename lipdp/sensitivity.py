@@ -417,14 +417,21 @@ def format_bound(value, spec=".4g"):
     return format(value, spec) if np.isfinite(value) else str(value)
 
 
-def bound_rows(model, records=None):
+def mechanism_views(model):
+    """Views per example of the model's mechanism (its augmentation multiplicity; 1 without)."""
+    return getattr(getattr(model, "mechanism", None), "views", 1)
+
+
+def bound_rows(model, records=None, views=1):
     """The per-layer bound table both reports render: ``[(cells, variable or None)]`` under :data:`BOUND_HEADER`.
 
     One row per (layer call, variable), or per layer call without variables;
-    the layer's cells are blank after its first row.
+    the layer's cells are blank after its first row. With ``views > 1``
+    (``records`` from ``propagate(model, views)``), the cotangents are a
+    view's and the gradient bounds an example's (``views`` times a view's).
     """
     rows = []
-    for record in propagate(model) if records is None else records:
+    for record in propagate(model, views) if records is None else records:
         layer_cells = [
             record.layer.name,
             type(record.layer).__name__,
@@ -433,7 +440,7 @@ def bound_rows(model, records=None):
             format_bound(record.lipschitz, ".6g"),
         ]
         for variable, bound in record.gradient_bounds or [(None, None)]:
-            cells = ["-", "-"] if variable is None else [short_variable_name(variable), format_bound(bound)]
+            cells = ["-", "-"] if variable is None else [short_variable_name(variable), format_bound(bound * views)]
             rows.append((layer_cells + cells, variable))
             layer_cells = [""] * len(layer_cells)
     return rows
@@ -441,12 +448,15 @@ def bound_rows(model, records=None):
 
 def report(model):
     """A readable per-layer table of the bounds (:func:`bound_rows`) and the global sensitivity."""
-    records = propagate(model)
-    rows = [BOUND_HEADER] + [cells for cells, _ in bound_rows(model, records)]
+    views = mechanism_views(model)
+    records = propagate(model, views)
+    rows = [BOUND_HEADER] + [cells for cells, _ in bound_rows(model, records, views)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(BOUND_HEADER))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    bounds = gradient_bound_tensors(model, records)
+    bounds = gradient_bound_tensors(model, records, views)
     total = float(tf.norm(tf.stack(bounds))) if bounds else 0.0
+    if views > 1:
+        lines.append(f"\n{views} augmented views per example: cotangents per view, gradient bounds per example")
     lines.append(f"\nglobal sensitivity (l2 norm of all variable bounds): {total:.6g}")
     return "\n".join(lines)

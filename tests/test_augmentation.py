@@ -164,3 +164,13 @@ def test_config_spec():
     assert model.mechanism.views == 3
     with pytest.raises(ConfigError, match="for clipless training"):
         config.from_dict({"model": {"augmentation": spec, "clipping": "flat"}, "privacy": {"target_epsilon": 1.0}})
+
+
+def test_the_bound_report_shows_the_per_example_bounds_used():
+    model = linear_model(4)
+    text = sensitivity.report(model)
+    bounds = sensitivity.gradient_bound_tensors(model, views=4)
+    total = float(tf.norm(tf.stack(bounds)))
+    assert "4 augmented views per example" in text
+    assert f"global sensitivity (l2 norm of all variable bounds): {total:.6g}" in text
+    assert sensitivity.format_bound(bounds[0]) in text  # the kernel row: an example's bound, not a view's
