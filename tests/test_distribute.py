@@ -210,6 +210,9 @@ def test_clipping_and_microbatches_train_under_mirrored():
 
 
 def test_asynchronous_or_central_strategies_are_refused():
+    parameter_server = tf.distribute.experimental.ParameterServerStrategy
+    with pytest.raises(ModelNotSupportedError, match=r"ParameterServerStrategy\w* is not supported"):
+        distribute.check_strategy(parameter_server.__new__(parameter_server))  # needs a cluster to construct
     x, y = make_data()
     model = make_model(tf.distribute.experimental.CentralStorageStrategy())
     with pytest.raises(ModelNotSupportedError, match="CentralStorageStrategy is not supported"):
