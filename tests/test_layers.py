@@ -407,6 +407,59 @@ def test_dense_constraint_targets_and_certified_norm(shape, units, constraint, t
         np.testing.assert_allclose(singular, target, rtol=1e-3)  # Bjorck: every singular value ~ target
 
 
+def _adversarial_matrices(rng):
+    """Matrices where an eigen-solver or a cheap norm estimate could under-estimate ``||W||_2``."""
+    yield "gaussian", rng.normal(size=(37, 11))
+    yield "wide", rng.normal(size=(5, 64))
+    u, _, vt = np.linalg.svd(rng.normal(size=(40, 16)), full_matrices=False)
+    yield "orthonormal", u @ vt  # every singular value 1: no gap at the top
+    yield "near-tie", (u * np.r_[1.0, 1.0 - 1e-7, np.linspace(0.9, 0.1, 14)]) @ vt
+    yield "ill-conditioned", (u * np.logspace(0, -7, 16)) @ vt
+    yield "rank one", np.outer(rng.normal(size=40), rng.normal(size=16))
+    yield "one entry", np.pad([[3.0]], [(0, 9), (0, 4)])
+    yield "huge", rng.normal(size=(20, 8)) * 1e18
+    yield "tiny", rng.normal(size=(20, 8)) * 1e-18
+    yield "lattice", rng.integers(-2, 3, size=(24, 12)).astype(float)
+    yield "zero", np.zeros((6, 3))
+
+
+def test_certified_spectral_norm_is_an_upper_bound_of_the_svd_norm():
+    rng = np.random.default_rng(10)
+    for name, matrix in _adversarial_matrices(rng):
+        weights = matrix.astype(np.float32)  # the weights in use are float32
+        exact = np.linalg.norm(weights.astype(np.float64), 2)
+        for m in (weights, weights.T):
+            certified = float(L.certified_spectral_norm(tf.constant(m)))
+            assert certified >= exact, name
+            assert certified <= exact * (1 + 2e-6) + 1e-300, name  # NUMERICAL_MARGIN 1e-6, not looser
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (3, 3, 2, 8), (3, 3, 16, 32), (300, 10)])
+def test_orthogonal_constraint_is_deterministic_and_orthonormalises(shape):
+    constraint = L.linear.OrthogonalConstraint(k_coef_lip=0.5)
+    rng = np.random.default_rng(11)
+    start = tf.constant(rng.normal(size=shape).astype(np.float32) * 10.0)
+    projected = constraint(start)
+    np.testing.assert_array_equal(constraint(start).numpy(), projected.numpy())  # no random start vector
+    singular = np.linalg.svd(projected.numpy().reshape(-1, shape[-1]).astype(np.float64), compute_uv=False)
+    np.testing.assert_allclose(singular, 0.5, rtol=1e-3)
+    step = tf.function(lambda w: constraint(w + 1e-2 * tf.random.normal(shape)))  # as after optimiser updates
+    w = projected
+    for _ in range(5):
+        w = step(w)
+    singular = np.linalg.svd(w.numpy().reshape(-1, shape[-1]).astype(np.float64), compute_uv=False)
+    np.testing.assert_allclose(singular, 0.5, rtol=1e-3)
+
+
+def test_orthogonal_constraint_config_round_trips_and_is_the_layer_default():
+    constraint = L.linear.OrthogonalConstraint(k_coef_lip=2.0, maxiter_bjorck=7)
+    restored = tf.keras.constraints.deserialize(json.loads(json.dumps(tf.keras.constraints.serialize(constraint))))
+    assert type(restored) is L.linear.OrthogonalConstraint
+    assert restored.get_config() == constraint.get_config()
+    assert isinstance(L.LipschitzDense(3).kernel_constraint, L.linear.OrthogonalConstraint)
+    assert isinstance(L.LipschitzConv2D(3, 3).kernel_constraint, L.linear.OrthogonalConstraint)
+
+
 @pytest.mark.parametrize("constraint", CONSTRAINTS)
 @pytest.mark.parametrize("shape, units", DENSE_SHAPES)
 def test_dense_operator_norm_output_and_cotangent_bounds(shape, units, constraint):
