@@ -24,7 +24,8 @@ What one global step does, and why the guarantee is the single-device one:
   noise (:func:`noise_mask`), with the single-device standard deviation
   ``sigma C``: the all-reduced update carries one draw, whatever the number
   of replicas, and no assumption about the independence of the replicas'
-  random streams is needed.
+  random streams is needed. ``C`` is the largest of the replicas' bounds
+  (:func:`largest_over_replicas`; equal while the mirrored copies agree).
 * **Counting.** ``privacy_steps`` is updated once per global step (its value
   on the first replica), so checkpoints, ``BudgetStop`` and the ledger count
   global steps.
@@ -96,6 +97,21 @@ def noise_mask():
     """
     replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
     return tf.cast(tf.equal(replica_id, 0), tf.float32)
+
+
+def largest_over_replicas(values):
+    """Each value's maximum over the replicas of the step (the values themselves without a strategy).
+
+    The noise standard deviations of a step are taken at their largest over
+    the replicas: each replica bounds the examples it holds with the weights
+    it holds, and mirrored copies that drifted apart (a non-deterministic
+    constraint or kernel) must not leave one replica's examples under-covered.
+    """
+    context = tf.distribute.get_replica_context()
+    if context.num_replicas_in_sync == 1:
+        return values
+    gathered = context.all_gather(tf.stack(values)[None], axis=0)
+    return tf.unstack(tf.reduce_max(gathered, axis=0), num=len(values))
 
 
 def make_strategy(kind, logical_cpus=None):

@@ -265,7 +265,7 @@ class DPModelMixin:
         (:func:`lipdp.distribute.noise_mask`): the optimizer's all-reduce
         then holds one draw.
         """
-        stddevs = self.noise_stddevs(sensitivity_)
+        stddevs = distribute.largest_over_replicas(self.noise_stddevs(sensitivity_))
         mask = distribute.noise_mask()
         return [
             (g + self._noise.normal(tf.shape(g), dtype=g.dtype) * tf.cast(std * tf.cast(mask, std.dtype), g.dtype))

@@ -128,6 +128,18 @@ def test_one_noise_draw_per_global_step(strategy):
     assert abs(noise.mean()) < 0.1 * noise.std()
 
 
+def test_noise_scales_are_the_largest_over_replicas():
+    strategy = mirrored()
+
+    def replica_scales():
+        replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.float64)
+        return tf.stack(distribute.largest_over_replicas([replica + 1.0, 5.0 - replica]))
+
+    results = strategy.experimental_local_results(strategy.run(tf.function(replica_scales)))
+    assert [r.numpy().tolist() for r in results] == [[2.0, 5.0], [2.0, 5.0]]
+    assert distribute.largest_over_replicas([3.0]) == [3.0]  # no strategy: unchanged
+
+
 def test_steps_and_epsilon_count_global_steps():
     x, y = make_data()
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=30)
