@@ -304,28 +304,48 @@ def compute_bounds(model):
 
 
 def _single_sample_gradients(model, loss, sample):
-    """Gradients of one sample's loss (a batch of one) w.r.t. the trainable variables."""
+    """Gradients of one sample's loss w.r.t. the trainable variables.
+
+    The model runs on a batch of two, the sample and a constant copy of it
+    whose loss is left out: the copy's cotangents are exactly 0, so its
+    contributions to the gradients are exactly 0 and the result is the
+    sample's own gradient. Not a batch of one: TensorFlow 2.15's oneDNN
+    ``Conv2DBackpropFilter`` corrupts the heap on a batch of one with a 1x1
+    kernel and unequal strides (e.g. input ``(1, 6, 8, 2)``, strides
+    ``(1, 2)``, ``valid``): a segmentation fault or abort (fuzz seed 102).
+    """
     xi, yi = sample
+    xs = tf.stack([xi, tf.stop_gradient(xi)])
+    ys = tf.stack([yi, yi])
     with tf.GradientTape() as tape:
-        value = tf.reduce_sum(loss.call(yi[None], model(xi[None], training=True)))
+        value = tf.reduce_sum(loss.call(ys, model(xs, training=True))[0])
     return tape.gradient(value, model.trainable_variables)
 
 
 def per_sample_gradient_norms(model, x, y):
-    """True per-sample gradient norms, shape ``(batch, num_variables)``.
+    """True per-sample gradient norms, shape ``(batch, num_variables)`` (float64).
 
-    Differentiates the unreduced loss of each sample alone (a batch of one)
-    with ``tf.vectorized_map``; shares nothing with the bound code.
+    Differentiates the unreduced loss of each sample alone: one graph per
+    sample (:func:`_single_sample_gradients`), called sample after sample;
+    shares nothing with the bound code. Not ``tf.vectorized_map``: the ops it cannot vectorise (e.g.
+    ``Conv2DBackpropFilter``, ``TopKV2``, ``ScatterNd``) fall back to a
+    ``tf.while_loop`` with parallel iterations, where one op kernel runs for
+    several samples at once, and TensorFlow's oneDNN convolution kernels are
+    not safe for that (see :func:`worst_case_inputs`): a crash under CPU
+    contention.
     """
     loss = model_loss(model)
-
-    def one_sample(sample):
-        grads = _single_sample_gradients(model, loss, sample)
-        return tf.stack([tf.norm(tf.reshape(tf.cast(g, tf.float64), [-1])) for g in grads])
-
     x = tf.convert_to_tensor(x, tf.float32)
     y = tf.convert_to_tensor(y, tf.float32)
-    return tf.vectorized_map(one_sample, (x, y), fallback_to_while_loop=True)
+    if not x.shape[0]:
+        return tf.zeros([0, len(model.trainable_variables)], tf.float64)
+
+    @tf.function(input_signature=[tf.TensorSpec(x.shape[1:], tf.float32), tf.TensorSpec(y.shape[1:], tf.float32)])
+    def one_sample(xi, yi):
+        grads = _single_sample_gradients(model, loss, (xi, yi))
+        return tf.stack([tf.norm(tf.reshape(tf.cast(g, tf.float64), [-1])) for g in grads])
+
+    return tf.stack([one_sample(x[i], y[i]) for i in range(x.shape[0])])
 
 
 @dataclasses.dataclass
@@ -368,13 +388,17 @@ def worst_case_inputs(model, x, y, steps=30, step_size=0.5):
     norm, with per-sample normalised ascent steps scaled to the mean input
     norm. Used to look for adversarial violations of the bounds.
 
-    Each sample's ascent direction comes from one graph on a batch of one,
-    called sample after sample: no ``tf.map_fn`` / ``tf.while_loop`` around
+    Each sample's ascent direction comes from one graph on that sample
+    (:func:`_single_sample_gradients`), called sample after sample: no ``tf.map_fn`` / ``tf.while_loop`` around
     the double backprop. In a loop with parallel iterations one op kernel
     runs for several samples at once, and TensorFlow's oneDNN fused
     convolution (``Conv2D + BiasAdd + Add``, e.g. a residual branch) keeps the
     summand's buffers in kernel members, unguarded: concurrent iterations
     free each other's buffers, a segmentation fault under CPU contention.
+
+    A sample whose ascent direction is not finite (a second derivative
+    ``0 * inf`` at a kink of a flat objective) takes no step: the inputs
+    returned are always finite.
     """
     loss = model_loss(model)
     x = tf.convert_to_tensor(x, tf.float32)
@@ -388,6 +412,9 @@ def worst_case_inputs(model, x, y, steps=30, step_size=0.5):
             grads = _single_sample_gradients(model, loss, (xi, yi))
             objective = tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads])
         direction = outer.gradient(objective, xi)
+        # A second derivative can be 0 * inf = NaN where the objective is flat (e.g. a dead network whose
+        # logits are exactly 0, where KCosineSimilarity's norm is not differentiable): that sample stays put.
+        direction = tf.where(tf.reduce_all(tf.math.is_finite(direction)), direction, tf.zeros_like(direction))
         return direction / tf.maximum(tf.norm(tf.reshape(direction, [-1])), 1e-12)
 
     for _ in range(steps if x.shape[0] else 0):

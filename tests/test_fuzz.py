@@ -7,8 +7,8 @@ Add/Average; gradient clipping; every loss), weights (initial, trained by a few
 SGD steps, or *lattice* weights), inputs and labels (random, at the norm bound,
 lattice, gradient ascent; one-hot, worst-class, soft and arbitrary real
 labels), and compares each variable's bound with the true per-sample gradient
-norm of :func:`lipdp.sensitivity.per_sample_gradient_norms` (a batch of one
-per sample, no bound code), with no tolerance beyond the bounds' own rounding
+norm of :func:`lipdp.sensitivity.per_sample_gradient_norms` (one graph per
+sample, no bound code), with no tolerance beyond the bounds' own rounding
 margin.
 
 Ties on purpose: lattice weights (entries in ``{-1, 0, 1} / 4``) and inputs
@@ -239,3 +239,35 @@ def test_fuzz_ties_catch_the_old_groupsort_bug(monkeypatch):
         result = sensitivity.verify_bounds(model, x, worst, rtol=0.0)
         caught += bool(result.violations)
     assert caught >= 3, caught  # 5 of 12 when written; none with the fixed GroupSort
+
+
+def test_gradient_ascent_stays_finite_on_a_flat_objective():
+    """Logits exactly 0 (a dead network, seed 100 case 9): KCosineSimilarity's norm has no second derivative
+    there, the ascent direction is 0 * inf = NaN; the sample takes no step instead of turning the inputs to NaN."""
+    inp = tf.keras.Input((5,))
+    h = L.GroupSort(2)(L.LipschitzDense(8)(L.InputNormClip(INPUT_NORM)(inp)))
+    model = tf.keras.Model(inp, L.LipschitzDense(3)(h))
+    model.compile(loss=losses.KCosineSimilarity(K=2.0))
+    model.layers[-1].kernel.assign(tf.zeros_like(model.layers[-1].kernel))
+    rng = np.random.default_rng(0)
+    x, y = random_inputs(model, 4, rng), rng.normal(size=(4, 3)).astype("float32")
+    adversarial = sensitivity.worst_case_inputs(model, x, y, steps=3)
+    assert np.isfinite(adversarial).all()
+    np.testing.assert_array_equal(adversarial, x)
+    check_case(model, adversarial, y, "flat objective")
+
+
+def test_per_sample_gradients_survive_onednn_batch_of_one_conv():
+    """A 1x1 convolution with strides (1, 2): TF 2.15's oneDNN Conv2DBackpropFilter corrupts the heap on a batch of
+    one there (fuzz seed 102 case 6 aborted the process); per-sample gradients must not run it on a batch of one."""
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((6, 8, 2))
+    h = L.LipschitzConv2D(4, 1, strides=(1, 2), padding="valid")(L.InputNormClip(INPUT_NORM)(inp))
+    model = tf.keras.Model(inp, L.LipschitzDense(3)(L.Flatten()(L.GroupSort(2)(h))))
+    model.compile(loss=losses.MulticlassHinge())
+    rng = np.random.default_rng(0)
+    x = random_inputs(model, 4, rng)
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 4)]
+    for _ in range(3):
+        check_case(model, x, y, "1x1 strided conv")
+    check_case(model, sensitivity.worst_case_inputs(model, x, y, steps=2), y, "1x1 strided conv, ascent")
