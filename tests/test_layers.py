@@ -352,6 +352,27 @@ def test_conv_lipschitz_bound_by_power_iteration_on_a_larger_input():
         tightness(f"conv k{kernel} s{strides} 20x20 power iteration / lipschitz_constant", estimate / lip)
 
 
+@pytest.mark.parametrize("strides", [(1, 2), (2, 1), (2, 2)])
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_strided_pointwise_conv_on_a_batch_of_one(strides, padding):
+    """oneDNN's Conv2DBackpropFilter corrupts the heap for a 1x1 kernel with strides (1, 2) on a batch of one.
+
+    LipschitzConv2D computes it as subsampling then an unstrided 1x1 conv: the
+    same outputs and kernel gradients as the textbook formula, with no crash.
+    """
+    layer = L.LipschitzConv2D(3, 1, strides=strides, padding=padding)
+    x = tf.constant(np.random.default_rng(0).normal(size=(1, 6, 8, 2)), tf.float32)
+    for _ in range(5):  # the corruption shows up as a crash after a few calls
+        with tf.GradientTape() as tape:
+            out = layer(x)
+            loss = tf.reduce_sum(tf.square(out))
+        grad = tape.gradient(loss, layer.kernel).numpy()
+    sub = x.numpy()[:, :: strides[0], :: strides[1], :]
+    kernel = layer.kernel.numpy()[0, 0]
+    np.testing.assert_allclose(out.numpy(), sub @ kernel, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad[0, 0], 2 * np.einsum("bhwi,bhwo->io", sub, sub @ kernel), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "bad",
     [

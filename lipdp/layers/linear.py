@@ -334,4 +334,19 @@ class LipschitzConv2D(_LipschitzLinear, tf.keras.layers.Conv2D):
         """
         batch = tf.shape(inputs)[0]
         padding = tf.zeros(tf.concat([[tf.maximum(1 - batch, 0)], tf.shape(inputs)[1:]], axis=0), inputs.dtype)
-        return super().convolution_op(tf.concat([inputs, padding], axis=0), kernel)[:batch]
+        inputs = tf.concat([inputs, padding], axis=0)
+        if tuple(self.kernel_size) == (1, 1) and tuple(self.strides) != (1, 1):
+            return self._subsampled_pointwise(inputs, kernel)[:batch]
+        return super().convolution_op(inputs, kernel)[:batch]
+
+    def _subsampled_pointwise(self, inputs, kernel):
+        """A strided 1x1 convolution as a subsampling then an unstrided 1x1 convolution (the same map).
+
+        TensorFlow 2.15's oneDNN ``Conv2DBackpropFilter`` corrupts the heap
+        for a 1x1 kernel with strides (1, 2) or (2, 1) on a batch of one (a
+        Poisson batch of one, a micro-batch of one); the unstrided form avoids
+        that kernel. With a 1x1 window neither padding adds anything: output
+        position ``(i, j)`` reads input ``(i sh, j sw)`` in both.
+        """
+        rows, cols = self.strides
+        return tf.nn.convolution(inputs[:, ::rows, ::cols, :], kernel, strides=1, padding="VALID")
