@@ -40,6 +40,7 @@ import tensorflow as tf
 
 from lipdp import mechanisms
 from lipdp.clipping import fast_norms
+from lipdp.layers.base import with_stand_in_for_empty_batch
 
 #: The weights aim ``CLIP_MARGIN`` below the sensitivity: the norms come from
 #: float32 arithmetic (fast norms agree with exact per-example gradients to
@@ -103,26 +104,11 @@ class ClippingRule(mechanisms.GradientMechanism):
         return (1.0 - CLIP_MARGIN) * self.sensitivity()
 
 
-def _at_least_one_example(x, y):
-    """``(x, y)``, with one all-zero example appended when the batch is empty (no branch: pfor-safe).
-
-    Empty Poisson batches are valid steps, but some Keras kernels (oneDNN's
-    Conv2D) return wrongly shaped outputs for a batch of zero; the stand-in
-    example's weight is set to 0, so it contributes nothing.
-    """
-    missing = 1 - tf.minimum(tf.shape(x)[0], 1)
-
-    def padded(tensor):
-        zeros = tf.zeros(tf.concat([[missing], tf.shape(tensor)[1:]], 0), tensor.dtype)
-        return tf.concat([tensor, zeros], 0)
-
-    return padded(x), padded(y)
-
-
 @fast_norms.no_autograph
 def _clipped_gradient_sums(rule, model, x, y, registry):
     count = tf.shape(x)[0]
-    x, y = _at_least_one_example(x, y)
+    # Plain Keras Conv2D breaks on an empty batch: run a stand-in example, weighted 0 below.
+    x, y = with_stand_in_for_empty_batch(x), with_stand_in_for_empty_batch(y)
     with tf.GradientTape() as outer:
         y_pred, losses, norms, fallback_grads = fast_norms.forward_with_norms(
             model, x, y, registry=registry, outer_tape=outer

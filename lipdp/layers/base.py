@@ -58,6 +58,20 @@ def refuse_half_precision(layer):
         )
 
 
+def with_stand_in_for_empty_batch(tensor):
+    """``tensor`` with one all-zero example appended when its batch is empty, unchanged otherwise.
+
+    Empty Poisson batches are valid steps (noise only), but TensorFlow 2.15's
+    oneDNN CPU convolution returns a ``(0, H, W, C)`` input unchanged instead
+    of ``(0, H', W', filters)``. Callers run the stand-in and drop what it
+    gives (slice the outputs to the real batch, or weight it 0). No control
+    flow, so per-example ``vectorized_map`` works.
+    """
+    missing = tf.maximum(1 - tf.shape(tensor)[0], 0)
+    zeros = tf.zeros(tf.concat([[missing], tf.shape(tensor)[1:]], axis=0), tensor.dtype)
+    return tf.concat([tensor, zeros], axis=0)
+
+
 def as_bound(value):
     """Converts a python number or tensor into a float64 scalar bound."""
     return tf.cast(value, tf.float64)

@@ -19,6 +19,7 @@ from lipdp.layers.base import (
     l2_norm,
     refuse_half_precision,
     window_overlap,
+    with_stand_in_for_empty_batch,
 )
 
 WEIGHT_CONSTRAINTS = ("orthogonal", "spectral", "frobenius")
@@ -326,15 +327,11 @@ class LipschitzConv2D(_LipschitzLinear, tf.keras.layers.Conv2D):
     def convolution_op(self, inputs, kernel):
         """The convolution; an empty batch gives an empty output of the right shape.
 
-        TensorFlow 2.15's oneDNN CPU convolution returns a ``(0, H, W, C)``
-        input unchanged instead of ``(0, H', W', filters)``, which broke the
-        next layer on an empty Poisson batch (a valid step: noise only). An
-        empty batch is padded with one zero example, dropped after the
-        convolution; no control flow, so per-example ``vectorized_map`` works.
+        An empty batch runs as one zero stand-in example, dropped after the
+        convolution (:func:`lipdp.layers.base.with_stand_in_for_empty_batch`).
         """
         batch = tf.shape(inputs)[0]
-        padding = tf.zeros(tf.concat([[tf.maximum(1 - batch, 0)], tf.shape(inputs)[1:]], axis=0), inputs.dtype)
-        inputs = tf.concat([inputs, padding], axis=0)
+        inputs = with_stand_in_for_empty_batch(inputs)
         if tuple(self.kernel_size) == (1, 1) and tuple(self.strides) != (1, 1):
             return self._subsampled_pointwise(inputs, kernel)[:batch]
         return super().convolution_op(inputs, kernel)[:batch]
