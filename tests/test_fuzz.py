@@ -259,7 +259,7 @@ def test_gradient_ascent_stays_finite_on_a_flat_objective():
 
 def test_per_sample_gradients_survive_onednn_batch_of_one_conv():
     """A 1x1 convolution with strides (1, 2): TF 2.15's oneDNN Conv2DBackpropFilter corrupts the heap on a batch of
-    one there (fuzz seed 102 case 6 aborted the process); per-sample gradients must not run it on a batch of one."""
+    one there (fuzz seed 102 case 6 aborted the process); per-sample gradients (batches of one) must survive it."""
     tf.keras.utils.set_random_seed(0)
     inp = tf.keras.Input((6, 8, 2))
     h = L.LipschitzConv2D(4, 1, strides=(1, 2), padding="valid")(L.InputNormClip(INPUT_NORM)(inp))
