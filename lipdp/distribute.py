@@ -90,13 +90,13 @@ def check_strategy(strategy):
 
 
 def noise_mask():
-    """1.0 on the first replica of the global step (and without a strategy), 0.0 on the others.
+    """1.0 on the first replica of the global step (and without a strategy), 0.0 on the others (float64).
 
     Multiplies the noise each replica would add, so the all-reduced sum
     holds exactly one draw.
     """
     replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
-    return tf.cast(tf.equal(replica_id, 0), tf.float32)
+    return tf.cast(tf.equal(replica_id, 0), tf.float64)
 
 
 def largest_over_replicas(values):

@@ -265,10 +265,10 @@ class DPModelMixin:
         (:func:`lipdp.distribute.noise_mask`): the optimizer's all-reduce
         then holds one draw.
         """
-        stddevs = distribute.largest_over_replicas(self.noise_stddevs(sensitivity_))
         mask = distribute.noise_mask()
+        stddevs = [std * mask for std in distribute.largest_over_replicas(self.noise_stddevs(sensitivity_))]
         return [
-            (g + self._noise.normal(tf.shape(g), dtype=g.dtype) * tf.cast(std * tf.cast(mask, std.dtype), g.dtype))
+            (g + self._noise.normal(tf.shape(g), dtype=g.dtype) * tf.cast(std, g.dtype))
             / self.privacy.expected_batch_size
             for g, std in zip(gradient_sums, stddevs)
         ]

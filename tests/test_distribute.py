@@ -246,7 +246,7 @@ def test_strategy_config_values():
 
 def test_adaptive_threshold_under_mirrored_matches_one_device(monkeypatch):
     """Without noise (mask 0), the replicas' summed counts move the threshold exactly as one device does."""
-    monkeypatch.setattr(distribute, "noise_mask", lambda: tf.constant(0.0))
+    monkeypatch.setattr(distribute, "noise_mask", lambda: tf.constant(0.0, tf.float64))
     x, y = make_data()
     sampler = full_batch_sampler(x, y)
     thresholds = []

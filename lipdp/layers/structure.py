@@ -262,7 +262,7 @@ class AdaptiveClipGradient(ClipGradient):
         Under a ``tf.distribute`` strategy, the replicas' counts are summed
         with the noise of the first replica only (one draw, as for the gradient).
         """
-        noise = generator.normal([], dtype=tf.float64) * noise_multiplier * tf.cast(distribute.noise_mask(), tf.float64)
+        noise = generator.normal([], dtype=tf.float64) * noise_multiplier * distribute.noise_mask()
         noisy_count = tf.distribute.get_replica_context().all_reduce(
             tf.distribute.ReduceOp.SUM, tf.convert_to_tensor(self._count) + noise
         )
