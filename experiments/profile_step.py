@@ -322,7 +322,7 @@ def trace(model, xb, yb, log_dir, steps=10):
 
 
 def _header(args, title):
-    command = " ".join(["python", "experiments/profile_step.py"] + sys.argv[1:])
+    command = " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
     load = os.getloadavg()
     others = subprocess.run(["ps", "-eo", "ni,pcpu,comm", "--sort=-pcpu"], capture_output=True, text=True).stdout
     busy = [line.split() for line in others.splitlines()[1:] if line.split() and float(line.split()[1]) > 20.0]
@@ -394,19 +394,8 @@ def main(argv=None):
     lipschitz_rows = layer_times(model, xb, args.steps)
     ordinary_rows = layer_times(ordinary, xb, args.steps)
     full = rows[0][1]
-    command = " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
-    load = os.getloadavg()
-    others = subprocess.run(["ps", "-eo", "ni,pcpu,comm", "--sort=-pcpu"], capture_output=True, text=True).stdout
-    busy = [line.split() for line in others.splitlines()[1:] if line.split() and float(line.split()[1]) > 20.0]
-    lines = [
-        f"# Profile of one clipless DP step (`configs/mnist_conv.yaml` CNN, batch {args.batch_size})",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"TensorFlow {tf.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-        f"Load average at the end: {load[0]:.2f}; processes above 20 % CPU then (nice, %CPU, name): "
-        f"{'; '.join(' '.join(b) for b in busy) or 'none'}.",
+    lines = _header(args, f"# Profile of one clipless DP step (`configs/mnist_conv.yaml` CNN, batch {args.batch_size})")
+    lines += [
         "",
         f"Medians of {args.steps} calls after 5 warm-up calls, each piece a separate `tf.function`:",
         "",
