@@ -174,7 +174,8 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
         callbacks=extra,
         verbose=verbose,
     )
-    runs.remove_emptied_backup(work_dir)
+    if work_dir == out_dir:  # the chief owns the shared backup folder
+        runs.remove_emptied_backup(out_dir)
     if frontend is not None:
         with distribute.scope(strategy):
             model = with_frontend(model, frontend, raw.input_shape)
