@@ -65,6 +65,8 @@ class SamplingConfig:
 class OptimizerConfig:
     name: str = "adam"
     learning_rate: float = 1e-3
+    params: Dict[str, Any] = dataclasses.field(default_factory=dict)  # the Keras optimizer's others, e.g. momentum
+    decay: Optional[str] = None  # "cosine": the learning rate falls to 0 along a half cosine over the planned steps
     # Exponential moving average of the weights, swapped in when fit ends: post-processing of the private
     # iterates (no privacy cost); the bounds of every step use the weights in use, never the average.
     ema_momentum: Optional[float] = None
@@ -142,6 +144,29 @@ def from_dict(data):
     return config
 
 
+LEARNING_RATE_DECAYS = (None, "cosine")
+# Optimizer arguments that have their own keys (or that lipdp sets itself).
+_OWN_OPTIMIZER_KEYS = ("learning_rate", "use_ema", "ema_momentum", "is_legacy_optimizer", "name")
+
+
+def _check_optimizer_params(optimizer):
+    """``optimizer.name`` is a Keras optimizer and ``optimizer.params`` are arguments it takes."""
+    import tensorflow as tf
+
+    try:
+        cls = type(tf.keras.optimizers.get(optimizer.name))
+    except ValueError:
+        raise ConfigError(
+            f"optimizer.name: {optimizer.name!r} is not a Keras optimizer (e.g. adam, sgd, rmsprop)"
+        ) from None
+    accepted = _accepted_arguments(cls) - set(_OWN_OPTIMIZER_KEYS)
+    for key in optimizer.params:
+        if key in _OWN_OPTIMIZER_KEYS:
+            raise ConfigError(f"optimizer.params.{key}: set it with its own key (optimizer.{key})")
+        if key not in accepted:
+            raise _unknown_key("optimizer.params.", key, sorted(accepted))
+
+
 def _check_choice(path, value, choices):
     if value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -164,6 +189,8 @@ def validate_values(config):
         raise ConfigError(
             "model.augmentation: augmentation multiplicity is for clipless training; remove model.clipping or it"
         )
+    _check_choice("optimizer.decay", config.optimizer.decay, LEARNING_RATE_DECAYS)
+    _check_optimizer_params(config.optimizer)
     _check_choice("sampling.kind", config.sampling.kind, accounting.SAMPLINGS)
     _check_choice("privacy.accountant", config.privacy.accountant, accounting.ACCOUNTANTS)
     _check_choice("privacy.noise_allocation", config.privacy.noise_allocation, accounting.NOISE_ALLOCATIONS)

@@ -72,8 +72,11 @@ def _ema(cfg):
     return {"use_ema": True, "ema_momentum": float(momentum)}
 
 
-def build_model(cfg: config_lib.Config, input_shape):
-    """The compiled DP model described by ``cfg``, on inputs of ``input_shape`` (features, with a front-end)."""
+def build_model(cfg: config_lib.Config, input_shape, training_steps=None):
+    """The compiled DP model described by ``cfg``, on inputs of ``input_shape`` (features, with a front-end).
+
+    ``training_steps``: the steps the run plans, for a decaying learning rate.
+    """
     layers = build_layers(cfg, input_shape)
     clipping = {}
     if cfg.model.clipping is not None:
@@ -87,14 +90,30 @@ def build_model(cfg: config_lib.Config, input_shape):
     loss_cls = getattr(losses, cfg.loss.type, None)
     if loss_cls is None or not isinstance(loss_cls, type) or not issubclass(loss_cls, losses.LipschitzLoss):
         raise config_lib.ConfigError(f"loss.type: {cfg.loss.type!r} is not a lipdp.losses loss")
-    optimizer = tf.keras.optimizers.get(
+    model.compile(
+        optimizer=build_optimizer(cfg, training_steps), loss=loss_cls(**cfg.loss.params), metrics=["accuracy"]
+    )
+    return model
+
+
+def build_optimizer(cfg, training_steps=None):
+    """The Keras optimizer of ``cfg.optimizer``; a decaying learning rate needs the planned ``training_steps``.
+
+    The optimizer sees the noisy gradient only: its state, momentum, decay and
+    weight averaging are post-processing of the private releases.
+    """
+    settings = cfg.optimizer
+    learning_rate = settings.learning_rate
+    if settings.decay == "cosine":
+        if not training_steps:
+            raise ValueError("optimizer.decay=cosine needs the number of training steps the run plans")
+        learning_rate = tf.keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=int(training_steps))
+    return tf.keras.optimizers.get(
         {  # not the legacy optimizer: model.keras drops a legacy one's state
-            "class_name": cfg.optimizer.name,
-            "config": {"learning_rate": cfg.optimizer.learning_rate, "is_legacy_optimizer": False, **_ema(cfg)},
+            "class_name": settings.name,
+            "config": {"learning_rate": learning_rate, "is_legacy_optimizer": False, **settings.params, **_ema(cfg)},
         }
     )
-    model.compile(optimizer=optimizer, loss=loss_cls(**cfg.loss.params), metrics=["accuracy"])
-    return model
 
 
 def run(cfg: config_lib.Config, out_dir, verbose=1):
@@ -128,8 +147,6 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     if frontend is not None:  # features of the whole data set (one cache entry for every split of it)
         dataset = data.configured_split(_features(full, frontend, cfg.dataset.feature_cache, verbose), cfg.dataset)
 
-    with distribute.scope(strategy):
-        model = build_model(cfg, dataset.input_shape)
     seed = cfg.sampling.seed
     if seed is not None:
         warnings.warn(
@@ -143,6 +160,8 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
         batch_size=cfg.sampling.batch_size,
         seed=None if seed is None else [seed, runs.next_attempt(work_dir)],
     )
+    with distribute.scope(strategy):
+        model = build_model(cfg, dataset.input_shape, training_steps=cfg.training.epochs * sampler.steps_per_epoch)
     privacy = cfg.privacy
     model.make_private(
         sampler,

@@ -39,3 +39,41 @@ def test_microbatched_training_run_counts_one_step_per_poisson_batch(tmp_path):
     )
     model = tf.keras.models.load_model(os.path.join(out, "model.keras"))
     assert model.microbatch_size == 32 and int(model.privacy_steps) == model.privacy.steps_per_epoch
+
+
+def test_optimizer_params_and_cosine_decay_follow_the_planned_steps(tmp_path):
+    """optimizer.params reach the Keras optimizer; decay=cosine ends at 0 after epochs * steps_per_epoch steps."""
+    out = str(tmp_path / "run")
+    overrides = [
+        "optimizer.name=sgd",
+        "optimizer.learning_rate=0.5",
+        "optimizer.params={momentum: 0.9, nesterov: true}",
+        "optimizer.decay=cosine",
+        "training.epochs=2",
+    ]
+    assert (
+        cli.main(["train", DIGITS, "--out", out, "--verbose", "0"] + [a for s in overrides for a in ("--set", s)]) == 0
+    )
+    model = tf.keras.models.load_model(os.path.join(out, "model.keras"))
+    optimizer = model.optimizer
+    assert isinstance(optimizer, tf.keras.optimizers.SGD) and optimizer.momentum == 0.9 and optimizer.nesterov
+    steps = int(model.privacy_steps)
+    assert steps == 2 * model.privacy.steps_per_epoch and int(optimizer.iterations) == steps
+    schedule = optimizer.learning_rate if callable(optimizer.learning_rate) else optimizer._learning_rate
+    assert float(schedule(0)) == pytest.approx(0.5) and float(schedule(steps)) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="training steps"):
+        training.build_optimizer(config.load(DIGITS, ["optimizer.decay=cosine"]))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.params={momentun: 0.9}", "did you mean 'momentum'"),
+        ("optimizer.params={learning_rate: 0.1}", "optimizer.learning_rate"),
+        ("optimizer.name=adamm", "not a Keras optimizer"),
+        ("optimizer.decay=cosin", "did you mean 'cosine'"),
+    ],
+)
+def test_optimizer_config_mistakes_are_named(override, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(DIGITS, ["optimizer.name=sgd", override])
