@@ -160,9 +160,16 @@ def test_fast_norms_match_per_example_gradients(name):
     assert expected.min() > 0
 
 
-@pytest.mark.parametrize("name", ["lipschitz", "mixed", "sequence", "fallback"])
+@pytest.mark.parametrize("name", [n for n in MODELS if n.startswith("conv")] + ["lipschitz", "mixed"])
+def test_conv_norms_with_tf_image_extract_patches(name, monkeypatch):
+    """The im2col of deep patches (every patch here is shallow enough for the identity convolution)."""
+    monkeypatch.setattr(clip_lib.fast_norms, "CONV_PATCHES_MAX_DEPTH", 0)
+    test_fast_norms_match_per_example_gradients(name)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
 def test_clipped_sum_is_the_weighted_sum_of_per_example_gradients(name):
-    """The second (weighted) backward pass gives sum_i min(1, R/||g_i||) g_i."""
+    """sum_i min(1, R/||g_i||) g_i: book-kept linear layers, fallback sums and the weighted backward pass."""
     tf.keras.utils.set_random_seed(0)
     model, (x, y) = MODELS[name]()
     per_example = per_example_gradients(model, x, y)
@@ -260,7 +267,8 @@ def test_each_example_contributes_at_most_the_sensitivity(clipping):
         np.testing.assert_allclose(contributions[[1, 2]], norms[[1, 2]], rtol=1e-4)  # small ones untouched
     elif clipping == "automatic":
         np.testing.assert_allclose(huge, 1.0, rtol=1e-3)  # ||g|| / (||g|| + gamma) -> 1
-        np.testing.assert_allclose(contributions[[1, 2]], norms[[1, 2]] / (norms[[1, 2]] + 0.01), rtol=1e-4)
+        expected = (1 - clip_lib.CLIP_MARGIN) * norms[[1, 2]] / (norms[[1, 2]] + 0.01)  # the rule's target
+        np.testing.assert_allclose(contributions[[1, 2]], expected, rtol=1e-4)
     elif clipping == "global":  # a rule added later gets the generic check above only
         np.testing.assert_allclose(huge, 0.0, atol=1e-5)  # dropped
         np.testing.assert_allclose(contributions[[1, 2]], norms[[1, 2]], rtol=1e-4)  # kept unchanged

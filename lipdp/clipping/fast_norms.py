@@ -15,7 +15,8 @@ per-example squared norm of its variables' gradients:
   ``<H_i H_i^T, Z_i Z_i^T>`` for sequences, plus the bias term
   ``||sum_p z_ip||^2``).
 * ``Conv2D`` / :class:`~lipdp.layers.LipschitzConv2D` (here): im2col patches
-  ``A_i`` (``tf.image.extract_patches``, shape ``P x kh kw c_in``) and
+  ``A_i`` (shape ``P x kh kw c_in``; ``tf.image.extract_patches``, or an
+  identity-kernel convolution for shallow patches, see ``_patches``) and
   cotangents ``Z_i`` (``P x c_out``). Either the per-example kernel gradient
   ``A_i^T Z_i`` is formed (``P D C`` flops, ``D C`` floats per example) or the
   Gram form ``<A_i A_i^T, Z_i Z_i^T>`` (``P^2 (D + C)`` flops, ``P^2``
@@ -33,18 +34,25 @@ its own (dropout inside ``MultiHeadAttention``) draws new masks when it is
 run again per example, and only the gradients whose norms were measured are
 guaranteed to be clipped.
 
-A second, weighted backward pass of ``sum_i stop_gradient(w_i) loss_i``
-through the *same* forward pass gives ``sum_i w_i g_i`` for every other
-variable. This relies on the
-backward pass being linear in the cotangent, which holds for ordinary
-autodiff; layers with custom gradients that are not (``lipdp.layers.
-ClipGradient``) are refused, as are layers that mix examples
-(``BatchNormalization``).
+The clipped sum ``sum_i w_i g_i`` then needs no second backward pass
+through the network for the linear layers (``Dense``, ``EinsumDense``,
+``Conv2D`` and their lipdp versions): their variables' gradient is
+``J_theta(z)^T (w * dL/dz)``, the layer's own weight gradient at its recorded
+input with the weighted cotangents (the "book-keeping" of Bu et al. 2023;
+one weight-gradient product per layer, as a non-private step computes).
+Only the variables of other fast layers (``Embedding``,
+``LayerNormalization``) take a second, weighted backward pass of
+``sum_i stop_gradient(w_i) loss_i`` through the *same* forward pass. That
+relies on the backward pass being linear in the cotangent, which holds for
+ordinary autodiff; layers with custom gradients that are not
+(``lipdp.layers.ClipGradient``) are refused, as are layers that mix
+examples (``BatchNormalization``).
 """
 
 import contextlib
 import functools
 import logging
+import typing
 
 import tensorflow as tf
 
@@ -134,16 +142,44 @@ def validate(model):
 
 
 # -- fast rules --------------------------------------------------------------
+def _pre_activation(layer, args, kwargs):
+    """The output of ``layer(*args, **kwargs)`` before its ``activation`` (if it has one)."""
+    activation = getattr(layer, "activation", None)
+    if activation is not None:
+        layer.activation = None
+    try:
+        return layer(*args, **kwargs)
+    finally:
+        if activation is not None:
+            layer.activation = activation
+
+
 def _without_activation(layer, inputs, tape):
     """Pre-activation output (watched) and output of a layer with an ``activation`` attribute."""
-    activation = layer.activation
-    layer.activation = None
-    try:
-        base = layer(inputs)
-    finally:
-        layer.activation = activation
+    base = _pre_activation(layer, (inputs,), {})
     tape.watch(base)
-    return base, (activation(base) if activation is not None else base)
+    return base, (layer.activation(base) if layer.activation is not None else base)
+
+
+#: Up to this patch depth ``kh kw c_in``, im2col runs as a convolution with an identity kernel: on CPU,
+#: ``tf.image.extract_patches`` took 13 ms for a 3x3 patch of a one-channel 28x28 batch of 1,024 (the
+#: identity convolution, 1.5 ms); at depth 144 (16 channels) it was the faster of the two.
+CONV_PATCHES_MAX_DEPTH = 64
+
+
+def _patches(inputs, layer, depth):
+    """im2col of ``inputs`` for ``layer``: ``(B, H', W', kh kw c_in)``, the same entries either way.
+
+    An identity-kernel convolution copies each entry exactly (one product by
+    1, the other terms 0); the order of the patch entries does not matter to
+    the norms (both forms sum over them).
+    """
+    kh, kw = layer.kernel_size
+    strides, rates = [1, *layer.strides, 1], [1, *layer.dilation_rate, 1]
+    if depth <= CONV_PATCHES_MAX_DEPTH:
+        identity = tf.reshape(tf.eye(depth, dtype=inputs.dtype), [kh, kw, int(inputs.shape[-1]), depth])
+        return tf.nn.conv2d(inputs, identity, strides, layer.padding.upper(), dilations=rates)
+    return tf.image.extract_patches(inputs, [1, kh, kw, 1], strides, rates, layer.padding.upper())
 
 
 def conv2d_squared_norms(inputs, grads, layer, method="auto"):
@@ -158,16 +194,9 @@ def conv2d_squared_norms(inputs, grads, layer, method="auto"):
             (``<A_i A_i^T, Z_i Z_i^T>``) or ``"auto"`` (fewer flops).
     """
     kh, kw = layer.kernel_size
-    patches = tf.image.extract_patches(
-        inputs,
-        sizes=[1, kh, kw, 1],
-        strides=[1, *layer.strides, 1],
-        rates=[1, *layer.dilation_rate, 1],
-        padding=layer.padding.upper(),
-    )
     batch = tf.shape(inputs)[0]
     depth, filters = kh * kw * int(inputs.shape[-1]), int(grads.shape[-1])
-    a = tf.reshape(patches, [batch, -1, depth])
+    a = tf.reshape(_patches(inputs, layer, depth), [batch, -1, depth])
     z = tf.reshape(grads, [batch, -1, filters])
     if method == "auto":
         positions = a.shape[1]  # None for a dynamic image size: then "direct", whose memory does not grow with it
@@ -329,17 +358,50 @@ def _shared_layers(model):
     return {key for key, count in counts.items() if count > 1}
 
 
+_LINEAR_LAYERS = (tf.keras.layers.Dense, tf.keras.layers.EinsumDense, tf.keras.layers.Conv2D)
+
+
+class NormedForwardPass(typing.NamedTuple):
+    """A forward pass with each example's gradient norm (see :func:`forward_with_norms`)."""
+
+    y_pred: typing.Any
+    losses: tf.Tensor  # per example
+    norms: tf.Tensor  # whole-model l2 norm of each example's loss gradient
+    per_example_grads: dict  # variable.ref() -> (B, *shape) gradients of fallback layers (the ones measured)
+    linear_calls: list  # (layer, args, kwargs, dL/dz) of the linear fast layers, z before the activation
+
+    def weighted_gradient_sums(self, weights):
+        """``{variable.ref(): sum_i w_i g_i}`` for the variables of fallback and linear fast layers.
+
+        Fallback layers: the weighted sum of their measured per-example
+        gradients. Linear layers: the layer's weight gradient at its recorded
+        (constant) input with cotangents ``w_i dL_i/dz_i``; rerunning the
+        layer forward is dead code in a ``tf.function`` (the weight gradients
+        of a matmul or convolution do not read its output), so the cost is
+        one weight-gradient product per layer.
+        """
+        sums = {}
+        for ref, per_example in self.per_example_grads.items():
+            sums[ref] = tf.tensordot(tf.cast(weights, per_example.dtype), per_example, axes=1)
+        for layer, args, kwargs, cotangent in self.linear_calls:
+            scale = tf.reshape(tf.cast(weights, cotangent.dtype), [-1] + [1] * (cotangent.shape.rank - 1))
+            args = tf.nest.map_structure(tf.stop_gradient, args)
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(layer.trainable_variables)
+                base = _pre_activation(layer, args, kwargs)
+            grads = tape.gradient(base, layer.trainable_variables, output_gradients=cotangent * scale)
+            sums.update((v.ref(), g) for v, g in zip(layer.trainable_variables, grads))
+        return sums
+
+
 @no_autograph
 def forward_with_norms(model, x, y, registry=None, outer_tape=None):
-    """One forward pass and one backward pass to the layers.
+    """One forward pass and one backward pass to the layers: a :class:`NormedForwardPass`.
 
-    Returns ``(y_pred, per_sample_loss, norms, fallback_grads)``: ``norms`` is
-    the whole-model l2 norm of each example's loss gradient, and
-    ``fallback_grads`` maps ``variable.ref()`` to the ``(B, *shape)``
-    per-example gradients of every variable of a fallback layer (the ones the
-    norms were measured on). Called under ``outer_tape`` (recording), the norm
-    computation is kept off that tape, so a weighted loss can be
-    differentiated through the same forward pass (see
+    Called under ``outer_tape`` (recording), the norm computation is kept off
+    that tape, so a weighted loss can be differentiated through the same
+    forward pass for the variables that
+    :meth:`NormedForwardPass.weighted_gradient_sums` does not cover (see
     :func:`lipdp.clipping.rules.ClippingRule.gradient_sums`).
     """
     from tensorflow_privacy.privacy.fast_gradient_clipping import gradient_clipping_utils
@@ -356,7 +418,7 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
             return layer(*args, **kwargs), None
         if id(layer) not in shared and has_fast_rule(layer, registry, kwargs):
             base, outputs, sqr_norm_fn = registry.lookup(layer)(layer, args, kwargs, tape, None)
-            fast.append((base, sqr_norm_fn))
+            fast.append((base, sqr_norm_fn, (layer, args, kwargs)))
             return outputs, None
         _warn_fallback(
             layer,
@@ -374,9 +436,10 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
         losses = per_sample_losses(loss, y, y_pred)
         total = tf.reduce_sum(losses)
     with outer_tape.stop_recording() if outer_tape is not None else contextlib.nullcontext():
-        watched = [base for base, _ in fast] + [call[2] for _, calls in fallback.values() for call in calls]
+        watched = [base for base, _, _ in fast] + [call[2] for _, calls in fallback.values() for call in calls]
         grads = tape.gradient(total, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        squared = [fn(g) for (_, fn), g in zip(fast, grads[: len(fast)])]
+        squared = [fn(g) for (_, fn, _), g in zip(fast, grads[: len(fast)])]
+        linear_calls = [(*call, g) for (_, _, call), g in zip(fast, grads) if isinstance(call[0], _LINEAR_LAYERS)]
         position, fallback_grads = len(fast), {}
         for layer, calls in fallback.values():
             per_example = _fallback_gradients(layer, calls, grads[position : position + len(calls)])
@@ -386,13 +449,13 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
         squared = [tf.cast(s, tf.float32) for s in squared]
         norms = tf.sqrt(tf.add_n(squared)) if squared else tf.zeros_like(losses)
         norms = tf.debugging.check_numerics(norms, "per-example gradient norms (NaN or Inf in the data?)")
-    return y_pred, losses, norms, fallback_grads
+    return NormedForwardPass(y_pred, losses, norms, fallback_grads, linear_calls)
 
 
 @no_autograph
 def per_example_gradient_norms(model, x, y, registry=None):
     """Whole-model l2 norm of each example's loss gradient (fast rules, fallback where needed)."""
-    return forward_with_norms(model, x, y, registry=registry)[2]
+    return forward_with_norms(model, x, y, registry=registry).norms
 
 
 @functools.lru_cache(maxsize=None)

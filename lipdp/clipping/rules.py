@@ -88,10 +88,12 @@ class ClippingRule(mechanisms.GradientMechanism):
         fast_norms.validate(model)
 
     def gradient_sums(self, model, x, y, registry=None):
-        """``sum_i w_i g_i``: one forward pass, fast norms, then a weighted backward pass.
+        """``sum_i w_i g_i``: one forward pass and fast norms, then the weighted sums.
 
-        Variables of fallback layers take the weighted sum of the very
-        per-example gradients whose norms were measured.
+        Linear layers sum by book-keeping (no second backward pass); variables
+        of fallback layers take the weighted sum of the very per-example
+        gradients whose norms were measured; any other variable, a weighted
+        backward pass through the same forward pass.
         """
         return _clipped_gradient_sums(self, model, x, y, registry)
 
@@ -109,25 +111,21 @@ def _clipped_gradient_sums(rule, model, x, y, registry):
     count = tf.shape(x)[0]
     # Plain Keras Conv2D breaks on an empty batch: run a stand-in example, weighted 0 below.
     x, y = with_stand_in_for_empty_batch(x), with_stand_in_for_empty_batch(y)
-    with tf.GradientTape() as outer:
-        y_pred, losses, norms, fallback_grads = fast_norms.forward_with_norms(
-            model, x, y, registry=registry, outer_tape=outer
-        )
-        real = tf.cast(tf.range(tf.shape(x)[0]) < count, norms.dtype)  # 0 for the stand-in of an empty batch
-        weights = tf.stop_gradient(rule.weights(norms) * real)
-        weighted = tf.reduce_sum(tf.cast(weights, losses.dtype) * losses)
-    from_forward = [v for v in model.trainable_variables if v.ref() not in fallback_grads]
-    forward_sums = outer.gradient(weighted, from_forward, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    forward_sums = dict(zip((v.ref() for v in from_forward), forward_sums))
-    sums = []
-    for variable in model.trainable_variables:
-        if variable.ref() in fallback_grads:  # the measured per-example gradients, weighted and summed
-            per_example = fallback_grads[variable.ref()]
-            sums.append(tf.tensordot(tf.cast(weights, per_example.dtype), per_example, axes=1))
-        else:
-            sums.append(tf.convert_to_tensor(forward_sums[variable.ref()]))  # densify IndexedSlices (embeddings)
+    with tf.GradientTape() as outer:  # recorded, differentiated only for variables the pass does not cover
+        forward = fast_norms.forward_with_norms(model, x, y, registry=registry, outer_tape=outer)
+        real = tf.cast(tf.range(tf.shape(x)[0]) < count, forward.norms.dtype)  # 0 for an empty batch's stand-in
+        weights = tf.stop_gradient(rule.weights(forward.norms) * real)
+        weighted = tf.reduce_sum(tf.cast(weights, forward.losses.dtype) * forward.losses)
+    sums = forward.weighted_gradient_sums(weights)
+    rest = [v for v in model.trainable_variables if v.ref() not in sums]
+    if rest:
+        grads = outer.gradient(weighted, rest, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        sums.update((v.ref(), g) for v, g in zip(rest, grads))
     return mechanisms.PrivateGradient(
-        y_pred[:count], losses[:count], sums, mechanisms.Sensitivity.of_whole_contribution(rule.sensitivity())
+        forward.y_pred[:count],
+        forward.losses[:count],
+        [tf.convert_to_tensor(sums[v.ref()]) for v in model.trainable_variables],  # densify IndexedSlices
+        mechanisms.Sensitivity.of_whole_contribution(rule.sensitivity()),
     )
 
 
