@@ -29,6 +29,11 @@ One training step adds Gaussian noise of standard deviation
   ``ceil(steps / steps_per_epoch)`` epochs. Epsilon is thus constant within an
   epoch and jumps when a new epoch begins.
 
+Statistics released once before training (e.g. the feature means of
+:mod:`lipdp.statistics`) are Gaussian mechanisms on the whole data set: each
+is ``releases`` entry ``z`` (its noise over its sensitivity), composed with
+the steps as the sampler's ``release_event(z)``.
+
 All public functions take keyword-only arguments and raise
 :class:`PrivacyParameterError` on invalid or impossible requests.
 """
@@ -38,7 +43,7 @@ import dataclasses
 import functools
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Tuple
 
 import dp_accounting
 from dp_accounting import dp_event
@@ -106,8 +111,8 @@ def make_accountant(accountant="rdp"):
     return dp_accounting.pld.PLDAccountant()
 
 
-def training_event(*, sampling_rate, noise_multiplier, steps, sampling="poisson", steps_per_epoch=None):
-    """Describes ``steps`` noisy gradient steps as a ``DpEvent``.
+def training_event(*, sampling_rate, noise_multiplier, steps, sampling="poisson", steps_per_epoch=None, releases=()):
+    """Describes ``steps`` noisy gradient steps, after the ``releases``, as a ``DpEvent``.
 
     Args:
         sampling_rate: Poisson inclusion probability q in (0, 1]; only
@@ -117,35 +122,57 @@ def training_event(*, sampling_rate, noise_multiplier, steps, sampling="poisson"
         steps: Number of steps taken, an integer >= 0.
         sampling: ``"poisson"`` or ``"shuffle"`` (see the module docstring).
         steps_per_epoch: Steps in one epoch; required for ``"shuffle"``.
+        releases: Noise multipliers of Gaussian releases of the whole data
+            set made once before training (add-or-remove-one sensitivity).
 
     Returns:
-        The event; ``NoOpDpEvent`` when ``steps == 0``.
+        The event: the releases then the steps, composed; ``NoOpDpEvent``
+        when there is neither.
 
     Raises:
         PrivacyParameterError: A parameter is invalid.
     """
     _check_schedule(sampling_rate, steps, sampling, steps_per_epoch)
     _check_positive("noise_multiplier", noise_multiplier)
-    if steps == 0:
+    for release in releases:
+        _check_positive("release noise multiplier", release)
+    sampler = sampler_class(sampling)
+    events = [sampler.release_event(release) for release in releases]
+    if steps > 0:
+        events.append(
+            sampler.dp_event(
+                sampling_rate=sampling_rate,
+                noise_multiplier=noise_multiplier,
+                steps=steps,
+                steps_per_epoch=steps_per_epoch,
+            )
+        )
+    if not events:
         return dp_accounting.NoOpDpEvent()
-    return sampler_class(sampling).dp_event(
-        sampling_rate=sampling_rate, noise_multiplier=noise_multiplier, steps=steps, steps_per_epoch=steps_per_epoch
-    )
+    return events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
 
 
 def compute_epsilon(
-    *, sampling_rate, noise_multiplier, steps, delta, accountant="rdp", sampling="poisson", steps_per_epoch=None
+    *,
+    sampling_rate,
+    noise_multiplier,
+    steps,
+    delta,
+    accountant="rdp",
+    sampling="poisson",
+    steps_per_epoch=None,
+    releases=(),
 ):
     """Epsilon spent by a training run, at the given delta.
 
     Args:
-        sampling_rate, noise_multiplier, steps, sampling, steps_per_epoch: As
-            in :func:`training_event`.
+        sampling_rate, noise_multiplier, steps, sampling, steps_per_epoch,
+            releases: As in :func:`training_event`.
         delta: Target delta in (0, 1).
         accountant: ``"rdp"`` or ``"pld"``.
 
     Returns:
-        Epsilon as a float (0.0 when ``steps == 0``).
+        Epsilon as a float (0.0 when ``steps == 0`` and nothing was released).
 
     Raises:
         PrivacyParameterError: A parameter is invalid.
@@ -157,12 +184,21 @@ def compute_epsilon(
         steps=steps,
         sampling=sampling,
         steps_per_epoch=steps_per_epoch,
+        releases=releases,
     )
     return float(make_accountant(accountant).compose(event).get_epsilon(delta))
 
 
 def calibrate_noise_multiplier(
-    *, target_epsilon, delta, sampling_rate, steps, accountant="rdp", sampling="poisson", steps_per_epoch=None
+    *,
+    target_epsilon,
+    delta,
+    sampling_rate,
+    steps,
+    accountant="rdp",
+    sampling="poisson",
+    steps_per_epoch=None,
+    releases=(),
 ):
     """Smallest noise multiplier whose run spends at most ``target_epsilon``.
 
@@ -175,8 +211,9 @@ def calibrate_noise_multiplier(
     Args:
         target_epsilon: Epsilon budget of the whole run, > 0.
         delta: Target delta in (0, 1).
-        sampling_rate, steps, sampling, steps_per_epoch: As in
-            :func:`training_event`; ``steps`` must be >= 1.
+        sampling_rate, steps, sampling, steps_per_epoch, releases: As in
+            :func:`training_event`; ``steps`` must be >= 1. The releases'
+            share of the budget is spent first: the steps get the rest.
         accountant: ``"rdp"`` or ``"pld"``.
 
     Returns:
@@ -191,20 +228,13 @@ def calibrate_noise_multiplier(
     _check_schedule(sampling_rate, steps, sampling, steps_per_epoch)
     _check_count("steps", steps, 1)
     _check_choice("accountant", accountant, ACCOUNTANTS)
-    make_event = functools.partial(
-        training_event, sampling_rate=sampling_rate, steps=steps, sampling=sampling, steps_per_epoch=steps_per_epoch
+    schedule = dict(
+        sampling_rate=sampling_rate, steps=steps, sampling=sampling, steps_per_epoch=steps_per_epoch, releases=releases
     )
+    make_event = functools.partial(training_event, **schedule)
 
     def epsilon(noise_multiplier):
-        return compute_epsilon(
-            sampling_rate=sampling_rate,
-            noise_multiplier=noise_multiplier,
-            steps=steps,
-            delta=delta,
-            accountant=accountant,
-            sampling=sampling,
-            steps_per_epoch=steps_per_epoch,
-        )
+        return compute_epsilon(noise_multiplier=noise_multiplier, delta=delta, accountant=accountant, **schedule)
 
     low = high = 1.0
     if epsilon(high) > target_epsilon:
@@ -271,6 +301,7 @@ def max_steps(
     accountant="rdp",
     sampling="poisson",
     steps_per_epoch=None,
+    releases=(),
     upper=10**7,
 ):
     """Largest number of steps that spends at most ``epsilon_budget``.
@@ -286,8 +317,8 @@ def max_steps(
     Args:
         epsilon_budget: Epsilon budget, > 0.
         delta: Target delta in (0, 1).
-        sampling_rate, noise_multiplier, sampling, steps_per_epoch: As in
-            :func:`training_event`.
+        sampling_rate, noise_multiplier, sampling, steps_per_epoch, releases:
+            As in :func:`training_event`.
         accountant: ``"rdp"`` or ``"pld"``.
         upper: Largest step count considered.
 
@@ -314,15 +345,29 @@ def max_steps(
             accountant=accountant,
             sampling=sampling,
             steps_per_epoch=steps_per_epoch,
+            releases=releases,
         )
 
+    if releases and epsilon(0) > epsilon_budget:
+        raise PrivacyParameterError(
+            f"the statistics released before training (noise multipliers {list(releases)}) already spend "
+            f"epsilon={epsilon(0):.4g} > epsilon_budget={epsilon_budget}; release them with more noise"
+        )
     # Search [0, ceil(upper / unit)] without evaluating the (slow, for PLD) far end first.
     units = _largest_within(lambda n: epsilon(n * unit), epsilon_budget, -(-int(upper) // unit) + 1)
     return min(units * unit, int(upper))
 
 
 def epochs_for_budget(
-    *, epsilon_budget, delta, sampling_rate, noise_multiplier, steps_per_epoch, accountant="rdp", sampling="poisson"
+    *,
+    epsilon_budget,
+    delta,
+    sampling_rate,
+    noise_multiplier,
+    steps_per_epoch,
+    accountant="rdp",
+    sampling="poisson",
+    releases=(),
 ):
     """Number of whole epochs that fit in ``epsilon_budget``.
 
@@ -342,6 +387,7 @@ def epochs_for_budget(
         accountant=accountant,
         sampling=sampling,
         steps_per_epoch=steps_per_epoch,
+        releases=releases,
     )
     return steps // steps_per_epoch
 
@@ -431,8 +477,11 @@ class PrivacyPolicy:
     target_epsilon: Optional[float] = None
     planned_steps: Optional[int] = None
     quantile_noise_share: Optional[float] = None
+    #: Noise multipliers of the statistics released once before training (see :mod:`lipdp.statistics`).
+    release_noise_multipliers: Tuple[float, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "release_noise_multipliers", tuple(float(z) for z in self.release_noise_multipliers))
         validate_delta(self.delta, self.dataset_size)
         if self.noise_allocation not in NOISE_ALLOCATIONS:
             raise ValueError(f"noise_allocation={self.noise_allocation!r} is not one of {NOISE_ALLOCATIONS}")
@@ -478,6 +527,7 @@ class PrivacyPolicy:
             accountant=self.accountant,
             sampling=self.sampling,
             steps_per_epoch=self.steps_per_epoch,
+            releases=self.release_noise_multipliers,
         )
 
     def epsilon(self, steps):
@@ -485,7 +535,7 @@ class PrivacyPolicy:
         return compute_epsilon(**self._accounting_args(int(steps)))
 
     def ledger(self, steps):
-        """The dp-accounting event of ``steps`` noisy steps (what happened, for any accountant)."""
+        """The dp-accounting event of the releases and ``steps`` noisy steps (what happened, for any accountant)."""
         args = self._accounting_args(int(steps))
         for key in ("delta", "accountant"):
             args.pop(key)
@@ -512,12 +562,15 @@ class PrivacyPolicy:
         accountant="rdp",
         noise_allocation="global",
         quantile_noise_share=None,
+        releases=(),
     ):
         """Policy for ``sampler``; the noise is given or calibrated to a target epsilon.
 
         ``delta`` defaults to ``1 / (10 N)``. With ``target_epsilon``, ``epochs``
         is required and the noise multiplier is the smallest whose epsilon after
-        ``epochs * steps_per_epoch`` steps does not exceed the target.
+        the ``releases`` (noise multipliers of statistics released before
+        training) and ``epochs * steps_per_epoch`` steps does not exceed the
+        target.
         """
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ValueError("give exactly one of noise_multiplier and target_epsilon")
@@ -536,6 +589,7 @@ class PrivacyPolicy:
                 accountant=accountant,
                 sampling=sampler.kind,
                 steps_per_epoch=sampler.steps_per_epoch,
+                releases=releases,
             )
         elif epochs is not None:
             raise ValueError("epochs is only used to calibrate a target_epsilon; the noise multiplier is given")
@@ -552,4 +606,5 @@ class PrivacyPolicy:
             target_epsilon=None if target_epsilon is None else float(target_epsilon),
             planned_steps=planned_steps,
             quantile_noise_share=None if quantile_noise_share is None else float(quantile_noise_share),
+            release_noise_multipliers=tuple(releases),
         )

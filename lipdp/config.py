@@ -30,6 +30,9 @@ class DatasetConfig:
 class ModelConfig:
     input_norm: float = 8.0
     frontend: Optional[Dict[str, Any]] = None  # a fixed per-example map before the input clip, e.g. Scattering2D
+    # {noise_multiplier: z, clip_norm: R, scale: false}: centre the head's inputs per channel by a DP release of
+    # the training data's channel means (lipdp.statistics), composed into the accounting
+    feature_statistics: Optional[Dict[str, Any]] = None
     augmentation: Optional[Dict[str, Any]] = None  # {multiplicity: K, layers: [{type: RandomFlip, ...}]}, clipless
     layers: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     clipping: Optional[str] = None
@@ -167,6 +170,22 @@ def _check_optimizer_params(optimizer):
             raise _unknown_key("optimizer.params.", key, sorted(accepted))
 
 
+def _check_feature_statistics(spec):
+    """``model.feature_statistics``: the arguments of :func:`lipdp.statistics.release_channel_statistics`."""
+    if spec is None:
+        return
+    known = ("noise_multiplier", "clip_norm", "scale")
+    for key in spec:
+        if key not in known:
+            raise _unknown_key("model.feature_statistics.", key, list(known))
+    for key in ("noise_multiplier", "clip_norm"):
+        value = spec.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"model.feature_statistics.{key}: a number > 0 is required, got {value!r}")
+    if not isinstance(spec.get("scale", False), bool):
+        raise ConfigError(f"model.feature_statistics.scale: expected true or false, got {spec['scale']!r}")
+
+
 def _check_choice(path, value, choices):
     if value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -189,6 +208,7 @@ def validate_values(config):
         raise ConfigError(
             "model.augmentation: augmentation multiplicity is for clipless training; remove model.clipping or it"
         )
+    _check_feature_statistics(config.model.feature_statistics)
     _check_choice("optimizer.decay", config.optimizer.decay, LEARNING_RATE_DECAYS)
     _check_optimizer_params(config.optimizer)
     _check_choice("sampling.kind", config.sampling.kind, accounting.SAMPLINGS)
@@ -207,6 +227,11 @@ def validate_values(config):
         ("privacy.epsilon_budget", config.privacy.epsilon_budget),
     ):
         _check_positive(path, value)
+    if config.training.strategy == "multi_worker" and config.model.feature_statistics is not None:
+        raise ConfigError(
+            "model.feature_statistics: not supported with training.strategy=multi_worker (each worker would "
+            "release its own noisy statistics)"
+        )
     if config.training.strategy == "multi_worker" and config.sampling.seed is not None:
         raise ConfigError(
             "sampling.seed: not supported with training.strategy=multi_worker (each worker draws its shards from "

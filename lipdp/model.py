@@ -415,6 +415,12 @@ class DPModelMixin:
                 f"{share:.3g} of the privacy: gradient multiplier {self.privacy.gradient_noise_multiplier:.4g}, "
                 f"count multiplier {self.privacy.quantile_noise_multiplier:.4g}, composed exactly)"
             )
+        releases = state["release_noise_multipliers"]
+        if releases:
+            mechanism += (
+                f", after {len(releases)} Gaussian release(s) of training-data statistics before training (noise "
+                f"multiplier(s) {', '.join(f'{z:.4g}' for z in releases)}, composed exactly)"
+            )
         adjacency = sampling.sampler_class(state["sampling"]).adjacency
         return (
             f"The trained weights are ({state['epsilon']:.4g}, {state['delta']:.3g})-differentially private "

@@ -15,7 +15,10 @@ A completed run folder holds (names below, never spelled elsewhere):
 
 While training: ``backup/`` (:data:`BACKUP`, Keras' BackupAndRestore, removed
 once complete) and ``attempts`` (:data:`ATTEMPTS`, the number of starts, so a
-resumed run never replays a sampling seed). Reports (``report*.html``,
+resumed run never replays a sampling seed). With ``model.feature_statistics``,
+``feature_statistics.json`` (:data:`STATISTICS`) holds the released
+statistics from before the first step on: a resumed run reuses them (the
+accountant counts one release). Reports (``report*.html``,
 ``report*.md``, PNGs) are written by :mod:`lipdp.reports`.
 """
 
@@ -31,7 +34,7 @@ from lipdp.errors import IncompleteRunError, RunExistsError
 
 CONFIG, HISTORY, MODEL, SENSITIVITY = "config.yaml", "history.csv", "model.keras", "sensitivity.txt"
 PRIVACY, METRICS, AUDIT = "privacy.json", "metrics.json", "audit.json"
-BACKUP, ATTEMPTS = "backup", "attempts"
+BACKUP, ATTEMPTS, STATISTICS = "backup", "attempts", "feature_statistics.json"
 
 
 def path(run_dir, name):

@@ -104,6 +104,18 @@ class Sampler:
 
     kind = None
     adjacency = None
+    #: How far one example can move a sum of contributions of norm <= C under ``adjacency``, in units of C.
+    sensitivity_factor = 1
+
+    @classmethod
+    def release_event(cls, noise_multiplier):
+        """The event of a one-off Gaussian release of a sum over the whole data set (statistics before training).
+
+        ``noise_multiplier`` is the noise std over the sum's add-or-remove-one
+        sensitivity; under this sampler's adjacency the sensitivity is
+        ``sensitivity_factor`` times that.
+        """
+        return dp_accounting.GaussianDpEvent(float(noise_multiplier) / cls.sensitivity_factor)
 
     @staticmethod
     def accounting_unit(steps_per_epoch):
@@ -280,6 +292,7 @@ class ShuffleSampler(Sampler):
 
     kind = "shuffle"
     adjacency = "replacing one example (fixed-size shuffled batches, no amplification by subsampling)"
+    sensitivity_factor = 2
 
     @staticmethod
     def accounting_unit(steps_per_epoch):
@@ -304,7 +317,7 @@ class ShuffleSampler(Sampler):
         """
         del sampling_rate
         epochs = -(-int(steps) // cls.accounting_unit(steps_per_epoch))
-        return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(float(noise_multiplier) / 2), epochs)
+        return dp_accounting.SelfComposedDpEvent(cls.release_event(noise_multiplier), epochs)
 
     @classmethod
     def with_batch_size(cls, x, y, batch_size, seed=None):

@@ -15,10 +15,10 @@ import warnings
 import tensorflow as tf
 import yaml
 
-from lipdp import augmentation, callbacks, data, distribute, losses, runs, sampling, sensitivity
+from lipdp import augmentation, callbacks, data, distribute, losses, runs, sampling, sensitivity, statistics
 from lipdp import config as config_lib
 from lipdp.errors import RunExistsError  # noqa: F401  (raised by runs.start; its home before 0.2)
-from lipdp.layers import FrontEnd, InputNormClip, cached_features
+from lipdp.layers import ChannelStandardization, FrontEnd, InputNormClip, cached_features
 from lipdp.model import DPSequential
 
 
@@ -42,15 +42,15 @@ def build_frontend(cfg: config_lib.Config):
     return cls(**spec)
 
 
-def with_frontend(head, frontend, input_shape):
-    """The model that takes raw inputs: ``frontend`` then the trained ``head``'s layers (shared weights).
+def with_frontend(head, frontends, input_shape):
+    """The model that takes raw inputs: the ``frontends`` then the trained ``head``'s layers (shared weights).
 
     Training on cached front-end features is the same mechanism as training
-    this model on raw inputs (the front-end is a fixed per-example map), so
+    this model on raw inputs (each front-end is a fixed per-example map), so
     the head's privacy policy and step count carry over unchanged.
     """
     model = DPSequential(
-        [tf.keras.Input(input_shape), frontend] + head.layers,
+        [tf.keras.Input(input_shape), *frontends] + head.layers,
         mechanism=head.mechanism,
         microbatch_size=head.microbatch_size,
     )
@@ -143,9 +143,16 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     full = data.load(cfg.dataset.name, data_dir=cfg.dataset.data_dir)
     runs.write_text(work_dir, runs.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     raw, frontend = data.configured_split(full, cfg.dataset), build_frontend(cfg)
-    dataset = raw
+    dataset, frontends, releases = raw, [], ()
     if frontend is not None:  # features of the whole data set (one cache entry for every split of it)
         dataset = data.configured_split(_features(full, frontend, cfg.dataset.feature_cache, verbose), cfg.dataset)
+        frontends.append(frontend)
+    if cfg.model.feature_statistics is not None:
+        standardization = _released_standardization(cfg, dataset.x_train, work_dir)
+        x_train, x_test = (cached_features(standardization, x) for x in (dataset.x_train, dataset.x_test))
+        dataset = dataclasses.replace(dataset, x_train=x_train, x_test=x_test)
+        frontends.append(standardization)
+        releases = (float(cfg.model.feature_statistics["noise_multiplier"]),)
 
     seed = cfg.sampling.seed
     if seed is not None:
@@ -172,6 +179,7 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
         accountant=privacy.accountant,
         noise_allocation=privacy.noise_allocation,
         quantile_noise_share=privacy.quantile_noise_share,
+        releases=releases,
     )
     extra = [
         callbacks.PrivacyLedger(),
@@ -195,10 +203,23 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     )
     if work_dir == out_dir:  # the chief owns the shared backup folder
         runs.remove_emptied_backup(out_dir)
-    if frontend is not None:
+    if frontends:
         with distribute.scope(strategy):
-            model = with_frontend(model, frontend, raw.input_shape)
+            model = with_frontend(model, frontends, raw.input_shape)
     return _write_artefacts(model, raw, work_dir)
+
+
+def _released_standardization(cfg, x_train, run_dir):
+    """The run's :class:`ChannelStandardization`: released once from the training split, then read back.
+
+    The release is written to the run folder before any step, so a resumed
+    run reuses it: the accountant counts one release, never a second draw.
+    """
+    if os.path.exists(runs.path(run_dir, runs.STATISTICS)):
+        return ChannelStandardization.from_config(runs.read_json(run_dir, runs.STATISTICS))
+    layer = statistics.release_channel_statistics(x_train, **cfg.model.feature_statistics)
+    runs.write_json(run_dir, runs.STATISTICS, layer.get_config())
+    return layer
 
 
 def _features(dataset, frontend, cache_dir, verbose):

@@ -77,7 +77,7 @@ def test_shipped_configs_build_a_private_model_that_steps(path):
         model = training.build_model(cfg, shape)
     else:  # as lipdp train assembles it: the head on the features, then the front-end in front of it
         head = training.build_model(cfg, tuple(frontend.compute_output_shape((None,) + shape)[1:]))
-        model = training.with_frontend(head, frontend, shape)
+        model = training.with_frontend(head, [frontend], shape)
     sampler = sampling.make_sampler(cfg.sampling.kind, x, y, batch_size=cfg.sampling.batch_size)
     policy = model.make_private(
         sampler, target_epsilon=cfg.privacy.target_epsilon, epochs=cfg.training.epochs, delta=0.1 / n

@@ -149,6 +149,6 @@ def test_assembling_a_front_end_keeps_an_unaccountable_head_unaccountable():
         noise_multiplier=1.0,
     )
     head.allow_unaccounted_steps()
-    model = training.with_frontend(head, L.Scattering2D(J=2, L=4), (16, 16, 1))
+    model = training.with_frontend(head, [L.Scattering2D(J=2, L=4)], (16, 16, 1))
     with pytest.raises(lipdp.errors.NotPrivateError, match="unaccountable"):
         model.epsilon()

@@ -2,7 +2,7 @@
 
 from lipdp.layers.activations import Abs, FullSort, GroupSort, ReLU
 from lipdp.layers.base import DPLayer, certified_spectral_norm, window_overlap
-from lipdp.layers.frontends import FrontEnd, Scattering2D, cached_features
+from lipdp.layers.frontends import ChannelStandardization, FrontEnd, Scattering2D, cached_features
 from lipdp.layers.linear import (
     LipschitzConv2D,
     LipschitzDense,
@@ -24,6 +24,7 @@ from lipdp.layers.structure import (
 __all__ = [
     "Abs",
     "AdaptiveClipGradient",
+    "ChannelStandardization",
     "FrontEnd",
     "Scattering2D",
     "cached_features",

@@ -1,7 +1,10 @@
-"""Data-independent feature front-ends, placed before :class:`lipdp.layers.InputNormClip`.
+"""Feature front-ends, placed before :class:`lipdp.layers.InputNormClip`.
 
 A front-end is a fixed map applied to each example on its own: no trainable
-variables, no randomness, nothing estimated from data. Privacy needs nothing
+variables, no randomness. :class:`Scattering2D` estimates nothing from data;
+:class:`ChannelStandardization` holds statistics released under DP before
+training (:mod:`lipdp.statistics`), a release the accountant composes with
+the steps, and is a fixed map once released. Privacy needs nothing
 more than the input clip after it: the bounds of a DP network start at the
 clip's output norm, whatever the front-end did to the example, so a front-end
 states no bounds of its own (its output bound is unknown, ``None``, and the
@@ -19,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from lipdp.layers.base import DPLayer, as_bound
+from lipdp.layers.structure import clip_per_sample
 
 
 class FrontEnd(DPLayer):
@@ -119,6 +123,41 @@ class Scattering2D(FrontEnd, tf.keras.layers.Layer):
             "normalize": self.normalize,
             "groups": self.groups,
         }
+
+
+@tf.keras.utils.register_keras_serializable("lipdp")
+class ChannelStandardization(FrontEnd, tf.keras.layers.Layer):
+    """``(clip(x) - mean) / scale`` per channel (last axis), with ``clip`` the projection onto the ``clip_norm`` ball.
+
+    ``mean`` and ``scale`` are per-channel statistics of the training data
+    released under DP (:func:`lipdp.statistics.release_channel_statistics`;
+    the accountant composes that release with the steps); once released, the
+    map is fixed and per example. A linear head learns faster on centred
+    features: the part of each example that all examples share no longer
+    takes most of its norm, hence of the input clip after this layer.
+    Bounds: none of its own (a front-end, see :class:`FrontEnd`); the
+    :class:`InputNormClip` after it bounds the head's input.
+    """
+
+    def __init__(self, mean, scale, clip_norm, **kwargs):
+        super().__init__(**kwargs)
+        self.mean = [float(v) for v in mean]
+        self.scale = [float(v) for v in scale]
+        self.clip_norm = float(clip_norm)
+        if len(self.mean) != len(self.scale) or not all(v > 0 for v in self.scale) or not self.clip_norm > 0:
+            raise ValueError("ChannelStandardization needs as many means as scales, scales > 0 and clip_norm > 0")
+
+    def build(self, input_shape):
+        if input_shape[-1] != len(self.mean):
+            raise ValueError(f"{self.name}: {len(self.mean)} channel statistics for {input_shape[-1]} channels")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        inputs = clip_per_sample(tf.cast(inputs, tf.float32), self.clip_norm)
+        return (inputs - tf.constant(self.mean, tf.float32)) / tf.constant(self.scale, tf.float32)
+
+    def get_config(self):
+        return {**super().get_config(), "mean": self.mean, "scale": self.scale, "clip_norm": self.clip_norm}
 
 
 def _fingerprint(layer, x):

@@ -13,7 +13,7 @@ def _per_sample_norms(tensor, keepdims=False):
     return tf.sqrt(tf.reduce_sum(tf.square(tf.cast(tensor, tf.float64)), axis=axes, keepdims=keepdims))
 
 
-def _clip_per_sample(tensor, max_norm):
+def clip_per_sample(tensor, max_norm):
     """Scales each sample to norm <= ``max_norm``; the norm is taken in float64 (no overflow)."""
     norm = _per_sample_norms(tensor, keepdims=True)
     scale = tf.minimum(tf.cast(1.0, tf.float64), tf.cast(max_norm, tf.float64) / tf.maximum(norm, 1e-12))
@@ -38,7 +38,7 @@ class InputNormClip(DPLayer, tf.keras.layers.Layer):
 
     def call(self, inputs):
         inputs = tf.debugging.assert_all_finite(inputs, "lipdp: the model input contains NaN or inf")
-        return _clip_per_sample(inputs, self.norm)
+        return clip_per_sample(inputs, self.norm)
 
     def output_bound(self, input_bound):
         del input_bound
@@ -154,7 +154,7 @@ def _clip_cotangent(inputs, max_norm, counter=None):
             if counter is not None:
                 under = _per_sample_norms(upstream) <= tf.cast(max_norm, tf.float64)
                 counter.assign_add(tf.reduce_sum(tf.cast(under, counter.dtype)))
-            return _clip_per_sample(upstream, max_norm)
+            return clip_per_sample(upstream, max_norm)
 
         return tf.identity(x), backward
 

@@ -1,0 +1,166 @@
+"""Feature statistics released under DP before training (lipdp.statistics) and their accounting."""
+
+import json
+import math
+import os
+
+import dp_accounting
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lipdp import accounting, cli, config, data, statistics
+from lipdp.layers import ChannelStandardization
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
+SHAPE = (4, 4, 3)  # P = 16 positions, C = 3 channels
+
+
+def standardization_layer(model):
+    return next(layer for layer in model.layers if isinstance(layer, ChannelStandardization))
+
+
+def release_vector(x, clip_norm, scale):
+    """The released sums divided by their sensitivities (and by sqrt 2 for two sums): sensitivity 1 claimed."""
+    sum_means, sum_squares = statistics.channel_sums(x, clip_norm)
+    d_mean, d_square = statistics.sensitivities(x.shape[1:], clip_norm)
+    if not scale:
+        return sum_means / d_mean
+    return np.concatenate([sum_means / d_mean, sum_squares / d_square]) / math.sqrt(2.0)
+
+
+def adversarial_examples(clip_norm):
+    """Examples at the two extremes of the bounds: one channel spread evenly (the mean's), one entry (the square's)."""
+    spread = np.zeros(SHAPE)
+    spread[..., 1] = 1.0
+    peak = np.zeros(SHAPE)
+    peak[2, 3, 0] = 1.0
+    huge = np.full(SHAPE, 1e6)  # clipped to clip_norm first
+    return [clip_norm * spread / np.linalg.norm(spread), clip_norm * peak, huge]
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_one_example_moves_the_release_by_at_most_its_sensitivity(scale):
+    rng = np.random.default_rng(0)
+    clip_norm = 2.5
+    others = rng.normal(size=(20,) + SHAPE) * rng.uniform(0.1, 3.0, size=(20, 1, 1, 1))
+    candidates = list(rng.normal(size=(200,) + SHAPE) * 5) + adversarial_examples(clip_norm)
+    base = release_vector(others, clip_norm, scale)
+    moves = [
+        np.linalg.norm(release_vector(np.concatenate([others, c[None]]), clip_norm, scale) - base) for c in candidates
+    ]
+    assert max(moves) <= 1.0 + 1e-9
+    # one channel spread evenly over the positions reaches both parts of the bound: it is tight
+    assert moves[-3] == pytest.approx(1.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_released_means_carry_noise_of_the_stated_std(scale):
+    x = np.zeros((50,) + SHAPE)  # every statistic is 0: what is released is the noise
+    clip_norm, z = 2.0, 3.0
+    rng = np.random.default_rng(1)
+    means = np.array(
+        [
+            statistics.release_channel_statistics(x, clip_norm=clip_norm, noise_multiplier=z, scale=scale, rng=rng).mean
+            for _ in range(2000)
+        ]
+    )
+    d_mean, _ = statistics.sensitivities(SHAPE, clip_norm)
+    expected = z * d_mean * (math.sqrt(2.0) if scale else 1.0) / len(x)
+    assert np.std(means) / expected == pytest.approx(1.0, abs=0.03)
+    assert abs(np.mean(means)) < 0.05 * expected
+
+
+def test_statistics_estimate_the_clipped_data_and_the_layer_standardises():
+    rng = np.random.default_rng(2)
+    x = rng.normal(loc=[1.0, -2.0, 0.5], scale=[0.5, 1.0, 2.0], size=(20000,) + SHAPE)  # norms about 16
+    layer = statistics.release_channel_statistics(x, clip_norm=40.0, noise_multiplier=1.0, scale=True, rng=rng)
+    np.testing.assert_allclose(layer.mean, [1.0, -2.0, 0.5], atol=0.02)
+    np.testing.assert_allclose(layer.scale, [0.5, 1.0, 2.0], rtol=0.03)
+    y = layer(x[:500].astype("float32")).numpy()
+    np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), 0.0, atol=0.05)
+    clone = ChannelStandardization.from_config(layer.get_config())
+    np.testing.assert_array_equal(clone(x[:3].astype("float32")).numpy(), y[:3])
+    with pytest.raises(ValueError, match="3 channel statistics for 2 channels"):
+        ChannelStandardization([0.0] * 3, [1.0] * 3, 1.0)(np.zeros((1, 2, 2, 2), "float32"))
+
+
+@pytest.mark.parametrize("sampling", ["poisson", "shuffle"])
+def test_epsilon_composes_the_release_with_the_steps_as_dp_accounting_does(sampling):
+    schedule = dict(sampling_rate=0.05, steps=300, sampling=sampling, steps_per_epoch=20)
+    with_release = accounting.compute_epsilon(noise_multiplier=1.2, delta=1e-5, releases=(8.0,), **schedule)
+    sensitivity = 2.0 if sampling == "shuffle" else 1.0  # replace-one adjacency doubles it
+    event = dp_accounting.ComposedDpEvent(
+        [
+            dp_accounting.GaussianDpEvent(8.0 / sensitivity),
+            accounting.training_event(noise_multiplier=1.2, **schedule),
+        ]
+    )
+    expected = dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(1e-5)
+    assert with_release == pytest.approx(expected, rel=1e-12)
+    assert with_release > accounting.compute_epsilon(noise_multiplier=1.2, delta=1e-5, **schedule)
+    release_only = dp_accounting.rdp.RdpAccountant().compose(dp_accounting.GaussianDpEvent(8.0 / sensitivity))
+    assert accounting.compute_epsilon(
+        noise_multiplier=1.2, delta=1e-5, releases=(8.0,), **{**schedule, "steps": 0}
+    ) == pytest.approx(release_only.get_epsilon(1e-5), rel=1e-12)
+
+
+def test_calibration_and_budgets_leave_room_for_the_release():
+    schedule = dict(delta=1e-5, sampling_rate=0.05, steps=300)
+    plain = accounting.calibrate_noise_multiplier(target_epsilon=3.0, **schedule)
+    noisier = accounting.calibrate_noise_multiplier(target_epsilon=3.0, releases=(5.0,), **schedule)
+    assert noisier > plain
+    epsilon = accounting.compute_epsilon(noise_multiplier=noisier, releases=(5.0,), **schedule)
+    assert epsilon <= 3.0 and epsilon == pytest.approx(3.0, rel=1e-3)
+    steps = accounting.max_steps(
+        epsilon_budget=3.0, delta=1e-5, sampling_rate=0.05, noise_multiplier=noisier, releases=(5.0,)
+    )
+    assert steps >= 300
+    with pytest.raises(accounting.PrivacyParameterError, match="already spend"):
+        accounting.max_steps(epsilon_budget=0.1, delta=1e-5, sampling_rate=0.05, noise_multiplier=1.0, releases=(0.5,))
+
+
+def test_training_run_releases_once_records_it_and_saves_a_raw_input_model(tmp_path):
+    out = str(tmp_path / "run")
+    args = ["train", DIGITS, "--out", out, "--verbose", "0", "--set", "training.epochs=2"]
+    args += ["--set", "model.feature_statistics={noise_multiplier: 20, clip_norm: 8, scale: true}"]
+    assert cli.main(args) == 0
+    privacy = json.load(open(os.path.join(out, "privacy.json")))
+    assert privacy["release_noise_multipliers"] == [20.0]
+    assert [e["class_name"] for e in privacy["ledger"]["events"]] == ["GaussianDpEvent", "SelfComposedDpEvent"]
+    ledger = accounting.ledger_from_json(privacy["ledger"])
+    assert privacy["epsilon"] == pytest.approx(
+        dp_accounting.rdp.RdpAccountant().compose(ledger).get_epsilon(privacy["delta"])
+    )
+    model = tf.keras.models.load_model(os.path.join(out, "model.keras"))
+    released = json.load(open(os.path.join(out, "feature_statistics.json")))
+    layer = standardization_layer(model)
+    assert layer.mean == released["mean"] and layer.scale == released["scale"]
+    digits = data.load("digits")
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    accuracy = np.mean(np.argmax(model.predict(digits.x_test, verbose=0), 1) == np.argmax(digits.y_test, 1))
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)  # raw inputs in, the release inside
+
+
+def test_a_resumed_run_reuses_the_release_and_config_mistakes_are_named(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    planted = ChannelStandardization([0.25], [0.5], 8.0, name="channel_standardization").get_config()
+    (out / "feature_statistics.json").write_text(json.dumps(planted))  # as a crashed first attempt left it
+    args = ["train", DIGITS, "--out", str(out), "--verbose", "0", "--set", "training.epochs=1"]
+    assert cli.main(args + ["--set", "model.feature_statistics={noise_multiplier: 20, clip_norm: 8}"]) == 0
+    model = tf.keras.models.load_model(str(out / "model.keras"))
+    layer = standardization_layer(model)
+    assert (layer.mean, layer.scale) == ([0.25], [0.5])
+    for spec, message in [
+        ("{noise_multiplier: 20, clip_norn: 8}", "did you mean 'clip_norm'"),
+        ("{clip_norm: 8}", "noise_multiplier: a number > 0"),
+        ("{noise_multiplier: 20, clip_norm: 8, scale: 1}", "true or false"),
+    ]:
+        with pytest.raises(config.ConfigError, match=message):
+            config.load(DIGITS, [f"model.feature_statistics={spec}"])
+    with pytest.raises(config.ConfigError, match="multi_worker"):
+        config.load(
+            DIGITS, ["model.feature_statistics={noise_multiplier: 20, clip_norm: 8}", "training.strategy=multi_worker"]
+        )
