@@ -236,6 +236,13 @@ def calibrate_noise_multiplier(
     def epsilon(noise_multiplier):
         return compute_epsilon(noise_multiplier=noise_multiplier, delta=delta, accountant=accountant, **schedule)
 
+    if releases:
+        released = compute_epsilon(noise_multiplier=1.0, delta=delta, accountant=accountant, **{**schedule, "steps": 0})
+        if released >= target_epsilon:
+            raise PrivacyParameterError(
+                f"the statistics released before training (noise multipliers {list(releases)}) alone spend "
+                f"epsilon={released:.4g} >= target_epsilon={target_epsilon}; release them with more noise"
+            )
     low = high = 1.0
     if epsilon(high) > target_epsilon:
         while high < _MAX_NOISE_MULTIPLIER:

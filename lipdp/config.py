@@ -10,6 +10,7 @@ overrides are parsed as YAML scalars and validated the same way.
 import dataclasses
 import difflib
 import inspect
+import math
 import typing
 from typing import Any, Dict, List, Optional
 
@@ -180,8 +181,8 @@ def _check_feature_statistics(spec):
             raise _unknown_key("model.feature_statistics.", key, list(known))
     for key in ("noise_multiplier", "clip_norm"):
         value = spec.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"model.feature_statistics.{key}: a number > 0 is required, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ConfigError(f"model.feature_statistics.{key}: a finite number > 0 is required, got {value!r}")
     if not isinstance(spec.get("scale", False), bool):
         raise ConfigError(f"model.feature_statistics.scale: expected true or false, got {spec['scale']!r}")
 

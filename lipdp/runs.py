@@ -77,8 +77,11 @@ def remove_emptied_backup(run_dir):
 
 
 def write_json(run_dir, name, content):
-    with open(path(run_dir, name), "w") as handle:
+    """Writes atomically: a killed run never leaves a truncated file (a resume reads it back)."""
+    temporary = f"{path(run_dir, name)}.{os.getpid()}.tmp"
+    with open(temporary, "w") as handle:
         json.dump(content, handle, indent=2)
+    os.replace(temporary, path(run_dir, name))
 
 
 def read_json(run_dir, name):

@@ -12,11 +12,13 @@ import shutil
 import tempfile
 import warnings
 
+import numpy as np
 import tensorflow as tf
 import yaml
 
 from lipdp import augmentation, callbacks, data, distribute, losses, runs, sampling, sensitivity, statistics
 from lipdp import config as config_lib
+from lipdp.accounting import PrivacyPolicy
 from lipdp.errors import RunExistsError  # noqa: F401  (raised by runs.start; its home before 0.2)
 from lipdp.layers import ChannelStandardization, FrontEnd, InputNormClip, cached_features
 from lipdp.model import DPSequential
@@ -147,7 +149,7 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     if frontend is not None:  # features of the whole data set (one cache entry for every split of it)
         dataset = data.configured_split(_features(full, frontend, cfg.dataset.feature_cache, verbose), cfg.dataset)
         frontends.append(frontend)
-    if cfg.model.feature_statistics is not None:
+    if cfg.model.feature_statistics is not None or os.path.exists(runs.path(work_dir, runs.STATISTICS)):
         standardization = _released_standardization(cfg, dataset.x_train, work_dir)
         x_train, x_test = (cached_features(standardization, x) for x in (dataset.x_train, dataset.x_test))
         dataset = dataclasses.replace(dataset, x_train=x_train, x_test=x_test)
@@ -212,14 +214,51 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
 def _released_standardization(cfg, x_train, run_dir):
     """The run's :class:`ChannelStandardization`: released once from the training split, then read back.
 
-    The release is written to the run folder before any step, so a resumed
-    run reuses it: the accountant counts one release, never a second draw.
+    The budget is checked before anything is drawn. The release and what it
+    was drawn with (settings, training set size and fingerprint) are written
+    to the run folder before any step; a resumed run reuses the release only
+    if the config asks for the same one, so the accountant counts exactly the
+    release that happened, never a second draw.
     """
-    if os.path.exists(runs.path(run_dir, runs.STATISTICS)):
-        return ChannelStandardization.from_config(runs.read_json(run_dir, runs.STATISTICS))
-    layer = statistics.release_channel_statistics(x_train, **cfg.model.feature_statistics)
-    runs.write_json(run_dir, runs.STATISTICS, layer.get_config())
+    spec = cfg.model.feature_statistics
+    record_path = runs.path(run_dir, runs.STATISTICS)
+    wanted = None
+    if spec is not None:
+        wanted = {"noise_multiplier": float(spec["noise_multiplier"]), "clip_norm": float(spec["clip_norm"])}
+        wanted.update(scale=bool(spec.get("scale", False)), examples=len(x_train))
+        wanted["data"] = statistics.data_fingerprint(x_train)
+    if os.path.exists(record_path):
+        record = runs.read_json(run_dir, runs.STATISTICS)
+        if record["release"] != wanted:
+            raise config_lib.ConfigError(
+                f"model.feature_statistics: {record_path} holds a release made with {record['release']}, but this "
+                f"run asks for {wanted}; the accountant would not count the release that happened. Resume with "
+                "the same config and data, or start a new run folder (--out)"
+            )
+        return ChannelStandardization.from_config(record["layer"])
+    _check_budget_before_release(cfg, len(x_train), wanted["noise_multiplier"])
+    arguments = {key: wanted[key] for key in ("noise_multiplier", "clip_norm", "scale")}
+    layer = statistics.release_channel_statistics(x_train, **arguments)
+    runs.write_json(run_dir, runs.STATISTICS, {"release": wanted, "layer": layer.get_config()})
     return layer
+
+
+def _check_budget_before_release(cfg, dataset_size, release):
+    """Calibrates the run's policy with the release included: an impossible budget fails before any draw."""
+    placeholder = np.zeros((dataset_size, 1), np.float32)
+    sampler = sampling.make_sampler(cfg.sampling.kind, placeholder, placeholder, batch_size=cfg.sampling.batch_size)
+    privacy = cfg.privacy
+    PrivacyPolicy.from_sampler(
+        sampler,
+        noise_multiplier=privacy.noise_multiplier,
+        target_epsilon=privacy.target_epsilon,
+        epochs=cfg.training.epochs if privacy.target_epsilon is not None else None,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+        noise_allocation=privacy.noise_allocation,
+        quantile_noise_share=privacy.quantile_noise_share,
+        releases=(release,),
+    )
 
 
 def _features(dataset, frontend, cache_dir, verbose):

@@ -204,6 +204,7 @@ def test_an_empty_batch_gives_zero_sums_inside_a_graph(name):
     assert all(not np.any(g.numpy()) for g in sums)
     _, _, full_sums = step(x, y)  # the same graph on a real batch
     assert any(np.any(g.numpy()) for g in full_sums)
+    assert clip_lib.per_example_gradient_norms(model, x[:0], y[:0]).shape == (0,)  # the public norms too
 
 
 def test_fallback_warns_once_naming_the_layer(caplog):

@@ -134,7 +134,7 @@ def test_training_run_releases_once_records_it_and_saves_a_raw_input_model(tmp_p
         dp_accounting.rdp.RdpAccountant().compose(ledger).get_epsilon(privacy["delta"])
     )
     model = tf.keras.models.load_model(os.path.join(out, "model.keras"))
-    released = json.load(open(os.path.join(out, "feature_statistics.json")))
+    released = json.load(open(os.path.join(out, "feature_statistics.json")))["layer"]
     layer = standardization_layer(model)
     assert layer.mean == released["mean"] and layer.scale == released["scale"]
     digits = data.load("digits")
@@ -143,24 +143,42 @@ def test_training_run_releases_once_records_it_and_saves_a_raw_input_model(tmp_p
     assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)  # raw inputs in, the release inside
 
 
-def test_a_resumed_run_reuses_the_release_and_config_mistakes_are_named(tmp_path):
+def test_a_resumed_run_reuses_the_same_release_only(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
+    x_train = data.load("digits").x_train
+    release = {"noise_multiplier": 20.0, "clip_norm": 8.0, "scale": False, "examples": len(x_train)}
+    release["data"] = statistics.data_fingerprint(x_train)
     planted = ChannelStandardization([0.25], [0.5], 8.0, name="channel_standardization").get_config()
-    (out / "feature_statistics.json").write_text(json.dumps(planted))  # as a crashed first attempt left it
+    (out / "feature_statistics.json").write_text(json.dumps({"release": release, "layer": planted}))  # a crash left it
     args = ["train", DIGITS, "--out", str(out), "--verbose", "0", "--set", "training.epochs=1"]
+    for other in ("{noise_multiplier: 50, clip_norm: 8}", "{noise_multiplier: 20, clip_norm: 8, scale: true}", "null"):
+        assert cli.main(args + ["--set", f"model.feature_statistics={other}"]) == 2  # never accounted as another
+        assert "holds a release made with" in capsys.readouterr().err
     assert cli.main(args + ["--set", "model.feature_statistics={noise_multiplier: 20, clip_norm: 8}"]) == 0
-    model = tf.keras.models.load_model(str(out / "model.keras"))
-    layer = standardization_layer(model)
+    layer = standardization_layer(tf.keras.models.load_model(str(out / "model.keras")))
     assert (layer.mean, layer.scale) == ([0.25], [0.5])
+
+
+def test_an_impossible_budget_fails_before_anything_is_released(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", DIGITS, "--out", str(out), "--verbose", "0"]
+    assert cli.main(args + ["--set", "model.feature_statistics={noise_multiplier: 0.3, clip_norm: 8}"]) == 2
+    assert "alone spend" in capsys.readouterr().err
+    assert not (out / "feature_statistics.json").exists()
+
+
+def test_config_mistakes_are_named():
     for spec, message in [
         ("{noise_multiplier: 20, clip_norn: 8}", "did you mean 'clip_norm'"),
-        ("{clip_norm: 8}", "noise_multiplier: a number > 0"),
+        ("{clip_norm: 8}", "noise_multiplier: a finite number > 0"),
+        ("{noise_multiplier: .inf, clip_norm: 8}", "noise_multiplier: a finite number > 0"),
         ("{noise_multiplier: 20, clip_norm: 8, scale: 1}", "true or false"),
     ]:
         with pytest.raises(config.ConfigError, match=message):
             config.load(DIGITS, [f"model.feature_statistics={spec}"])
     with pytest.raises(config.ConfigError, match="multi_worker"):
         config.load(
-            DIGITS, ["model.feature_statistics={noise_multiplier: 20, clip_norm: 8}", "training.strategy=multi_worker"]
+            DIGITS,
+            ["model.feature_statistics={noise_multiplier: 20, clip_norm: 8}", "training.strategy=multi_worker"],
         )

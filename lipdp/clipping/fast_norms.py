@@ -58,6 +58,7 @@ import tensorflow as tf
 
 from lipdp.errors import ModelNotSupportedError
 from lipdp.layers import ClipGradient, LipschitzConv2D, LipschitzDense
+from lipdp.layers.base import with_stand_in_for_empty_batch
 from lipdp.losses import LipschitzLoss
 from lipdp.sensitivity import check_precision
 
@@ -455,7 +456,9 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
 @no_autograph
 def per_example_gradient_norms(model, x, y, registry=None):
     """Whole-model l2 norm of each example's loss gradient (fast rules, fallback where needed)."""
-    return forward_with_norms(model, x, y, registry=registry).norms
+    count = tf.shape(x)[0]  # an empty batch runs one stand-in example (oneDNN convolutions break on none)
+    x, y = with_stand_in_for_empty_batch(x), with_stand_in_for_empty_batch(y)
+    return forward_with_norms(model, x, y, registry=registry).norms[:count]
 
 
 @functools.lru_cache(maxsize=None)
