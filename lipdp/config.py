@@ -157,12 +157,16 @@ def _check_optimizer_params(optimizer):
     """``optimizer.name`` is a Keras optimizer and ``optimizer.params`` are arguments it takes."""
     import tensorflow as tf
 
-    try:
-        cls = type(tf.keras.optimizers.get(optimizer.name))
-    except ValueError:
-        raise ConfigError(
-            f"optimizer.name: {optimizer.name!r} is not a Keras optimizer (e.g. adam, sgd, rmsprop)"
-        ) from None
+    # By class, never an instance: creating an optimizer initialises TensorFlow's devices, which must wait for
+    # training.logical_cpus and the distribution strategy.
+    classes = {
+        name.lower(): cls
+        for name, cls in vars(tf.keras.optimizers).items()
+        if inspect.isclass(cls) and issubclass(cls, tf.keras.optimizers.Optimizer)
+    }
+    cls = classes.get(optimizer.name.lower())
+    if cls is None:
+        raise ConfigError(f"optimizer.name: {optimizer.name!r} is not a Keras optimizer (e.g. adam, sgd, rmsprop)")
     accepted = _accepted_arguments(cls) - set(_OWN_OPTIMIZER_KEYS)
     for key in optimizer.params:
         if key in _OWN_OPTIMIZER_KEYS:

@@ -73,12 +73,14 @@ def test_shipped_configs_build_a_private_model_that_steps(path):
     x = rng.random((n,) + shape, dtype=np.float32)
     y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, n)]
     frontend = training.build_frontend(cfg)
-    if frontend is None:
-        model = training.build_model(cfg, shape)
-    else:  # as lipdp train assembles it: the head on the features, then the front-end in front of it
-        head = training.build_model(cfg, tuple(frontend.compute_output_shape((None,) + shape)[1:]))
-        model = training.with_frontend(head, [frontend], shape)
     sampler = sampling.make_sampler(cfg.sampling.kind, x, y, batch_size=cfg.sampling.batch_size)
+    steps = cfg.training.epochs * sampler.steps_per_epoch  # for a decaying learning rate
+    if frontend is None:
+        model = training.build_model(cfg, shape, training_steps=steps)
+    else:  # as lipdp train assembles it: the head on the features, then the front-end in front of it
+        features = tuple(frontend.compute_output_shape((None,) + shape)[1:])
+        head = training.build_model(cfg, features, training_steps=steps)
+        model = training.with_frontend(head, [frontend], shape)
     policy = model.make_private(
         sampler, target_epsilon=cfg.privacy.target_epsilon, epochs=cfg.training.epochs, delta=0.1 / n
     )
