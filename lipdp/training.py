@@ -171,26 +171,15 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     )
     with distribute.scope(strategy):
         model = build_model(cfg, dataset.input_shape, training_steps=cfg.training.epochs * sampler.steps_per_epoch)
-    privacy = cfg.privacy
-    model.make_private(
-        sampler,
-        noise_multiplier=privacy.noise_multiplier,
-        target_epsilon=privacy.target_epsilon,
-        epochs=cfg.training.epochs if privacy.target_epsilon is not None else None,
-        delta=privacy.delta,
-        accountant=privacy.accountant,
-        noise_allocation=privacy.noise_allocation,
-        quantile_noise_share=privacy.quantile_noise_share,
-        releases=releases,
-    )
+    model.make_private(sampler, **_policy_arguments(cfg, releases))
     extra = [
         callbacks.PrivacyLedger(),
         callbacks.GradientNoiseMonitor(dataset.x_test, dataset.y_test),  # held-out data only
         tf.keras.callbacks.BackupAndRestore(runs.path(out_dir, runs.BACKUP)),
         tf.keras.callbacks.CSVLogger(runs.path(work_dir, runs.HISTORY), append=True),
     ]
-    if privacy.epsilon_budget is not None:
-        extra.append(callbacks.BudgetStop(privacy.epsilon_budget))
+    if cfg.privacy.epsilon_budget is not None:
+        extra.append(callbacks.BudgetStop(cfg.privacy.epsilon_budget))
     if verbose:
         print(f"data: {dataset.source}")
         print(f"privacy policy: {model.privacy}")
@@ -247,9 +236,13 @@ def _check_budget_before_release(cfg, dataset_size, release):
     """Calibrates the run's policy with the release included: an impossible budget fails before any draw."""
     placeholder = np.zeros((dataset_size, 1), np.float32)
     sampler = sampling.make_sampler(cfg.sampling.kind, placeholder, placeholder, batch_size=cfg.sampling.batch_size)
+    PrivacyPolicy.from_sampler(sampler, **_policy_arguments(cfg, (release,)))
+
+
+def _policy_arguments(cfg, releases):
+    """``PrivacyPolicy.from_sampler``'s arguments from ``cfg.privacy``, with the statistics ``releases``."""
     privacy = cfg.privacy
-    PrivacyPolicy.from_sampler(
-        sampler,
+    return dict(
         noise_multiplier=privacy.noise_multiplier,
         target_epsilon=privacy.target_epsilon,
         epochs=cfg.training.epochs if privacy.target_epsilon is not None else None,
@@ -257,7 +250,7 @@ def _check_budget_before_release(cfg, dataset_size, release):
         accountant=privacy.accountant,
         noise_allocation=privacy.noise_allocation,
         quantile_noise_share=privacy.quantile_noise_share,
-        releases=(release,),
+        releases=releases,
     )
 
 
