@@ -30,7 +30,6 @@ per channel (every axis but the batch and the last):
 The noise comes from OS entropy, never from a seed in a config.
 """
 
-import hashlib
 import math
 
 import numpy as np
@@ -59,13 +58,6 @@ def channel_sums(x, clip_norm, batch_size=2048):
         sum_means += clipped.mean(axis=axes).sum(axis=0)
         sum_squares += np.square(clipped).mean(axis=axes).sum(axis=0)
     return sum_means, sum_squares
-
-
-def data_fingerprint(x):
-    """A short hash of ``x``'s shape, dtype and values: which data a release was drawn from."""
-    digest = hashlib.sha256(str((x.shape, x.dtype.str)).encode())
-    digest.update(np.ascontiguousarray(x).tobytes())
-    return digest.hexdigest()[:32]
 
 
 def sensitivities(feature_shape, clip_norm):

@@ -21,6 +21,7 @@ from lipdp import config as config_lib
 from lipdp.accounting import PrivacyPolicy
 from lipdp.errors import RunExistsError  # noqa: F401  (raised by runs.start; its home before 0.2)
 from lipdp.layers import ChannelStandardization, FrontEnd, InputNormClip, cached_features
+from lipdp.layers.frontends import array_fingerprint
 from lipdp.model import DPSequential
 
 
@@ -215,7 +216,7 @@ def _released_standardization(cfg, x_train, run_dir):
     if spec is not None:
         wanted = {"noise_multiplier": float(spec["noise_multiplier"]), "clip_norm": float(spec["clip_norm"])}
         wanted.update(scale=bool(spec.get("scale", False)), examples=len(x_train))
-        wanted["data"] = statistics.data_fingerprint(x_train)
+        wanted["data"] = array_fingerprint(x_train)
     if os.path.exists(record_path):
         record = runs.read_json(run_dir, runs.STATISTICS)
         if record["release"] != wanted:

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from lipdp import accounting, cli, config, data, statistics
 from lipdp.layers import ChannelStandardization
+from lipdp.layers.frontends import array_fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
@@ -148,7 +149,7 @@ def test_a_resumed_run_reuses_the_same_release_only(tmp_path, capsys):
     out.mkdir()
     x_train = data.load("digits").x_train
     release = {"noise_multiplier": 20.0, "clip_norm": 8.0, "scale": False, "examples": len(x_train)}
-    release["data"] = statistics.data_fingerprint(x_train)
+    release["data"] = array_fingerprint(x_train)
     planted = ChannelStandardization([0.25], [0.5], 8.0, name="channel_standardization").get_config()
     (out / "feature_statistics.json").write_text(json.dumps({"release": release, "layer": planted}))  # a crash left it
     args = ["train", DIGITS, "--out", str(out), "--verbose", "0", "--set", "training.epochs=1"]

@@ -160,13 +160,17 @@ class ChannelStandardization(FrontEnd, tf.keras.layers.Layer):
         return {**super().get_config(), "mean": self.mean, "scale": self.scale, "clip_norm": self.clip_norm}
 
 
-def _fingerprint(layer, x):
-    digest = hashlib.sha256(
-        json.dumps({k: v for k, v in layer.get_config().items() if k != "name"}, sort_keys=True, default=str).encode()
-    )
+def array_fingerprint(x, digest=None):
+    """A short hash of ``x``'s shape, dtype and values, fed to ``digest`` (a fresh SHA-256 by default)."""
+    digest = hashlib.sha256() if digest is None else digest
     digest.update(str((x.shape, x.dtype.str)).encode())
     digest.update(np.ascontiguousarray(x).tobytes())
     return digest.hexdigest()[:32]
+
+
+def _fingerprint(layer, x):
+    settings = {k: v for k, v in layer.get_config().items() if k != "name"}
+    return array_fingerprint(x, hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()))
 
 
 def cached_features(layer, x, cache_dir=None, batch_size=512, verbose=0):
