@@ -1035,3 +1035,23 @@ def test_model_with_every_layer_saves_and_loads(tmp_path):
     for old, new in zip(model.trainable_variables, loaded.trainable_variables):
         np.testing.assert_array_equal(old.numpy(), new.numpy())
     assert isinstance(loaded.loss, losses.TauCategoricalCrossentropy) and loaded.loss.tau == 3.0
+
+
+def test_stand_in_is_added_only_to_an_empty_batch_and_dropped_again():
+    from lipdp.layers.base import with_stand_in_for_empty_batch, without_stand_in
+
+    x = np.arange(24, dtype="float32").reshape(2, 3, 4)
+    np.testing.assert_array_equal(with_stand_in_for_empty_batch(x).numpy(), x)
+    stand_in = with_stand_in_for_empty_batch(x[:0])
+    np.testing.assert_array_equal(stand_in.numpy(), np.zeros((1, 3, 4)))
+    assert without_stand_in(stand_in, 0).shape == (0, 3, 4)
+    np.testing.assert_array_equal(without_stand_in(tf.constant(x), 2).numpy(), x)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 3, 4))])
+    def round_trip(batch):
+        padded = with_stand_in_for_empty_batch(batch)
+        assert padded.shape.as_list() == [None, 3, 4]  # the static example shape survives
+        return without_stand_in(padded, tf.shape(batch)[0])
+
+    assert round_trip(x[:0]).shape == (0, 3, 4)
+    np.testing.assert_array_equal(round_trip(x).numpy(), x)

@@ -20,6 +20,7 @@ from lipdp.layers.base import (
     refuse_half_precision,
     window_overlap,
     with_stand_in_for_empty_batch,
+    without_stand_in,
 )
 
 WEIGHT_CONSTRAINTS = ("orthogonal", "spectral", "frobenius")
@@ -328,13 +329,15 @@ class LipschitzConv2D(_LipschitzLinear, tf.keras.layers.Conv2D):
         """The convolution; an empty batch gives an empty output of the right shape.
 
         An empty batch runs as one zero stand-in example, dropped after the
-        convolution (:func:`lipdp.layers.base.with_stand_in_for_empty_batch`).
+        convolution (:func:`lipdp.layers.base.with_stand_in_for_empty_batch`,
+        :func:`lipdp.layers.base.without_stand_in`; both pass a non-empty
+        batch through without a copy).
         """
         batch = tf.shape(inputs)[0]
         inputs = with_stand_in_for_empty_batch(inputs)
         if tuple(self.kernel_size) == (1, 1) and tuple(self.strides) != (1, 1):
-            return self._subsampled_pointwise(inputs, kernel)[:batch]
-        return super().convolution_op(inputs, kernel)[:batch]
+            return without_stand_in(self._subsampled_pointwise(inputs, kernel), batch)
+        return without_stand_in(super().convolution_op(inputs, kernel), batch)
 
     def _subsampled_pointwise(self, inputs, kernel):
         """A strided 1x1 convolution as a subsampling then an unstrided 1x1 convolution (the same map).
