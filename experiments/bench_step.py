@@ -6,13 +6,14 @@ Methods, all timed with ``train_on_batch`` on the same random 28x28x1 batches (A
   ``configs/mnist_conv.yaml``: Conv2D(16, 3) + ReLU + MaxPool(2), Conv2D(32, 3) + ReLU +
   MaxPool(2), Flatten, Dense(10), no constraints, Keras' cross-entropy; not private;
 * ``lipschitz``: the Lipschitz CNN of ``configs/mnist_conv.yaml`` (input clip, LipschitzConv2D
-  with orthogonal constraints, GroupSort, L2NormPooling2D) trained by plain Keras; not private;
+  with orthogonal constraints, L2NormPooling2D as the activation, LipschitzDense) trained by
+  plain Keras; not private;
 * ``clipless``: the same Lipschitz CNN trained by lipdp (summed loss, certified bounds from the
   weights, Gaussian noise), whole batch;
 * ``clipless_mb256``: the same with ``microbatch_size=256`` (only at batches above 256);
-* ``clipless_relu``: lipdp's clipless DP on a Lipschitz CNN of exactly the ordinary one's shape
-  (LipschitzConv2D with a bias, lipdp's ReLU and MaxPooling2D, LipschitzDense): what the DP step
-  costs without GroupSort and norm pooling, the architecture's own price.
+* ``clipless_groupsort``: lipdp's clipless DP on the CNN that ``configs/mnist_conv.yaml`` had
+  before, with a GroupSort after each convolution (norm pooling squares its inputs, so
+  GroupSort's sorting is all that it adds).
 
 Time: one subprocess per batch size builds every method's model and times their steps in turns
 (A, B, C, A, B, C, ...: load from other processes hits all methods alike); the median of ``--steps``
@@ -35,7 +36,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("ordinary", "lipschitz", "clipless", "clipless_mb256", "clipless_relu")
+METHODS = ("ordinary", "lipschitz", "clipless", "clipless_mb256", "clipless_groupsort")
 INPUT_SHAPE, CLASSES = (28, 28, 1), 10
 
 
@@ -66,24 +67,16 @@ def lipschitz_layers():
     return training.build_layers(config_lib.load(os.path.join(ROOT, "configs", "mnist_conv.yaml")), INPUT_SHAPE)
 
 
-def relu_lipschitz_layers():
-    """The ordinary CNN's shape with lipdp layers: bias-bounded Lipschitz convolutions, ReLU, max pooling."""
-    import tensorflow as tf
-
+def groupsort_lipschitz_layers():
+    """The CNN of ``configs/mnist_conv.yaml`` with a GroupSort after each convolution (its form until 2026-11-23)."""
     from lipdp import layers as L
 
-    return [
-        tf.keras.Input(INPUT_SHAPE),
-        L.InputNormClip(12.0),
-        L.LipschitzConv2D(16, 3, bias_bound=1.0),
-        L.ReLU(),
-        L.MaxPooling2D(2),
-        L.LipschitzConv2D(32, 3, bias_bound=1.0),
-        L.ReLU(),
-        L.MaxPooling2D(2),
-        L.Flatten(),
-        L.LipschitzDense(CLASSES, bias_bound=1.0),
-    ]
+    layers = []
+    for layer in lipschitz_layers():
+        layers.append(layer)
+        if isinstance(layer, L.LipschitzConv2D):
+            layers.append(L.GroupSort())
+    return layers
 
 
 def make_model(method, x, y, batch):
@@ -102,7 +95,7 @@ def make_model(method, x, y, batch):
         model.compile(tf.keras.optimizers.Adam(1e-3), loss=loss)
         return model
     microbatch = 256 if method == "clipless_mb256" else None
-    layers = relu_lipschitz_layers() if method == "clipless_relu" else lipschitz_layers()
+    layers = groupsort_lipschitz_layers() if method == "clipless_groupsort" else lipschitz_layers()
     model = lipdp.DPSequential(layers, microbatch_size=microbatch)
     model.compile(tf.keras.optimizers.Adam(1e-3), loss=loss)
     model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=batch), noise_multiplier=1.0)
@@ -165,7 +158,7 @@ def markdown_table(results):
     by_key = {(r["method"], r["batch_size"]): r for r in results["rows"]}
     lines = [
         "| batch | ordinary CNN ms | Lipschitz CNN ms | clipless DP ms | DP / ordinary (fastest steps) "
-        "| DP / Lipschitz (fastest steps) | same-shape clipless DP (ReLU, max pooling) / ordinary "
+        "| DP / Lipschitz (fastest steps) | clipless DP with GroupSort / ordinary "
         "| peak RSS MiB: ordinary / Lipschitz / DP / DP micro-batches of 256 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -176,9 +169,9 @@ def markdown_table(results):
         return f"{numerator['step_ms'] / base['step_ms']:.2f} ({numerator['step_ms_min'] / base['step_ms_min']:.2f})"
 
     for batch in sorted({r["batch_size"] for r in results["rows"]}):
-        ordinary, lipschitz, dp, micro, relu = (by_key.get((m, batch)) for m in METHODS)
+        ordinary, lipschitz, dp, micro, groupsort = (by_key.get((m, batch)) for m in METHODS)
         ms = ["-" if c is None else f"{c['step_ms']:.1f}" for c in (ordinary, lipschitz, dp)]
-        ratios = [ratio(dp, ordinary), ratio(dp, lipschitz), ratio(relu, ordinary)]
+        ratios = [ratio(dp, ordinary), ratio(dp, lipschitz), ratio(groupsort, ordinary)]
         peaks = " / ".join("-" if c is None else f"{c['peak_rss_mib']:.0f}" for c in (ordinary, lipschitz, dp, micro))
         lines.append(f"| {batch} | " + " | ".join(ms + ratios) + f" | {peaks} |")
     return "\n".join(lines)
@@ -252,10 +245,10 @@ def main(argv=None):
             row["clipless_peak_vs_lipschitz"] = dp["peak_rss_mib"] / lip["peak_rss_mib"]
         if lip and ordinary:
             row["lipschitz_vs_ordinary"] = lip["step_ms"] / ordinary["step_ms"]
-        relu = by_key.get(("clipless_relu", batch))
-        if relu and ordinary:
-            row["clipless_relu_vs_ordinary"] = relu["step_ms"] / ordinary["step_ms"]
-            row["clipless_relu_vs_ordinary_fastest_step"] = relu["step_ms_min"] / ordinary["step_ms_min"]
+        groupsort = by_key.get(("clipless_groupsort", batch))
+        if groupsort and ordinary:
+            row["clipless_groupsort_vs_ordinary"] = groupsort["step_ms"] / ordinary["step_ms"]
+            row["clipless_groupsort_vs_ordinary_fastest_step"] = groupsort["step_ms_min"] / ordinary["step_ms_min"]
         mb = by_key.get(("clipless_mb256", batch))
         if mb and ordinary:
             row["clipless_mb256_vs_ordinary"] = mb["step_ms"] / ordinary["step_ms"]

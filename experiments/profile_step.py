@@ -58,10 +58,11 @@ def median_ms(fn, steps, warmup=5):
     return 1e3 * statistics.median(times)
 
 
-def build(x, y, batch):
+def build(x, y, batch, layers=None):
+    """The clipless DP model of the config's CNN (or of ``layers``) and its Poisson sampler."""
     tf.keras.utils.set_random_seed(0)
     cfg = config_lib.load(CONFIG)
-    model = lipdp.DPSequential(training.build_layers(cfg, x.shape[1:]))
+    model = lipdp.DPSequential(layers if layers is not None else training.build_layers(cfg, x.shape[1:]))
     model.compile(tf.keras.optimizers.Adam(1e-3), loss=lipdp.losses.TauCategoricalCrossentropy(cfg.loss.params["tau"]))
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=batch)
     model.make_private(sampler, noise_multiplier=1.0)
@@ -155,23 +156,6 @@ def pieces(model, sampler, xb, yb, steps):
     return rows, per_layer
 
 
-@tf.custom_gradient
-def sort_pairs_custom_gradient(first, second):
-    """Candidate GroupSort-2 pair sort (proposed, not in lipdp yet): the same values, the same permutation backward.
-
-    Forward ``tf.minimum`` / ``tf.maximum`` (equal values at ties); backward two selects on the
-    strict comparison ``first > second``, the rule of ``lipdp.layers.activations._sort_pairs``,
-    instead of the four selects, zeros and sums autodiff makes of its ``tf.where``.
-    """
-
-    def grad(upstream):
-        swap = first > second
-        low, high = tf.split(upstream, 2, axis=-1)
-        return tf.where(swap, high, low), tf.where(swap, low, high)
-
-    return tf.concat([tf.minimum(first, second), tf.maximum(first, second)], axis=-1), grad
-
-
 def interleaved_ms(calls, steps, warmup=5):
     """Median ms of each callable, timed in turns (A, B, C, A, B, C, ...) so that load drift hits all alike."""
     for fn in calls:
@@ -187,39 +171,33 @@ def interleaved_ms(calls, steps, warmup=5):
 
 
 def what_if(x, y, xb, yb, steps):
-    """Full-step times with a piece replaced (measured, not in lipdp), timed in turns with the unchanged step."""
-    from lipdp.layers import GroupSort, LipschitzConv2D
+    """Full-step times of variants of the clipless DP step, timed in turns with the unchanged step."""
+    from bench_step import groupsort_lipschitz_layers
 
-    original_call, original_conv = GroupSort.call, LipschitzConv2D.convolution_op
+    from lipdp.layers import LipschitzConv2D
 
-    def groupsort_call(self, inputs):
-        if self.group_size != 2:
-            return original_call(self, inputs)
-        return sort_pairs_custom_gradient(*tf.split(inputs, 2, axis=-1))
+    original_conv = LipschitzConv2D.convolution_op
 
     def plain_convolution(self, inputs, kernel):
         return tf.keras.layers.Conv2D.convolution_op(self, inputs, kernel)
 
     variants = [
-        ("lipdp as it is", ()),
-        ("GroupSort-2 with the custom-gradient candidate", ("groupsort",)),
-        ("LipschitzConv2D without its empty-batch pad and slice (wrong on an empty batch)", ("conv",)),
-        ("both", ("groupsort", "conv")),
+        ("lipdp as it is", None, False),
+        ("a GroupSort after each convolution (the config's CNN until 2026-11-23)", groupsort_lipschitz_layers, False),
+        ("LipschitzConv2D without its empty-batch pad and slice (wrong on an empty batch)", None, True),
     ]
     models = []
-    for _, changes in variants:
-        if "groupsort" in changes:
-            GroupSort.call = groupsort_call
-        if "conv" in changes:
+    for _, layers, plain in variants:
+        if plain:
             LipschitzConv2D.convolution_op = plain_convolution
         try:
-            model, _ = build(x, y, len(xb))
+            model, _ = build(x, y, len(xb), layers() if layers else None)
             model.train_on_batch(xb, yb)  # traced now, with the replacement
         finally:
-            GroupSort.call, LipschitzConv2D.convolution_op = original_call, original_conv
+            LipschitzConv2D.convolution_op = original_conv
         models.append(model)
     times = interleaved_ms([lambda m=m: m.train_on_batch(xb, yb) for m in models], steps)
-    return [(label, ms, ms / times[0]) for (label, _), ms in zip(variants, times)]
+    return [(label, ms, ms / times[0]) for (label, _, _), ms in zip(variants, times)]
 
 
 def xla_what_if(x, y, xb, yb, steps):
@@ -345,7 +323,7 @@ def what_if_report(x, y, args):
         tables += ["", f"Batch {batch}, medians of {args.steps} steps of each variant, timed in turns:", ""]
         tables += ["| variant | ms | vs lipdp as it is |", "| --- | --- | --- |"]
         tables += [f"| {name} | {ms:.2f} | {ratio:.2f} |" for name, ms, ratio in rows]
-    title = "# What if: the clipless DP step (`configs/mnist_conv.yaml` CNN) with one piece replaced (not in lipdp)"
+    title = "# What if: variants of the clipless DP step (`configs/mnist_conv.yaml` CNN), not in lipdp"
     text = "\n".join(_header(args, title) + tables) + "\n"
     print(text)
     if args.out:
@@ -404,7 +382,7 @@ def main(argv=None):
     ]
     lines += [f"| {name} | {ms:.2f} | {ms / full:.0%} |" for name, ms in rows]
     lines += [f"| {name} | {ms:.2f} | {ms / full:.0%} |" for name, ms in baselines]
-    lines += ["", "What if (full clipless DP step, `train_on_batch`, with one piece replaced; not in lipdp; the"]
+    lines += ["", "What if (full clipless DP step, `train_on_batch`, variants not in lipdp; the"]
     lines += ["variants timed in turns, step by step, so that other load hits all of them alike):", ""]
     lines += ["| variant | ms | vs lipdp as it is |", "| --- | --- | --- |"]
     lines += [f"| {name} | {ms:.2f} | {ratio:.2f} |" for name, ms, ratio in whatif_rows]

@@ -22,7 +22,8 @@ def _sort_pairs(first, second):
     entry of the input receives the cotangent of exactly one output entry,
     at ties too. (Forward min/max and two selects backward: the earlier
     ``tf.where`` forward cost four selects, zero tensors and sums backward,
-    about half of a step of the ``configs/mnist_conv.yaml`` CNN.)
+    about half of a step of the GroupSort CNN that ``configs/mnist_conv.yaml``
+    had then.)
     """
 
     def grad(upstream):
