@@ -116,8 +116,12 @@ def build(method, batch, dataset_size):
     return lambda: model.train_on_batch(batch_x, batch_y)
 
 
-def run_method(method, batches, warmup, steps, max_step_seconds):
-    """Runs in a subprocess: one row per batch size (larger ones skipped once a step is too slow)."""
+def run_method(method, batches, warmup, steps, max_step_seconds, trace_dir=None):
+    """Runs in a subprocess: one row per batch size (larger ones skipped once a step is too slow).
+
+    With ``trace_dir``, each row also lists the op types that took the most time in a profiler
+    trace of 10 more steps (``op_ms_per_step``, summed over the compute threads).
+    """
     rows = []
     for batch in batches:
         if rows and rows[-1]["median_step_s"] > max_step_seconds:
@@ -148,6 +152,12 @@ def run_method(method, batches, warmup, steps, max_step_seconds):
                 "peak_rss_before_steps_mib": before,
             }
         )
+        if trace_dir:
+            import optrace
+
+            events = optrace.record(step, os.path.join(trace_dir, f"{method}_{batch}"))
+            rows[-1]["op_ms_per_step"] = dict(optrace.op_type_times(events))
+            rows[-1]["op_ms_per_step_total"] = sum(ms for _, _, ms in events)
         print(
             f"  {method:20s} batch {batch:5d}: {1e3 * rows[-1]['median_step_s']:9.1f} ms/step",
             file=sys.stderr,
@@ -170,13 +180,14 @@ def main(argv=None):
         help="skip a method's larger batch sizes once its median step exceeds this",
     )
     parser.add_argument("--out", help="write results here (.csv, otherwise JSON)")
+    parser.add_argument("--trace", metavar="DIR", help="also profile 10 steps of each method and batch size here")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     batches = tuple(sorted(args.batches or (QUICK_BATCHES if args.quick else FULL_BATCHES)))
     steps = args.steps or (5 if args.quick else 10)
 
     if args._child:
-        print(json.dumps(run_method(args._child, batches, args.warmup, steps, args.max_step_seconds)))
+        print(json.dumps(run_method(args._child, batches, args.warmup, steps, args.max_step_seconds, args.trace)))
         return
 
     machine = {
@@ -203,6 +214,7 @@ def main(argv=None):
             str(args.warmup),
             "--max-step-seconds",
             str(args.max_step_seconds),
+            *(["--trace", args.trace] if args.trace else []),
         ]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         done = subprocess.run(child, capture_output=True, text=True, env=env)

@@ -28,7 +28,6 @@ most host time in it.
 
 import argparse
 import collections
-import glob
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ import sys
 import time
 
 import numpy as np
+import optrace
 import tensorflow as tf
 
 import lipdp
@@ -259,44 +259,24 @@ def layer_times(model, xb, steps):
 def trace(model, xb, yb, log_dir, steps=10):
     """Profiler trace of ``steps`` full steps: host time per step by op type, and by layer and pass.
 
-    Op events are named ``scope/.../name:OpType``; ops under ``gradient_tape/`` are the backward
-    pass, ops under the model's name the forward pass of the layer named next; the others
-    (bounds, noise, optimizer, constraints, metrics) are grouped by their first scope.
+    Ops under ``gradient_tape/`` are the backward pass, ops under the model's name the forward pass
+    of the layer named next; the others (bounds, noise, optimizer, constraints, metrics) are grouped
+    by their first scope.
     """
     for _ in range(3):
         model.train_on_batch(xb, yb)
-    tf.profiler.experimental.start(log_dir)
-    for _ in range(steps):
-        model.train_on_batch(xb, yb)
-    tf.profiler.experimental.stop()
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
-    paths = sorted(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
-    space = xplane_pb2.XSpace()
-    with open(paths[-1], "rb") as handle:
-        space.ParseFromString(handle.read())
-    by_type, by_scope = collections.Counter(), collections.Counter()
-    for plane in space.planes:
-        names = {k: m.name for k, m in plane.event_metadata.items()}
-        for line in plane.lines:
-            if not line.name.startswith("tf_Compute"):
-                continue
-            for event in line.events:
-                name = names.get(event.metadata_id, "")
-                if ":" not in name or "::" in name:  # op events are "scope/name:OpType"; skip executor scopes
-                    continue
-                ms = event.duration_ps / 1e9 / steps
-                op_name, op_type = name.rsplit(":", 1)
-                by_type[op_type] += ms
-                path = op_name.split("/")
-                backward = path[0] == "gradient_tape"
-                path = path[1:] if backward else path
-                if path[0] == model.name and len(path) > 2:
-                    scope = f"{path[1]} ({'backward' if backward else 'forward'})"
-                else:
-                    scope = f"{'backward: ' if backward else ''}{path[0].rstrip('_0123456789') or path[0]}"
-                by_scope[scope] += ms
-    return by_type.most_common(15), by_scope.most_common(25)
+    events = optrace.record(lambda: model.train_on_batch(xb, yb), log_dir, steps)
+    by_scope = collections.Counter()
+    for op_name, _, ms in events:
+        path = op_name.split("/")
+        backward = path[0] == "gradient_tape"
+        path = path[1:] if backward else path
+        if path[0] == model.name and len(path) > 2:
+            scope = f"{path[1]} ({'backward' if backward else 'forward'})"
+        else:
+            scope = f"{'backward: ' if backward else ''}{path[0].rstrip('_0123456789') or path[0]}"
+        by_scope[scope] += ms
+    return optrace.op_type_times(events), by_scope.most_common(25)
 
 
 def _header(args, title):
