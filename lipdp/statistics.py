@@ -33,19 +33,13 @@ The noise comes from OS entropy, never from a seed in a config.
 import math
 
 import numpy as np
+import tensorflow as tf
 
 from lipdp.layers.frontends import ChannelStandardization
+from lipdp.layers.structure import clip_per_sample
 
 #: Channel variances are floored at this fraction of their mean (a noisy variance can be <= 0).
 VARIANCE_FLOOR = 1e-2
-
-
-def _clipped(batch, clip_norm):
-    flat = batch.reshape(len(batch), -1).astype(np.float64)
-    norms = np.linalg.norm(flat, axis=1)
-    return batch.astype(np.float64) * np.minimum(1.0, clip_norm / np.maximum(norms, 1e-12)).reshape(
-        (-1,) + (1,) * (batch.ndim - 1)
-    )
 
 
 def channel_sums(x, clip_norm, batch_size=2048):
@@ -54,7 +48,7 @@ def channel_sums(x, clip_norm, batch_size=2048):
     sum_means = np.zeros(x.shape[-1])
     sum_squares = np.zeros(x.shape[-1])
     for start in range(0, len(x), batch_size):
-        clipped = _clipped(np.asarray(x[start : start + batch_size]), clip_norm)
+        clipped = clip_per_sample(tf.constant(x[start : start + batch_size], tf.float64), clip_norm).numpy()
         sum_means += clipped.mean(axis=axes).sum(axis=0)
         sum_squares += np.square(clipped).mean(axis=axes).sum(axis=0)
     return sum_means, sum_squares
