@@ -413,6 +413,22 @@ def test_constructor_and_validation_errors():
         clipless.make_private(sampler, noise_multiplier=1.0)
 
 
+@pytest.mark.parametrize("strides, refused", [((1, 2), True), ((2, 1), True), ((2, 2), False)])
+def test_a_plain_strided_pointwise_conv_is_refused_before_it_can_corrupt_memory(strides, refused):
+    """oneDNN's Conv2DBackpropFilter corrupts the heap for a 1x1 kernel with strides (1, 2) on a batch of one."""
+    x, y = images(n=20, size=6, channels=2, classes=3)
+    layers = [tf.keras.Input((6, 6, 2)), K.Conv2D(3, 1, strides=strides), K.Flatten(), K.Dense(3)]
+    model = compiled(lipdp.DPSequential(layers, clipping="flat"))
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=5)
+    if refused:
+        with pytest.raises(sensitivity.ModelNotSupportedError, match=r"1x1 Conv2D with strides.*LipschitzConv2D"):
+            model.make_private(sampler, noise_multiplier=1.0)
+    else:
+        model.make_private(sampler, noise_multiplier=1.0)
+    lipschitz = [tf.keras.Input((6, 6, 2)), L.LipschitzConv2D(3, 1, strides=strides), K.Flatten(), K.Dense(3)]
+    compiled(lipdp.DPSequential(lipschitz, clipping="flat")).make_private(sampler, noise_multiplier=1.0)
+
+
 @pytest.mark.parametrize("functional", [False, True])
 def test_save_and_load_a_clipped_model(tmp_path, functional):
     x, y = images(n=60, size=6, channels=1, classes=3)

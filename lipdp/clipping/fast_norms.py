@@ -105,6 +105,16 @@ def per_example_loss(model):
     )
 
 
+def _has_strided_pointwise_kernel_bug(layer):
+    """A plain 1x1 ``Conv2D`` with unequal strides (``LipschitzConv2D`` computes it another way)."""
+    return (
+        isinstance(layer, tf.keras.layers.Conv2D)
+        and not isinstance(layer, LipschitzConv2D)
+        and tuple(layer.kernel_size) == (1, 1)
+        and layer.strides[0] != layer.strides[1]
+    )
+
+
 def validate(model):
     """Raises :class:`ModelNotSupportedError` if the model cannot be trained with clipping."""
     if not getattr(model, "_is_graph_network", False) or model.inputs is None:
@@ -122,6 +132,13 @@ def validate(model):
             raise ModelNotSupportedError(
                 f"layer {layer.name!r} ({type(layer).__name__}) normalises with batch statistics, so one "
                 "example's gradient depends on the others: remove it or use LayerNormalization / GroupNormalization"
+            )
+        if _has_strided_pointwise_kernel_bug(layer):
+            raise ModelNotSupportedError(
+                f"layer {layer.name!r} is a 1x1 Conv2D with strides {tuple(layer.strides)}: TensorFlow 2.15's "
+                "oneDNN Conv2DBackpropFilter corrupts memory for it on a batch of one, which Poisson sampling "
+                "and micro-batches produce; use lipdp.layers.LipschitzConv2D (which avoids that kernel), equal "
+                "strides, or a subsampling (e.g. a Lambda x[:, ::sh, ::sw]) then an unstrided 1x1 Conv2D"
             )
         if isinstance(layer, ClipGradient):
             raise ModelNotSupportedError(
