@@ -12,8 +12,7 @@ Methods, all timed with ``train_on_batch`` on the same random 28x28x1 batches (A
   weights, Gaussian noise), whole batch;
 * ``clipless_mb256``: the same with ``microbatch_size=256`` (only at batches above 256);
 * ``clipless_groupsort``: lipdp's clipless DP on the CNN that ``configs/mnist_conv.yaml`` had
-  before, with a GroupSort after each convolution (norm pooling squares its inputs, so
-  GroupSort's sorting is all that it adds).
+  before, with a GroupSort between each convolution and its norm pooling.
 
 Time: one subprocess per batch size builds every method's model and times their steps in turns
 (A, B, C, A, B, C, ...: load from other processes hits all methods alike); the median of ``--steps``

@@ -59,6 +59,14 @@ class L2NormPooling2D(_WindowedPooling):
     windows), Lipschitz ``sqrt(overlap)``, no variables. The window sum is exact
     (explicit zero padding), never an average rescaled by the window area,
     which over-states norms at borders.
+
+    It is also a nonlinearity that keeps gradient norms: a window's gradient
+    is ``w / ||w||`` times its cotangent, so with non-overlapping windows the
+    backward pass preserves the cotangent's norm (up to the smoothing at 0).
+    Directly after a convolution it can replace the activation, at the cost
+    of a max pooling (``configs/mnist_conv.yaml``). An ``Abs`` before it
+    changes nothing (the pooling squares its inputs); a GroupSort does (it
+    sorts each position's channel pairs before the windows are summed).
     """
 
     def call(self, inputs):
