@@ -65,14 +65,15 @@ def with_stand_in_for_empty_batch(tensor):
     oneDNN CPU convolution returns a ``(0, H, W, C)`` input unchanged instead
     of ``(0, H', W', filters)``. Callers run the stand-in and drop what it
     gives (:func:`without_stand_in`, or weight it 0). No control flow, so
-    per-example ``vectorized_map`` works. A padding, not a concatenation: a
-    zero padding passes the tensor through without a copy, and its gradient
-    is a slice (a concatenation copied the tensor both ways).
+    per-example ``vectorized_map`` works. A concatenation, not a ``tf.pad``
+    (which would copy nothing): oneDNN fuses a pad into a following VALID
+    convolution, batch axis included, and the fused kernel has the same
+    empty-batch bug.
     """
     tensor = tf.convert_to_tensor(tensor)
     missing = tf.maximum(1 - tf.shape(tensor)[0], 0)
-    paddings = tf.concat([[[0, missing]], tf.zeros([tensor.shape.rank - 1, 2], tf.int32)], axis=0)
-    return _with_static_example_shape(tf.pad(tensor, paddings), tensor)
+    zeros = tf.zeros(tf.concat([[missing], tf.shape(tensor)[1:]], axis=0), tensor.dtype)
+    return tf.concat([tensor, zeros], axis=0)
 
 
 def without_stand_in(tensor, count):
@@ -83,14 +84,11 @@ def without_stand_in(tensor, count):
     too; the gradient of a strided slice copied the whole tensor (13 % of a
     step of the ``configs/mnist_conv.yaml`` CNN at batch 1,024).
     """
-    begin = tf.zeros([tensor.shape.rank], tf.int32)
-    size = tf.concat([[count], -tf.ones([tensor.shape.rank - 1], tf.int32)], axis=0)
-    return _with_static_example_shape(tf.slice(tensor, begin, size), tensor)
-
-
-def _with_static_example_shape(result, like):
-    """``result`` with ``like``'s static shape past the batch axis (lost through a dynamic pad or slice)."""
-    result.set_shape(tf.TensorShape([None]).concatenate(like.shape[1:]))
+    shape = tf.shape(tensor)
+    size = tf.concat([[count], -tf.ones_like(shape[1:])], axis=0)
+    result = tf.slice(tensor, tf.zeros_like(shape), size)
+    if tensor.shape.rank is not None:  # the static example shape, lost through the dynamic size
+        result.set_shape(tf.TensorShape([None]).concatenate(tensor.shape[1:]))
     return result
 
 
