@@ -184,7 +184,7 @@ def what_if(x, y, xb, yb, steps):
     variants = [
         ("lipdp as it is", None, False),
         ("a GroupSort after each convolution (the config's CNN until 2026-11-23)", groupsort_lipschitz_layers, False),
-        ("LipschitzConv2D without its empty-batch pad and slice (wrong on an empty batch)", None, True),
+        ("LipschitzConv2D without its empty-batch stand-in (wrong on an empty batch)", None, True),
     ]
     models = []
     for _, layers, plain in variants:
