@@ -330,8 +330,8 @@ class LipschitzConv2D(_LipschitzLinear, tf.keras.layers.Conv2D):
 
         An empty batch runs as one zero stand-in example, dropped after the
         convolution (:func:`lipdp.layers.base.with_stand_in_for_empty_batch`,
-        :func:`lipdp.layers.base.without_stand_in`; both pass a non-empty
-        batch through without a copy).
+        a concatenation that copies the input; :func:`lipdp.layers.base.without_stand_in`,
+        a slice that passes the output and its gradient through without a copy).
         """
         batch = tf.shape(inputs)[0]
         inputs = with_stand_in_for_empty_batch(inputs)
