@@ -27,9 +27,12 @@ cryptographically secure sampler. Hyper-parameter searches over private data
 are not covered by the guarantee.
 """
 
+import hashlib
+import json
+
 import tensorflow as tf
 
-from lipdp import accounting, distribute, mechanisms, sampling, sensitivity
+from lipdp import accounting, distribute, independence, mechanisms, sampling, sensitivity
 from lipdp.accounting import NOISE_ALLOCATIONS, PrivacyPolicy  # noqa: F401  (their home before 0.2)
 from lipdp.errors import ModelNotSupportedError, NotPrivateError
 from lipdp.layers import AdaptiveClipGradient
@@ -52,12 +55,22 @@ class DPModelMixin:
         if microbatch_size is not None and (isinstance(microbatch_size, bool) or int(microbatch_size) < 1):
             raise ValueError(f"microbatch_size must be a positive integer, got {microbatch_size!r}")
         self.microbatch_size = None if microbatch_size is None else int(microbatch_size)
-        # One count per global step: under a tf.distribute strategy, the first replica's update is kept.
+        # One count per global step: under a tf.distribute strategy, the first replica's update is kept. Read it
+        # with steps_taken (an int on every path; int() of a distributed variable fails).
         self.privacy_steps = tf.Variable(
             0,
             dtype=tf.int64,
             trainable=False,
             name="privacy_steps",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+        # A fingerprint of the policy and mechanism that took those steps (privacy_record), saved and restored with
+        # them by every checkpoint, backup and saved model: a restore cannot pair the steps with another policy.
+        self.privacy_fingerprint = tf.Variable(
+            0,
+            dtype=tf.int64,
+            trainable=False,
+            name="privacy_fingerprint",
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
         )
         # The loss tracker sums losses over private Poisson batches (its count is the true number of sampled
@@ -145,22 +158,29 @@ class DPModelMixin:
         bounds' margin).
         """
         self._validate_for_privacy()
-        policy = PrivacyPolicy.from_sampler(sampler, **policy_args)
+        releases = tuple(policy_args.pop("releases", ())) + model_releases(self)
+        policy = PrivacyPolicy.from_sampler(sampler, releases=releases, **policy_args)
         self._check_adaptive_clipping(policy)
-        if self.steps_taken > 0 and policy != self.privacy:
-            raise ValueError(
-                f"these weights already took {self.steps_taken} private steps under "
-                f"{'an unknown policy (weights loaded without it)' if self.privacy is None else self.privacy}; "
-                "resume from the saved model with the same policy, or start from fresh weights"
-            )
+        if self.steps_taken > 0:
+            check_same_record(self._recorded(), privacy_record(policy, self.mechanism), self.steps_taken)
         tf.config.experimental.enable_tensor_float_32_execution(False)
         self.privacy = policy
+        self.train_function = None  # the private step is traced anew with this policy's constants
         return policy
+
+    def _recorded(self):
+        """The record of the steps taken, as far as known: the saved policy's if its fingerprint is the one restored."""
+        if self.privacy is not None and fingerprint(privacy_record(self.privacy, self.mechanism)) == int(
+            self.privacy_fingerprint.numpy()
+        ):
+            return privacy_record(self.privacy, self.mechanism)
+        return None
 
     def _validate_for_privacy(self):
         if getattr(self, "optimizer", None) is None:
             raise NotPrivateError("compile the model (optimizer and a lipdp.losses loss) before make_private")
         self.mechanism.validate(self)
+        independence.check_examples_independent(self)
         if getattr(self, "jit_compile", False):
             raise ModelNotSupportedError(
                 "jit_compile=True: XLA compiles away the runtime checks of the private step (the sampler gate that "
@@ -216,7 +236,11 @@ class DPModelMixin:
 
     @property
     def steps_taken(self):
-        """The private steps these weights took (global steps under a ``tf.distribute`` strategy), an int."""
+        """The private steps these weights took (global steps under a ``tf.distribute`` strategy), an int.
+
+        The obvious way to read the count: ``int(model.privacy_steps)`` fails under a strategy (a distributed
+        variable).
+        """
         return int(self.privacy_steps.numpy())
 
     def steps_left(self):
@@ -293,8 +317,25 @@ class DPModelMixin:
                 "model.allow_unaccounted_steps()"
             ],
         )
+        record = privacy_record(self.privacy, self.mechanism)
+        expected = tf.constant(fingerprint(record), tf.int64)
+        resumed_under_another_policy = tf.debugging.Assert(
+            tf.logical_or(tf.equal(self.privacy_steps, 0), tf.equal(self.privacy_fingerprint, expected)),
+            [
+                "lipdp: these weights took",
+                self.privacy_steps,
+                "private steps (restored from a checkpoint or backup?) under another privacy policy or mechanism "
+                "(privacy fingerprint",
+                self.privacy_fingerprint,
+                ") than the one make_private set (fingerprint",
+                expected,
+                f"): {record}; the accountant would count the earlier steps under the new policy. Resume with the "
+                "settings that took them, or start from fresh weights (a new run folder)",
+            ],
+            summarize=-1,
+        )
         adaptive = self._adaptive_clip_layers()
-        with tf.control_dependencies([gate]):  # nothing of the step runs before the check passed
+        with tf.control_dependencies([gate, resumed_under_another_policy]):  # nothing runs before the checks pass
             for layer in adaptive:  # counts from other calls (held-out monitors) must not leak into the release
                 layer.reset_count()
             with _counting(adaptive):
@@ -306,6 +347,7 @@ class DPModelMixin:
                     self.privacy.quantile_noise_multiplier, self.privacy.expected_batch_size, self._noise
                 )
             self.privacy_steps.assign_add(1)
+            self.privacy_fingerprint.assign(expected)
             return self._update_metrics(y, y_pred, per_sample_loss)
 
     def _adaptive_clip_layers(self):
@@ -546,3 +588,50 @@ class _counting:
     def __exit__(self, *exc):
         for layer in self.layers:
             layer.counting = False
+
+
+def privacy_record(policy, mechanism):
+    """The JSON of what a step was taken under: the privacy policy and the gradient mechanism's settings."""
+    return json.dumps({"policy": policy.to_dict(), "mechanism": mechanism.get_config()}, sort_keys=True)
+
+
+def record_changes(recorded, wanted):
+    """``["key: old -> new", ...]`` between two :func:`privacy_record` JSONs (flattened keys)."""
+
+    def flat(record, prefix=""):
+        if not isinstance(record, dict):
+            return {prefix: record}
+        return {k: v for key, item in record.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+
+    old, new = flat(json.loads(recorded)) if recorded else {}, flat(json.loads(wanted))
+    return [
+        f"{k.rstrip('.')}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    ]
+
+
+def fingerprint(record):
+    """A 60-bit integer hash of a :func:`privacy_record` (what the model saves beside its step count)."""
+    return int(hashlib.sha256(record.encode()).hexdigest()[:15], 16)
+
+
+def check_same_record(recorded, wanted, steps):
+    """Refuses to go on from ``steps`` steps taken under ``recorded`` (``None``: unknown) with another record."""
+    if recorded == wanted:
+        return
+    changes = ["the earlier policy is unknown"] if recorded is None else record_changes(recorded, wanted)
+    raise ValueError(
+        f"these weights already took {steps} private steps under another privacy policy or mechanism; the "
+        "accountant would count those steps under the new one. Changed: " + "; ".join(changes) + ". Resume with "
+        "the settings that took them, or start from fresh weights (with lipdp train: a new --out folder)"
+    )
+
+
+def model_releases(model):
+    """Noise multipliers of the data releases the model's layers carry (e.g. a released ``ChannelStandardization``)."""
+    return tuple(
+        z
+        for layer in model._flatten_layers(include_self=False)
+        for z in getattr(layer, "release_noise_multipliers", ())
+    )

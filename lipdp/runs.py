@@ -11,6 +11,9 @@ A completed run folder holds (names below, never spelled elsewhere):
 * ``privacy.json`` (:data:`PRIVACY`): the privacy state and dp-accounting
   ledger -- written last, so its presence marks a completed run;
 * ``metrics.json`` (:data:`METRICS`): final test loss and accuracy;
+* ``policy.json`` (:data:`POLICY`): the privacy policy, mechanism and
+  training-data fingerprint the steps were taken under (written before the
+  first step; a resumed run must match it);
 * ``audit.json`` (:data:`AUDIT`): the membership-inference audit, if run.
 
 While training: ``backup/`` (:data:`BACKUP`, Keras' BackupAndRestore, removed
@@ -34,7 +37,7 @@ from lipdp.errors import IncompleteRunError, RunExistsError
 
 CONFIG, HISTORY, MODEL, SENSITIVITY = "config.yaml", "history.csv", "model.keras", "sensitivity.txt"
 PRIVACY, METRICS, AUDIT = "privacy.json", "metrics.json", "audit.json"
-BACKUP, ATTEMPTS, STATISTICS = "backup", "attempts", "feature_statistics.json"
+BACKUP, ATTEMPTS, STATISTICS, POLICY = "backup", "attempts", "feature_statistics.json", "policy.json"
 
 
 def path(run_dir, name):

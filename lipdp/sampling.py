@@ -34,7 +34,7 @@ import tensorflow as tf
 from lipdp.errors import PrivacyParameterError
 
 
-def _check_arrays(x, y):
+def check_data(x, y):
     """Returns ``(x, y)`` as numpy arrays with a common, non-zero length."""
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim == 0 or y.ndim == 0:
@@ -43,13 +43,20 @@ def _check_arrays(x, y):
         raise ValueError(f"x and y must have the same first dimension, got {len(x)} and {len(y)}")
     if len(x) == 0:
         raise ValueError("x and y are empty")
-    for name, array in (("x", x), ("y", y)):
-        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-            raise ValueError(
-                f"{name} contains NaN or inf: clean the data before training (checked here, "
-                "before any private step, so that no step fails on a sampled record)"
-            )
+    check_finite("x", x)
+    check_finite("y", y)
     return x, y
+
+
+def check_finite(name, array):
+    """Refuses NaN or inf in a float ``array`` before anything is released or any step is taken."""
+    array = np.asarray(array)
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.sum(~np.all(np.isfinite(array.reshape(len(array), -1)), axis=1))) if array.ndim else 1
+        raise ValueError(
+            f"{name} contains NaN or inf ({bad} record(s)): clean the data before training (checked before any "
+            "release or private step, so that none is made from, or fails on, such a record)"
+        )
 
 
 def _batch_dataset(generator, x, y, batch_size):
@@ -232,7 +239,7 @@ class PoissonSampler(Sampler):
         return cls(x, y, expected_batch_size=batch_size, seed=seed)
 
     def __init__(self, x, y, *, sampling_rate=None, expected_batch_size=None, seed=None):
-        self.x, self.y = _check_arrays(x, y)
+        self.x, self.y = check_data(x, y)
         self.dataset_size = len(self.x)
         if (sampling_rate is None) == (expected_batch_size is None):
             raise ValueError("give exactly one of sampling_rate and expected_batch_size")
@@ -324,7 +331,7 @@ class ShuffleSampler(Sampler):
         return cls(x, y, batch_size=batch_size, seed=seed)
 
     def __init__(self, x, y, *, batch_size, seed=None):
-        self.x, self.y = _check_arrays(x, y)
+        self.x, self.y = check_data(x, y)
         self.dataset_size = len(self.x)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")

@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from lipdp.layers.frontends import ChannelStandardization
 from lipdp.layers.structure import clip_per_sample
+from lipdp.sampling import check_finite
 
 #: Channel variances are floored at this fraction of their mean (a noisy variance can be <= 0).
 VARIANCE_FLOOR = 1e-2
@@ -66,7 +67,9 @@ def release_channel_statistics(x, *, clip_norm, noise_multiplier, scale=False, r
     Args:
         x: Training features, ``(N, ..., C)``.
         clip_norm: ``R``, the norm each example is projected to first (here and in the layer).
-        noise_multiplier: ``z`` of the release; pass it to ``make_private(..., releases=(z,))``.
+        noise_multiplier: ``z`` of the release. The layer carries it: ``make_private`` composes the release of
+            every such layer in the model (a head trained on the standardised features without the layer needs
+            ``make_private(..., releases=(z,))``).
         scale: Also release the second moments and divide by the standard deviation.
         rng: A ``numpy`` generator for the noise; ``None`` draws OS entropy.
 
@@ -75,6 +78,7 @@ def release_channel_statistics(x, *, clip_norm, noise_multiplier, scale=False, r
     """
     if not (clip_norm > 0 and noise_multiplier > 0):
         raise ValueError(f"clip_norm and noise_multiplier must be > 0, got {clip_norm}, {noise_multiplier}")
+    check_finite("x", x)  # one NaN would make every released mean NaN, which no neighbouring data set produces
     rng = np.random.default_rng() if rng is None else rng
     sum_means, sum_squares = channel_sums(x, clip_norm)
     d_mean, d_square = sensitivities(x.shape[1:], clip_norm)
@@ -85,4 +89,4 @@ def release_channel_statistics(x, *, clip_norm, noise_multiplier, scale=False, r
         variance = (sum_squares + rng.normal(0.0, spread * d_square, sum_squares.shape)) / len(x) - mean**2
         floor = VARIANCE_FLOOR * max(float(np.mean(np.maximum(variance, 0.0))), 1e-30)
         deviation = np.sqrt(np.maximum(variance, floor))
-    return ChannelStandardization(mean, deviation, clip_norm)
+    return ChannelStandardization(mean, deviation, clip_norm, noise_multiplier=noise_multiplier)

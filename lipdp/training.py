@@ -7,6 +7,8 @@ command; a completed run is never overwritten.
 """
 
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +20,7 @@ import yaml
 
 from lipdp import augmentation, callbacks, data, distribute, losses, runs, sampling, sensitivity, statistics
 from lipdp import config as config_lib
+from lipdp import model as model_lib
 from lipdp.accounting import PrivacyPolicy
 from lipdp.errors import RunExistsError  # noqa: F401  (raised by runs.start; its home before 0.2)
 from lipdp.layers import ChannelStandardization, FrontEnd, InputNormClip, cached_features
@@ -60,6 +63,7 @@ def with_frontend(head, frontends, input_shape):
     model.compile(optimizer=head.optimizer, loss=head.loss, metrics=["accuracy"])
     model.privacy = head.privacy
     model.privacy_steps.assign(head.privacy_steps)
+    model.privacy_fingerprint.assign(head.privacy_fingerprint)
     if not head.accountable:
         model.allow_unaccounted_steps()
     return model
@@ -146,6 +150,7 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     full = data.load(cfg.dataset.name, data_dir=cfg.dataset.data_dir)
     runs.write_text(work_dir, runs.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     raw, frontend = data.configured_split(full, cfg.dataset), build_frontend(cfg)
+    sampling.check_data(raw.x_train, raw.y_train)  # before any release or step
     dataset, frontends, releases = raw, [], ()
     if frontend is not None:  # features of the whole data set (one cache entry for every split of it)
         dataset = data.configured_split(_features(full, frontend, cfg.dataset.feature_cache, verbose), cfg.dataset)
@@ -173,6 +178,7 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     with distribute.scope(strategy):
         model = build_model(cfg, dataset.input_shape, training_steps=cfg.training.epochs * sampler.steps_per_epoch)
     model.make_private(sampler, **_policy_arguments(cfg, releases))
+    _check_resume_record(model, raw, work_dir)
     extra = [
         callbacks.PrivacyLedger(),
         callbacks.GradientNoiseMonitor(dataset.x_test, dataset.y_test),  # held-out data only
@@ -199,6 +205,29 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
         with distribute.scope(strategy):
             model = with_frontend(model, frontends, raw.input_shape)
     return _write_artefacts(model, raw, work_dir)
+
+
+def _check_resume_record(model, raw, run_dir):
+    """Writes what the run's steps are taken under (policy, mechanism, data) before the first; a resume must match.
+
+    A resumed run restores the steps of its backup: the accountant counts them
+    under today's policy, so any privacy-relevant change since (noise or
+    target, delta, sampling, epochs when they set the calibration, the
+    mechanism, the training data) is refused, naming what changed.
+    """
+    wanted = json.loads(model_lib.privacy_record(model.privacy, model.mechanism))
+    wanted["data"] = array_fingerprint(raw.x_train, hashlib.sha256(np.ascontiguousarray(raw.y_train).tobytes()))
+    record_path = runs.path(run_dir, runs.POLICY)
+    if not os.path.exists(record_path):
+        runs.write_json(run_dir, runs.POLICY, wanted)
+        return
+    changes = model_lib.record_changes(json.dumps(runs.read_json(run_dir, runs.POLICY)), json.dumps(wanted))
+    if changes:
+        raise config_lib.ConfigError(
+            f"{run_dir} holds an interrupted run whose steps were taken under other privacy settings; resuming "
+            "would account them under the new ones. Changed: " + "; ".join(changes) + ". Resume with the "
+            "config and data of the first start, or start afresh in a new run folder (--out)"
+        )
 
 
 def _released_standardization(cfg, x_train, run_dir):

@@ -22,7 +22,9 @@ from lipdp.errors import ConfigError, ModelNotSupportedError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, FEATURES, CLASSES, SIGMA = 120, 16, 4, 0.7
-COMPLETED_RUN = sorted([runs.CONFIG, runs.HISTORY, runs.METRICS, runs.MODEL, runs.PRIVACY, runs.SENSITIVITY])
+COMPLETED_RUN = sorted(
+    [runs.CONFIG, runs.HISTORY, runs.METRICS, runs.MODEL, runs.POLICY, runs.PRIVACY, runs.SENSITIVITY]
+)
 TWO_CPUS = ["/cpu:0", "/cpu:1"]
 
 

@@ -983,7 +983,9 @@ def test_get_config_round_trips(factory):
 def _every_layer_model():
     inp = tf.keras.Input((16, 16, 2))
     h = L.Scattering2D(J=1, L=4, normalize="group", groups=2)(inp)  # 8 x 8 x 10
-    h = L.ChannelStandardization(np.linspace(-0.5, 0.5, 10), np.linspace(0.5, 2.0, 10), clip_norm=20.0)(h)
+    h = L.ChannelStandardization(
+        np.linspace(-0.5, 0.5, 10), np.linspace(0.5, 2.0, 10), clip_norm=20.0, noise_multiplier=None
+    )(h)
     h = L.InputNormClip(3.0)(h)
     h = L.LayerCentering(axes=(1, 2))(h)
     h = L.LipschitzConv2D(4, 3, bias_bound=0.5)(h)

@@ -309,18 +309,29 @@ def test_checkpoints_written_during_fit_hold_no_metric_state(tmp_path):
     assert not [name for name in names if "total" in name or "/count" in name or "tracker" in name], names
 
 
-def test_weights_with_spent_steps_need_their_policy(tmp_path):
+@pytest.mark.parametrize(
+    "saved, changed",
+    [("weights", "the earlier policy is unknown"), ("model", r"policy.noise_multiplier: 0.8 -> 20.0")],
+)
+def test_weights_with_spent_steps_need_their_policy(tmp_path, saved, changed):
+    """Loaded weights (no config: policy unknown) or a saved model (its config names what changed)."""
     x, y = make_data()
     model = make_model()
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
     model.make_private(sampler, noise_multiplier=0.8)
     model.fit(sampler, epochs=1, verbose=0)
-    model.save_weights(str(tmp_path / "w"))
-    fresh = make_model()
-    fresh.load_weights(str(tmp_path / "w"))
-    assert int(fresh.privacy_steps) == sampler.steps_per_epoch
-    with pytest.raises(ValueError, match="already took .* private steps"):
+    if saved == "weights":
+        model.save_weights(str(tmp_path / "w"))
+        fresh = make_model()
+        fresh.load_weights(str(tmp_path / "w"))
+    else:
+        model.save(str(tmp_path / "m.keras"))
+        fresh = tf.keras.models.load_model(str(tmp_path / "m.keras"))
+    assert fresh.steps_taken == sampler.steps_per_epoch
+    with pytest.raises(ValueError, match=f"already took .* private steps.*{changed}"):
         fresh.make_private(sampler, noise_multiplier=20.0)
+    if saved == "model":
+        fresh.make_private(sampler, noise_multiplier=0.8)  # the same policy goes on
 
 
 def test_fit_revalidates_a_recompiled_model():
@@ -436,3 +447,54 @@ def test_xla_compiled_steps_are_refused():
     model.compile(tf.keras.optimizers.SGD(1.0), loss=lipdp.losses.TauCategoricalCrossentropy(2.0), jit_compile=True)
     with pytest.raises(sensitivity.ModelNotSupportedError, match="jit_compile"):
         model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=1.0)
+
+
+class _CrashAfterEpoch(tf.keras.callbacks.Callback):
+    """Raises at the end of epoch ``epoch`` (after the backup written before it in the callback list)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def _crash_then_resume(backup, first, second, epochs=3):
+    """Trains under ``first`` policy arguments until a crash after epoch 2, then resumes under ``second``."""
+    x, y = make_data()
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=BATCH)
+    model = make_model()
+    model.make_private(sampler, **first)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        model.fit(
+            sampler,
+            epochs=epochs,
+            verbose=0,
+            callbacks=[tf.keras.callbacks.BackupAndRestore(backup), _CrashAfterEpoch(1)],
+        )
+    resumed = make_model()
+    resumed.make_private(sampler, **second)
+    resumed.fit(sampler, epochs=epochs, verbose=0, callbacks=[tf.keras.callbacks.BackupAndRestore(backup)])
+    return resumed, sampler
+
+
+def test_a_backup_restored_under_another_policy_is_refused_before_a_step(tmp_path):
+    """The issue's case: 0.8 then 4.0 would be accounted as 4.0 throughout (8x under)."""
+    with pytest.raises(tf.errors.InvalidArgumentError, match="under another privacy policy"):
+        _crash_then_resume(str(tmp_path / "backup"), {"noise_multiplier": 0.8}, {"noise_multiplier": 4.0})
+
+
+def test_a_backup_restored_under_a_recalibrated_target_is_refused(tmp_path):
+    """Target epsilon with more epochs calibrates more noise: the earlier steps took less."""
+    first = {"target_epsilon": 2.0, "epochs": 3}
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"planned_steps.{0,3}: 60"):
+        _crash_then_resume(str(tmp_path / "backup"), first, {"target_epsilon": 2.0, "epochs": 6}, epochs=3)
+
+
+def test_a_backup_restored_under_the_same_policy_resumes_and_counts_every_step(tmp_path):
+    model, sampler = _crash_then_resume(str(tmp_path / "backup"), {"noise_multiplier": 0.8}, {"noise_multiplier": 0.8})
+    assert model.steps_taken == 3 * sampler.steps_per_epoch
+    record = lipdp.model.privacy_record(model.privacy, model.mechanism)
+    assert model.privacy_fingerprint.numpy() == lipdp.model.fingerprint(record)

@@ -1,5 +1,6 @@
 """Feature statistics released under DP before training (lipdp.statistics) and their accounting."""
 
+import dataclasses
 import json
 import math
 import os
@@ -84,7 +85,7 @@ def test_statistics_estimate_the_clipped_data_and_the_layer_standardises():
     clone = ChannelStandardization.from_config(layer.get_config())
     np.testing.assert_array_equal(clone(x[:3].astype("float32")).numpy(), y[:3])
     with pytest.raises(ValueError, match="3 channel statistics for 2 channels"):
-        ChannelStandardization([0.0] * 3, [1.0] * 3, 1.0)(np.zeros((1, 2, 2, 2), "float32"))
+        ChannelStandardization([0.0] * 3, [1.0] * 3, 1.0, noise_multiplier=None)(np.zeros((1, 2, 2, 2), "float32"))
 
 
 @pytest.mark.parametrize("sampling", ["poisson", "shuffle"])
@@ -150,7 +151,9 @@ def test_a_resumed_run_reuses_the_same_release_only(tmp_path, capsys):
     x_train = data.load("digits").x_train
     release = {"noise_multiplier": 20.0, "clip_norm": 8.0, "scale": False, "examples": len(x_train)}
     release["data"] = array_fingerprint(x_train)
-    planted = ChannelStandardization([0.25], [0.5], 8.0, name="channel_standardization").get_config()
+    planted = ChannelStandardization(
+        [0.25], [0.5], 8.0, noise_multiplier=20.0, name="channel_standardization"
+    ).get_config()
     (out / "feature_statistics.json").write_text(json.dumps({"release": release, "layer": planted}))  # a crash left it
     args = ["train", DIGITS, "--out", str(out), "--verbose", "0", "--set", "training.epochs=1"]
     for other in ("{noise_multiplier: 50, clip_norm: 8}", "{noise_multiplier: 20, clip_norm: 8, scale: true}", "null"):
@@ -183,3 +186,40 @@ def test_config_mistakes_are_named():
             DIGITS,
             ["model.feature_statistics={noise_multiplier: 20, clip_norm: 8}", "training.strategy=multi_worker"],
         )
+
+
+def test_a_released_layer_in_an_api_model_is_accounted_without_being_told():
+    """The issue's case: noise 0.5 before the clip, made private without releases=, reported 0.56 instead of 8.46."""
+    import lipdp
+    from lipdp import layers as L
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500,) + SHAPE).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 500)]
+    layer = statistics.release_channel_statistics(x, clip_norm=4.0, noise_multiplier=0.5)
+    model = lipdp.DPSequential([tf.keras.Input(SHAPE), layer, L.InputNormClip(1.0), L.Flatten(), L.LipschitzDense(3)])
+    model.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy(2.0))
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=50)
+    policy = model.make_private(sampler, noise_multiplier=2.0, delta=1e-4)
+    assert policy.release_noise_multipliers == (0.5,)
+    model.fit(sampler, epochs=1, verbose=0)
+    steps = dict(sampling_rate=0.1, noise_multiplier=2.0, steps=10, delta=1e-4)
+    assert model.epsilon() == pytest.approx(accounting.compute_epsilon(releases=(0.5,), **steps), rel=1e-12)
+    assert model.epsilon() > 2 * accounting.compute_epsilon(**steps)
+    assert "1 Gaussian release(s)" in model.privacy_statement()
+
+
+def test_statistics_of_non_finite_data_are_refused_before_any_release(tmp_path, monkeypatch, capsys):
+    x = np.ones((10,) + SHAPE)
+    x[3, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or inf \(1 record"):
+        statistics.release_channel_statistics(x, clip_norm=1.0, noise_multiplier=1.0)
+    digits = data.load("digits")
+    broken = digits.x_train.copy()
+    broken[5] = np.inf
+    monkeypatch.setattr(data, "load", lambda *a, **k: dataclasses.replace(digits, x_train=broken))
+    out = tmp_path / "run"
+    args = ["train", DIGITS, "--out", str(out), "--verbose", "0"]
+    assert cli.main(args + ["--set", "model.feature_statistics={noise_multiplier: 20, clip_norm: 8}"]) == 2
+    assert "NaN or inf" in capsys.readouterr().err
+    assert not (out / "feature_statistics.json").exists()

@@ -77,3 +77,53 @@ def test_optimizer_params_and_cosine_decay_follow_the_planned_steps(tmp_path):
 def test_optimizer_config_mistakes_are_named(override, message):
     with pytest.raises(config.ConfigError, match=message):
         config.load(DIGITS, ["optimizer.name=sgd", override])
+
+
+class _CrashAtSecondEpochEnd(tf.keras.callbacks.Callback):
+    """Stands in for the run's GradientNoiseMonitor (before BackupAndRestore): a crash after epoch 1's backup."""
+
+    def __init__(self, *args):
+        super().__init__()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
+def _args(out, *overrides):
+    base = ["training.epochs=3", "privacy.target_epsilon=null", "privacy.epsilon_budget=null"]
+    return ["train", DIGITS, "--out", out, "--verbose", "0"] + [a for s in base + list(overrides) for a in ("--set", s)]
+
+
+@pytest.mark.parametrize(
+    "first, second, changed",
+    [
+        (["privacy.noise_multiplier=0.8"], ["privacy.noise_multiplier=4.0"], "policy.noise_multiplier: 0.8 -> 4.0"),
+        (
+            ["privacy.noise_multiplier=null", "privacy.target_epsilon=1.0"],
+            ["privacy.noise_multiplier=null", "privacy.target_epsilon=1.0", "training.epochs=6"],
+            "policy.planned_steps",
+        ),
+        (
+            ["privacy.noise_multiplier=2.0"],
+            ["privacy.noise_multiplier=2.0", "model.clipping=flat", "model.clip_norm=0.1"],
+            "mechanism.name: 'certified' -> 'flat'",
+        ),
+    ],
+)
+def test_a_resumed_run_under_changed_privacy_settings_is_refused_naming_them(
+    tmp_path, monkeypatch, capsys, first, second, changed
+):
+    """The issue's case: 3 epochs at 0.8, a crash, resumed at 4.0: privacy.json said 1.01, dp-accounting 8.45."""
+    from lipdp import callbacks
+
+    out = str(tmp_path / "run")
+    with monkeypatch.context() as patch:
+        patch.setattr(callbacks, "GradientNoiseMonitor", _CrashAtSecondEpochEnd)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            cli.main(_args(out, *first))
+    assert os.path.isdir(os.path.join(out, "backup"))
+    assert cli.main(_args(out, *second)) == 2
+    error = capsys.readouterr().err
+    assert "interrupted run whose steps were taken under other privacy settings" in error and changed in error
+    assert cli.main(_args(out, *first)) == 0  # the same settings resume and complete

@@ -137,15 +137,30 @@ class ChannelStandardization(FrontEnd, tf.keras.layers.Layer):
     takes most of its norm, hence of the input clip after this layer.
     Bounds: none of its own (a front-end, see :class:`FrontEnd`); the
     :class:`InputNormClip` after it bounds the head's input.
+
+    The layer carries its release: ``noise_multiplier`` is the noise
+    multiplier of the Gaussian release the statistics came from, and
+    ``make_private`` composes it with the steps by itself
+    (``release_noise_multipliers``). It has no default: statistics computed
+    without a release must be declared public with ``noise_multiplier=None``
+    (computed from data that is not the private training set).
     """
 
-    def __init__(self, mean, scale, clip_norm, **kwargs):
+    def __init__(self, mean, scale, clip_norm, noise_multiplier, **kwargs):
         super().__init__(**kwargs)
         self.mean = [float(v) for v in mean]
         self.scale = [float(v) for v in scale]
         self.clip_norm = float(clip_norm)
+        self.noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
         if len(self.mean) != len(self.scale) or not all(v > 0 for v in self.scale) or not self.clip_norm > 0:
             raise ValueError("ChannelStandardization needs as many means as scales, scales > 0 and clip_norm > 0")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be > 0 (or None: public statistics), got {noise_multiplier!r}")
+
+    @property
+    def release_noise_multipliers(self):
+        """The release the statistics came from, for the accountant: ``(z,)``, or ``()`` for public statistics."""
+        return () if self.noise_multiplier is None else (self.noise_multiplier,)
 
     def build(self, input_shape):
         if input_shape[-1] != len(self.mean):
@@ -157,7 +172,8 @@ class ChannelStandardization(FrontEnd, tf.keras.layers.Layer):
         return (inputs - tf.constant(self.mean, tf.float32)) / tf.constant(self.scale, tf.float32)
 
     def get_config(self):
-        return {**super().get_config(), "mean": self.mean, "scale": self.scale, "clip_norm": self.clip_norm}
+        config = {**super().get_config(), "mean": self.mean, "scale": self.scale, "clip_norm": self.clip_norm}
+        return {**config, "noise_multiplier": self.noise_multiplier}
 
 
 def array_fingerprint(x, digest=None):

@@ -1,0 +1,106 @@
+"""The one seam between lipdp and Keras: which Keras it uses, and every use of Keras internals.
+
+lipdp is written for the Keras 2 API. Which package provides it depends on
+the TensorFlow version:
+
+* TensorFlow 2.15: ``tf.keras`` (Keras 2.15, built in);
+* TensorFlow 2.16 and later: ``tf_keras`` (the ``tf-keras`` package), since
+  ``tf.keras`` is Keras 3 there unless ``TF_USE_LEGACY_KERAS=1`` is set
+  before Keras is first used.
+
+:data:`keras` is that module, also exported as ``lipdp.keras``. Importing
+lipdp sets ``TF_USE_LEGACY_KERAS=1`` (unless already set), so that a
+user's ``tf.keras`` is the same Keras 2 when lipdp is imported before
+``tf.keras`` is first touched; a Keras 3 object handed to lipdp anyway is
+refused by :func:`check_keras2` with what to do instead.
+
+The Keras internals lipdp reads (the layer graph of a functional model, the
+layers nested in a layer, whether a layer takes ``training``, the compiled
+metrics, ``steps_per_execution``) are read here only, so a port to Keras 3
+changes this module and the few calls into it.
+"""
+
+import os
+import typing
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import tensorflow as tf  # noqa: E402  (after the variable above)
+
+from lipdp.errors import ModelNotSupportedError  # noqa: E402
+
+#: ``(major, minor)`` of the installed TensorFlow.
+TF_VERSION = tuple(int(part) for part in tf.__version__.split(".")[:2])
+
+if TF_VERSION >= (2, 16):
+    import tf_keras as keras
+else:
+    keras = tf.keras
+
+
+class LayerCall(typing.NamedTuple):
+    """One call of a layer in a functional model's graph: the layer, and the ids of the tensors it reads and writes.
+
+    The ids name tensors of the graph: a tensor read by several calls has one id.
+    """
+
+    layer: object
+    input_ids: list
+    output_ids: list
+    outputs: list  # the symbolic output tensors
+    is_input: bool
+
+
+def is_graph_model(model):
+    """Whether ``model`` is a functional or ``Sequential`` model with a layer graph (an input shape)."""
+    return bool(getattr(model, "_is_graph_network", False)) and model.inputs is not None
+
+
+def layer_calls(model):
+    """Every layer call of a graph model, inputs first (Keras counts depth from the outputs)."""
+    depths = sorted(model._nodes_by_depth, reverse=True)
+    return [
+        LayerCall(
+            node.layer,
+            list(node.flat_input_ids),
+            list(node.flat_output_ids),
+            tf.nest.flatten(node.outputs),
+            node.is_input,
+        )
+        for depth in depths
+        for node in model._nodes_by_depth[depth]
+    ]
+
+
+def nested_layers(layer, include_self=False):
+    """``layer``'s layers at every depth of nesting (sub-layers of custom layers and wrappers included)."""
+    return list(layer._flatten_layers(include_self=include_self))
+
+
+def expects_training_argument(layer):
+    """Whether ``layer.call`` takes a ``training`` argument."""
+    return bool(getattr(layer, "_expects_training_arg", False))
+
+
+def update_compiled_metrics(model, y, y_pred):
+    """Updates the metrics given to ``compile``."""
+    model.compiled_metrics.update_state(y, y_pred)
+
+
+def steps_per_execution(model):
+    """The ``steps_per_execution`` given to ``compile`` (1 when not compiled)."""
+    variable = getattr(model, "_steps_per_execution", None)
+    return 1 if variable is None else int(variable.numpy())
+
+
+def check_keras2(objects, what):
+    """Refuses Keras 3 objects (a layer, a model, an optimizer, a loss) handed to lipdp, which runs on Keras 2."""
+    for item in objects:
+        module = type(item).__module__
+        if module.split(".")[0] == "keras" and keras.__name__.split(".")[0] != "keras":
+            raise ModelNotSupportedError(
+                f"{what} {item!r} is a Keras 3 object ({type(item).__module__}.{type(item).__name__}); lipdp "
+                f"runs on the Keras 2 API ({keras.__name__}): build models with lipdp.keras (or tf_keras), or "
+                "import lipdp before tensorflow's tf.keras is first used (or set TF_USE_LEGACY_KERAS=1), so that "
+                "tf.keras is Keras 2"
+            )
