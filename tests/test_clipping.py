@@ -1,6 +1,8 @@
-"""Clipping rules (lipdp.clipping): fast per-example norms, rules, shared noise/accounting, tf-privacy parity."""
+"""Clipping rules (lipdp.clipping): fast per-example norms, rules, shared noise/accounting, tf-privacy cross-check."""
 
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -112,12 +114,13 @@ def mixed_functional_model():
 
 
 def sequence_model():
-    """Embedding and sequence Dense (Gram form), EinsumDense."""
+    """Embedding and sequence Dense (Gram form), LayerNormalization, EinsumDense."""
     model = lipdp.DPSequential(
         [
             tf.keras.Input((5,), dtype="int32"),
             K.Embedding(11, 4),
             K.Dense(6, activation="tanh"),
+            K.LayerNormalization(),
             K.EinsumDense("btc,cd->btd", output_shape=(5, 3), bias_axes="d"),
             K.GlobalAveragePooling1D(),
             K.Dense(3),
@@ -127,6 +130,16 @@ def sequence_model():
     rng = np.random.default_rng(1)
     # repeated tokens inside an example exercise the embedding rule's de-duplication
     return compiled(model), (rng.integers(0, 11, (6, 5)).astype("int32"), tf.one_hot(rng.integers(0, 3, 6), 3).numpy())
+
+
+def nested_model():
+    """A functional model inside a functional model, its output added to the outer branch's."""
+    inner_input = tf.keras.Input((6,))
+    inner = tf.keras.Model(inner_input, K.LayerNormalization()(K.Dense(6, activation="relu")(inner_input)))
+    inp = tf.keras.Input((5,))
+    h = K.Dense(6)(inp)
+    out = K.Dense(3)(K.Add()([inner(h), h]))
+    return compiled(lipdp.DPModel(inp, out, clipping="flat")), vectors()
 
 
 def fallback_model():
@@ -144,6 +157,7 @@ MODELS = {
     "lipschitz": lipschitz_model,
     "mixed": mixed_functional_model,
     "sequence": sequence_model,
+    "nested": nested_model,
     "fallback": fallback_model,
 }
 
@@ -192,12 +206,12 @@ def test_fast_norms_inside_a_graph_with_an_unknown_batch_size():
     assert graph_norms(x[:0], y[:0]).shape == (0,)
 
 
-@pytest.mark.parametrize("name", ["conv-s1-valid", "conv-s2-same", "fallback"])
+@pytest.mark.parametrize("name", ["conv-s1-valid", "conv-s2-same", "sequence", "fallback"])
 def test_an_empty_batch_gives_zero_sums_inside_a_graph(name):
     """oneDNN's Conv2D returns a wrongly shaped output for a batch of zero: the step must still be a no-op."""
     tf.keras.utils.set_random_seed(0)
     model, (x, y) = MODELS[name]()
-    spec = (tf.TensorSpec((None,) + x.shape[1:]), tf.TensorSpec((None,) + y.shape[1:]))
+    spec = (tf.TensorSpec((None,) + x.shape[1:], x.dtype), tf.TensorSpec((None,) + y.shape[1:], y.dtype))
     step = tf.function(lambda a, b: model.private_gradient_sums(a, b)[:3], input_signature=spec)
     y_pred, losses, sums = step(x[:0], y[:0])
     assert y_pred.shape[0] == losses.shape[0] == 0
@@ -216,6 +230,154 @@ def test_fallback_warns_once_naming_the_layer(caplog):
     assert sum("'prelu'" in m for m in messages) == 1
     assert sum("'shared_dense'" in m and "more than once" in m for m in messages) == 1
     assert len(messages) == 2  # the other Dense layers have a fast rule
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if n != "fallback"])
+def test_every_trainable_layer_of_these_models_gets_a_fast_rule(name):
+    """So that the norm tests above check the rules, not the per-example fallback."""
+    model, _ = MODELS[name]()
+    registry = clip_lib.make_layer_registry()
+    layers = [layer for layer, _ in clip_lib.fast_norms._graph_layers(model) if layer.trainable_variables]
+    assert [layer.name for layer in layers if not clip_lib.fast_norms.has_fast_rule(layer, registry)] == []
+
+
+# -- lipdp's fast rules, layer by layer ---------------------------------------------------
+def loop_squared_norms(layer, x, cotangent):
+    """``||d<z_i, c_i>/dtheta||^2`` for each example ``i``, one GradientTape per example (no fast rule)."""
+    squared = []
+    for xi, ci in zip(x, cotangent):
+        with tf.GradientTape() as tape:
+            target = tf.reduce_sum(layer(xi[None]) * ci[None])
+        grads = tape.gradient(target, layer.trainable_variables)  # Embedding: IndexedSlices, rows summed below
+        squared.append(sum(np.sum(np.square(tf.convert_to_tensor(g).numpy().astype(np.float64))) for g in grads))
+    return np.array(squared)
+
+
+def rule_squared_norms(layer, x, method="auto", seed=0):
+    """(the registry rule's squared norms, the loop's) for a random cotangent of the layer's output."""
+    with tf.GradientTape() as tape:
+        base, _, squared_norms = clip_lib.make_layer_registry(method)[type(layer)](layer, (x,), {}, tape)
+    cotangent = np.random.default_rng(seed).normal(size=base.shape).astype("float32")
+    return squared_norms(tf.constant(cotangent)).numpy(), loop_squared_norms(layer, x, cotangent)
+
+
+def built(layer, shape, seed=0):
+    """``layer`` built on a random ``(batch, *shape)`` input, with random (non-default) variables too."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape).astype("float32")
+    layer(x)
+    for variable in layer.trainable_variables:
+        variable.assign(rng.normal(size=variable.shape))
+    return layer, x
+
+
+KERNEL_LAYERS = {
+    "dense": lambda: built(K.Dense(4), (6, 5)),
+    "dense-no-bias-seq": lambda: built(K.Dense(4, use_bias=False), (6, 7, 5)),
+    "dense-seq": lambda: built(K.Dense(4), (6, 7, 5)),
+    "dense-rank4": lambda: built(K.Dense(3), (5, 2, 3, 4)),
+    "lipschitz-dense-seq": lambda: built(L.LipschitzDense(4, bias_bound=1.0), (6, 7, 5)),
+    "einsum": lambda: built(K.EinsumDense("ab,bc->ac", output_shape=4, bias_axes="c"), (6, 5)),
+    "einsum-seq": lambda: built(K.EinsumDense("abc,cd->abd", output_shape=(7, 4), bias_axes="d"), (6, 7, 5)),
+    "einsum-ellipsis": lambda: built(K.EinsumDense("...b,bc->...c", output_shape=4, bias_axes="c"), (6, 7, 5)),
+    "einsum-two-produced": lambda: built(K.EinsumDense("abc,cde->abde", (7, 2, 3), bias_axes="e"), (6, 7, 5)),
+    "einsum-two-contracted": lambda: built(K.EinsumDense("abcd,cde->abe", (7, 4), bias_axes="be"), (6, 7, 2, 3)),
+    "einsum-blocks": lambda: built(K.EinsumDense("abnh,nhd->abnd", (7, 2, 3), bias_axes="nd"), (6, 7, 2, 4)),
+    "einsum-summed-input": lambda: built(K.EinsumDense("abc,cd->ad", output_shape=4), (6, 7, 5)),
+}
+
+
+@pytest.mark.parametrize("name", list(KERNEL_LAYERS))
+@pytest.mark.parametrize("method", ["gram", "direct", "auto"])
+def test_kernel_rules_match_a_loop_over_examples(name, method):
+    layer, x = KERNEL_LAYERS[name]()
+    fast, expected = rule_squared_norms(layer, x, method)
+    np.testing.assert_allclose(fast, expected, rtol=1e-4)
+    assert expected.min() > 0
+
+
+@pytest.mark.parametrize(
+    "shape, options",
+    [
+        ((6, 5), {}),
+        ((6, 7, 5), {}),
+        ((6, 7, 5), {"axis": [1, 2]}),
+        ((6, 3, 4, 5), {"axis": [1, 3]}),
+        ((6, 7, 5), {"center": False}),
+        ((6, 7, 5), {"scale": False}),
+    ],
+)
+def test_layer_norm_rule_matches_a_loop_over_examples(shape, options):
+    layer, x = built(K.LayerNormalization(**options), shape)
+    fast, expected = rule_squared_norms(layer, x)
+    np.testing.assert_allclose(fast, expected, rtol=1e-4)
+    assert expected.min() > 0
+
+
+@pytest.mark.parametrize("shape", [(6,), (6, 9), (4, 3, 5)])
+def test_embedding_rule_matches_a_loop_over_examples_with_repeated_indices(shape):
+    rng = np.random.default_rng(0)
+    indices = rng.integers(0, 4, shape).astype("int32")  # 4 rows: every example of 9 or 15 indices repeats some
+    layer = K.Embedding(4, 3)
+    layer(indices)
+    layer.embeddings.assign(rng.normal(size=(4, 3)))
+    fast, expected = rule_squared_norms(layer, indices)
+    np.testing.assert_allclose(fast, expected, rtol=1e-4)
+    assert expected.min() > 0
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (K.Dense(4), (0, 7, 5)),
+        (K.EinsumDense("abnh,nhd->abnd", (7, 2, 3), bias_axes="nd"), (0, 7, 2, 4)),
+        (K.LayerNormalization(), (0, 7, 5)),
+    ],
+)
+def test_rules_on_an_empty_batch_give_no_norms(layer, shape):
+    layer, x = built(layer, shape)
+    fast, _ = rule_squared_norms(layer, x)
+    assert fast.shape == (0,)
+
+
+def test_embedding_rule_on_an_empty_batch_gives_no_norms():
+    layer = K.Embedding(4, 3)
+    fast, _ = rule_squared_norms(layer, np.zeros((0, 5), "int32"))
+    assert fast.shape == (0,)
+
+
+def test_clipped_norms_import_nothing_from_tensorflow_privacy():
+    """A fresh interpreter in which importing tensorflow_privacy fails computes fast norms all the same."""
+    script = """
+import sys
+sys.modules["tensorflow_privacy"] = None  # any import of it raises ImportError
+import numpy as np
+import tensorflow as tf
+import lipdp
+model = lipdp.DPSequential([tf.keras.Input((5,)), tf.keras.layers.Dense(3)], clipping="flat")
+model.compile("sgd", loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True))
+x, y = np.ones((4, 5), "float32"), np.eye(3, dtype="float32")[[0, 1, 2, 0]]
+assert lipdp.clipping.per_example_gradient_norms(model, x, y).shape == (4,)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# -- the functional-graph forward pass ----------------------------------------------------
+@pytest.mark.parametrize("name", ["dense", "lipschitz", "mixed", "nested", "sequence"])
+def test_graph_forward_pass_calls_each_layer_once_and_matches_the_model(name):
+    """Sequential and functional models, a two-input Add and a nested model: same output, every layer call seen."""
+    tf.keras.utils.set_random_seed(0)
+    model, (x, _) = MODELS[name]()
+    called = []
+
+    def call_layer(layer, args, kwargs):
+        called.append(layer)
+        return layer(*args, **kwargs)
+
+    outputs = clip_lib.fast_norms.graph_forward_pass(model, x, call_layer)
+    np.testing.assert_allclose(outputs.numpy(), model(x).numpy(), rtol=1e-6)
+    assert called == [layer for layer, _ in clip_lib.fast_norms._graph_layers(model)]
 
 
 # -- clipping rules --------------------------------------------------------------------
@@ -334,7 +496,7 @@ def test_epsilon_equals_the_clipless_one():
 
 
 def test_flat_clipping_matches_tensorflow_privacy_dp_sgd(monkeypatch):
-    """Same batch, same weights, same R: our noiseless step equals DPKerasSGDOptimizer's.
+    """Cross-check: same batch, same weights, same R: our noiseless step equals DPKerasSGDOptimizer's.
 
     Our PrivacyPolicy needs noise_multiplier > 0, so the model gets sigma = 1
     and its ``noise_stddevs`` is monkeypatched to zero (tf-privacy runs with
@@ -342,7 +504,9 @@ def test_flat_clipping_matches_tensorflow_privacy_dp_sgd(monkeypatch):
     num_microbatches (= batch size, one example per microbatch); ours by the
     expected batch size qN: the batch size is chosen equal to qN.
     """
-    from tensorflow_privacy import DPKerasSGDOptimizer
+    tensorflow_privacy = pytest.importorskip(
+        "tensorflow_privacy", reason="tensorflow_privacy is not installed (optional: it pins TensorFlow <= 2.15)"
+    )
 
     batch, clip_norm, lr = 16, 2.5, 0.5
     x, y = vectors(n=160, dim=5, seed=3)
@@ -363,7 +527,7 @@ def test_flat_clipping_matches_tensorflow_privacy_dp_sgd(monkeypatch):
     )
     ours.allow_unaccounted_steps().train_on_batch(x[:batch], y[:batch])
 
-    optimizer = DPKerasSGDOptimizer(
+    optimizer = tensorflow_privacy.DPKerasSGDOptimizer(
         l2_norm_clip=clip_norm * (1 - clip_lib.CLIP_MARGIN),
         noise_multiplier=0.0,
         num_microbatches=batch,

@@ -9,18 +9,33 @@ one backward pass of the summed loss gives ``dL/dz`` (per example, since the
 losses are per example); each layer turns its input and ``dL/dz`` into the
 per-example squared norm of its variables' gradients:
 
-* ``Dense`` / :class:`~lipdp.layers.LipschitzDense` / ``EinsumDense`` /
-  ``Embedding`` / ``LayerNormalization``: tensorflow_privacy's registry
-  functions (``||h_i||^2 ||z_i||^2`` for one position, the Gram form
-  ``<H_i H_i^T, Z_i Z_i^T>`` for sequences, plus the bias term
-  ``||sum_p z_ip||^2``).
-* ``Conv2D`` / :class:`~lipdp.layers.LipschitzConv2D` (here): im2col patches
+* ``Dense`` / :class:`~lipdp.layers.LipschitzDense` (input ``(B, ..., d_in)``):
+  example ``i``'s input rows ``H_i`` (``P x d_in``, ``P`` positions: the
+  middle axes, 1 for a vector) and cotangents ``Z_i`` (``P x d_out``); the
+  kernel gradient ``H_i^T Z_i`` has squared norm ``||h_i||^2 ||z_i||^2`` for
+  one position, the Gram form ``<H_i H_i^T, Z_i Z_i^T>`` or the formed
+  product for several (the cheaper); the bias gradient is ``sum_p z_ip``.
+* ``EinsumDense``: the same per block of the kernel, after the equation's
+  subscripts are sorted into positions, contracted and produced axes, and
+  blocks (subscripts in input, kernel and output); bias: the cotangent summed
+  over the output axes that the bias is broadcast over.
+* ``Conv2D`` / :class:`~lipdp.layers.LipschitzConv2D`: im2col patches
   ``A_i`` (shape ``P x kh kw c_in``; ``tf.image.extract_patches``, or an
   identity-kernel convolution for shallow patches, see ``_patches``) and
   cotangents ``Z_i`` (``P x c_out``). Either the per-example kernel gradient
   ``A_i^T Z_i`` is formed (``P D C`` flops, ``D C`` floats per example) or the
   Gram form ``<A_i A_i^T, Z_i Z_i^T>`` (``P^2 (D + C)`` flops, ``P^2``
   floats); the cheaper is chosen, ``D = kh kw c_in``, ``C = c_out``.
+* ``LayerNormalization``: ``gamma`` and ``beta`` get, per example, the sums of
+  ``xhat * z`` and of ``z`` over the axes that are not normalised (``xhat``
+  the normalised input, recomputed from the input).
+* ``Embedding``: example ``i``'s gradient has row ``v`` equal to the sum of
+  its cotangents at the positions of index ``v``; its squared norm is
+  ``sum_{p, q: idx_p = idx_q} <z_ip, z_iq>``, computed by summing the
+  cotangents of each distinct (example, index) pair.
+
+These rules and the functional-graph walk that records the layers' inputs
+(:func:`graph_forward_pass`) are lipdp's own.
 
 Any other layer with trainable variables -- or a layer called more than once
 (shared weights: per-call norms do not add up) -- falls back to per-example
@@ -52,6 +67,8 @@ examples (``BatchNormalization``).
 import contextlib
 import functools
 import logging
+import re
+import string
 import typing
 
 import tensorflow as tf
@@ -67,7 +84,7 @@ logger = logging.getLogger(__name__)
 _warned_fallback = set()
 
 # Python control flow here depends only on the model's structure, never on tensor values: AutoGraph
-# would only add ~10 s of source conversion (this module and tensorflow_privacy's) to the first trace.
+# would only add source conversion time to the first trace.
 no_autograph = tf.autograph.experimental.do_not_convert
 
 
@@ -172,11 +189,137 @@ def _pre_activation(layer, args, kwargs):
             layer.activation = activation
 
 
-def _without_activation(layer, inputs, tape):
-    """Pre-activation output (watched) and output of a layer with an ``activation`` attribute."""
-    base = _pre_activation(layer, (inputs,), {})
-    tape.watch(base)
-    return base, (layer.activation(base) if layer.activation is not None else base)
+def _size(tensor, start, stop):
+    """Number of entries of ``tensor.shape[start:stop]``: a Python int where static, else a scalar tensor."""
+    dims = tensor.shape[start:stop]
+    return dims.num_elements() if dims.is_fully_defined() else tf.reduce_prod(tf.shape(tensor)[start:stop])
+
+
+def _three_axes(tensor, lead, trail):
+    """``tensor`` reshaped to ``(N, P, F)``, merging its first ``lead`` axes, its last ``trail`` and those between."""
+    rank = tensor.shape.rank
+    sizes = [_size(tensor, 0, lead), _size(tensor, lead, rank - trail), _size(tensor, rank - trail, rank)]
+    return tf.reshape(tensor, sizes)
+
+
+def _cheaper_form(positions, depth, filters):
+    """``"gram"`` where its ``P^2 (D + C)`` flops beat the direct form's ``P D C``, else ``"direct"``.
+
+    A dynamic ``P`` (``None``) gets ``"direct"``, whose memory does not grow with ``P``.
+    """
+    return "gram" if positions is not None and positions * (depth + filters) < depth * filters else "direct"
+
+
+def _kernel_squared_norms(a, z, method):
+    """``||A_n^T Z_n||_F^2`` for ``a`` ``(N, P, D)``, ``z`` ``(N, P, C)``: the per-example kernel gradient's norm.
+
+    ``"direct"`` forms ``A_n^T Z_n``; ``"gram"`` uses
+    ``||A^T Z||_F^2 = tr(Z^T A A^T Z) = <A A^T, Z Z^T>``; ``"auto"``, the one
+    with fewer flops (for ``P = 1``, ``||a||^2 ||z||^2``).
+    """
+    if method == "auto":
+        method = _cheaper_form(a.shape[1], a.shape[2], z.shape[2])
+    if method == "gram":
+        return tf.reduce_sum(tf.matmul(a, a, transpose_b=True) * tf.matmul(z, z, transpose_b=True), axis=[1, 2])
+    if method == "direct":
+        return tf.reduce_sum(tf.square(tf.matmul(a, z, transpose_a=True)), axis=[1, 2])
+    raise ValueError(f"method={method!r} is not one of ('auto', 'gram', 'direct')")
+
+
+def _squared_sum(per_example):
+    """``||g_i||^2`` for ``per_example`` ``(B, ...)``."""
+    return tf.reduce_sum(tf.square(per_example), axis=list(range(1, per_example.shape.rank)))
+
+
+def _bias_squared_norms(z):
+    """``||sum_p z_np||^2`` for ``z`` ``(N, P, C)``: a bias added at every position gets the summed cotangent."""
+    return tf.reduce_sum(tf.square(tf.reduce_sum(z, axis=1)), axis=1)
+
+
+def dense_squared_norms(inputs, grads, layer, method="auto"):
+    """Per-example squared gradient norm of a ``Dense`` (kernel and bias) applied to ``(B, ..., d_in)``.
+
+    Example ``i``'s input rows ``H_i`` (``P x d_in``, ``P`` the product of
+    the middle axes, 1 for a rank-2 input) and cotangents ``Z_i``
+    (``P x d_out``): kernel gradient ``H_i^T Z_i``, bias gradient
+    ``sum_p z_ip``.
+    """
+    z = _three_axes(grads, 1, 1)
+    squared = _kernel_squared_norms(_three_axes(tf.cast(inputs, grads.dtype), 1, 1), z, method)
+    return squared + _bias_squared_norms(z) if layer.use_bias else squared
+
+
+def _einsum_specs(layer):
+    """The input, kernel and output subscripts of an ``EinsumDense`` equation, an ellipsis spelled out."""
+    inputs, kernel, outputs = re.fullmatch(r"([a-zA-Z.]+),([a-zA-Z]+)->([a-zA-Z.]+)", layer.equation).groups()
+    elided = len(layer.full_output_shape) - len(outputs.replace("...", ""))
+    spare = "".join(c for c in string.ascii_letters if c not in layer.equation)[:elided]
+    return inputs.replace("...", spare), kernel, outputs.replace("...", spare)
+
+
+def einsum_dense_squared_norms(inputs, grads, layer, method="auto"):
+    """Per-example squared gradient norm of an ``EinsumDense`` (kernel and bias).
+
+    The subscripts other than the batch's ``b`` are: shared ``S`` (input,
+    kernel and output: the kernel is one block per ``s``), positions ``P``
+    (input and output), contracted ``D`` (input and kernel), ``C`` (kernel
+    and output); input-only subscripts are summed out of the input. The
+    kernel gradient of block ``s`` is ``H_is^T Z_is`` (``H_is``:
+    ``P x D``, ``Z_is``: ``P x C``), so the squared norm is
+    ``sum_s ||H_is^T Z_is||^2``; the bias gradient is the cotangent summed
+    over the output subscripts not in ``bias_axes``.
+    """
+    in_spec, kernel_spec, out_spec = _einsum_specs(layer)
+    batch = in_spec[0]
+    shared = "".join(c for c in kernel_spec if c in in_spec and c in out_spec)
+    positions = "".join(c for c in out_spec[1:] if c in in_spec and c not in kernel_spec)
+    contracted = "".join(c for c in kernel_spec if c in in_spec and c not in out_spec)
+    produced = "".join(c for c in kernel_spec if c in out_spec and c not in in_spec)
+    h = tf.einsum(f"{in_spec}->{batch}{shared}{positions}{contracted}", tf.cast(inputs, grads.dtype))
+    z = tf.einsum(f"{out_spec}->{batch}{shared}{positions}{produced}", grads)
+    lead = 1 + len(shared)
+    blocks = _kernel_squared_norms(_three_axes(h, lead, len(contracted)), _three_axes(z, lead, len(produced)), method)
+    squared = tf.reduce_sum(tf.reshape(blocks, [tf.shape(grads)[0], _size(h, 1, lead)]), axis=1)
+    if layer.bias is None:
+        return squared
+    return squared + _squared_sum(tf.einsum(f"{out_spec}->{batch}{layer.bias_axes}", grads))
+
+
+def layer_norm_squared_norms(inputs, grads, layer):
+    """Per-example squared gradient norm of a ``LayerNormalization`` (``gamma`` and ``beta``).
+
+    ``y = gamma xhat + beta``, ``xhat = (x - mean) / sqrt(var + eps)`` over
+    ``layer.axis``: example ``i``'s gradients are ``sum xhat_i * z_i`` (gamma)
+    and ``sum z_i`` (beta), summed over the axes that are neither the batch's
+    nor normalised.
+    """
+    x = tf.cast(inputs, grads.dtype)
+    mean, variance = tf.nn.moments(x, layer.axis, keepdims=True)
+    normalised = (x - mean) * tf.math.rsqrt(variance + layer.epsilon)
+    other_axes = [a for a in range(1, grads.shape.rank) if a not in layer.axis]
+    per_example = []
+    if layer.scale:
+        per_example.append(tf.reduce_sum(normalised * grads, axis=other_axes))
+    if layer.center:
+        per_example.append(tf.reduce_sum(grads, axis=other_axes))
+    return tf.add_n([_squared_sum(g) for g in per_example])
+
+
+def embedding_squared_norms(indices, grads, layer):
+    """Per-example squared gradient norm of an ``Embedding`` table.
+
+    Example ``i``'s gradient has row ``v`` equal to ``sum_{p: idx_ip = v} z_ip``,
+    so its squared norm is ``sum_{p, q: idx_ip = idx_iq} <z_ip, z_iq>``. Rather
+    than all pairs of positions, the cotangents of equal ``(example, index)``
+    are summed (one segment each) and the segments' squared norms are added up.
+    """
+    batch = tf.shape(grads)[0]
+    indices = tf.cast(indices, tf.int64)
+    example = tf.reshape(tf.range(tf.cast(batch, tf.int64)), [-1] + [1] * (indices.shape.rank - 1))
+    example = tf.broadcast_to(example, tf.shape(indices))
+    keys, segment = tf.unique(tf.reshape(example * layer.input_dim + indices, [-1]))
+    rows = tf.math.unsorted_segment_sum(tf.reshape(grads, [-1, grads.shape[-1]]), segment, tf.size(keys))
+    return tf.math.unsorted_segment_sum(tf.reduce_sum(tf.square(rows), axis=1), keys // layer.input_dim, batch)
 
 
 #: Up to this patch depth ``kh kw c_in``, im2col runs as a convolution with an identity kernel: on CPU,
@@ -212,75 +355,72 @@ def conv2d_squared_norms(inputs, grads, layer, method="auto"):
             (``<A_i A_i^T, Z_i Z_i^T>``) or ``"auto"`` (fewer flops).
     """
     kh, kw = layer.kernel_size
-    batch = tf.shape(inputs)[0]
-    depth, filters = kh * kw * int(inputs.shape[-1]), int(grads.shape[-1])
-    a = tf.reshape(_patches(inputs, layer, depth), [batch, -1, depth])
-    z = tf.reshape(grads, [batch, -1, filters])
-    if method == "auto":
-        positions = a.shape[1]  # None for a dynamic image size: then "direct", whose memory does not grow with it
-        method = "gram" if positions is not None and positions * (depth + filters) < depth * filters else "direct"
-    if method == "gram":
-        squared = tf.reduce_sum(tf.matmul(a, a, transpose_b=True) * tf.matmul(z, z, transpose_b=True), axis=[1, 2])
-    elif method == "direct":
-        squared = tf.reduce_sum(tf.square(tf.matmul(a, z, transpose_a=True)), axis=[1, 2])
-    else:
-        raise ValueError(f"method={method!r} is not one of ('auto', 'gram', 'direct')")
-    if layer.use_bias:
-        squared += tf.reduce_sum(tf.square(tf.reduce_sum(z, axis=1)), axis=1)
-    return squared
-
-
-def conv2d_layer_computation(layer, input_args, input_kwargs, tape, num_microbatches=None, method="auto"):
-    """tensorflow_privacy registry function for ``Conv2D`` (see :func:`conv2d_squared_norms`)."""
-    if input_kwargs or len(input_args) != 1 or num_microbatches is not None:
-        raise ValueError("Conv2D fast norms take one input, no keyword arguments and no microbatches")
-    inputs = input_args[0]
-    base, outputs = _without_activation(layer, inputs, tape)
-    return base, outputs, functools.partial(conv2d_squared_norms, inputs, layer=layer, method=method)
+    depth = kh * kw * int(inputs.shape[-1])
+    z = _three_axes(grads, 1, 1)
+    squared = _kernel_squared_norms(_three_axes(_patches(inputs, layer, depth), 1, 1), z, method)
+    return squared + _bias_squared_norms(z) if layer.use_bias else squared
 
 
 def _conv2d_supported(layer):
     return layer.data_format == "channels_last" and layer.groups == 1 and layer.padding in ("same", "valid")
 
 
+def _einsum_dense_supported(layer):
+    in_spec, kernel_spec, out_spec = _einsum_specs(layer)
+    return in_spec[0] == out_spec[0] and in_spec[0] not in kernel_spec  # the batch axis stays first
+
+
 def _layer_norm_supported(layer):
-    return layer.center and layer.scale
+    return 0 not in layer.axis  # normalising over the batch mixes examples
 
 
 def _embedding_supported(layer):
     return not getattr(layer, "sparse", False) and not getattr(layer, "_use_one_hot_matmul", False)
 
 
-def make_layer_registry(conv_method="auto"):
-    """tensorflow_privacy's default registry (Dense, Embedding) plus EinsumDense, LayerNormalization,
-    Conv2D and the lipdp layers.
+def _fast_rule(squared_norms, **options):
+    """A registry entry: ``rule(layer, args, kwargs, tape) -> (z, outputs, dL/dz -> per-example squared norms)``.
+
+    ``z``, the layer's output before its activation, is watched on ``tape``;
+    ``squared_norms(args[0], dL/dz, layer=layer, **options)`` gives the norms.
+    """
+
+    def rule(layer, args, kwargs, tape):
+        base = _pre_activation(layer, args, kwargs)
+        tape.watch(base)
+        activation = getattr(layer, "activation", None)
+        outputs = activation(base) if activation is not None else base
+        return base, outputs, functools.partial(squared_norms, args[0], layer=layer, **options)
+
+    return rule
+
+
+def make_layer_registry(method="auto"):
+    """lipdp's fast rules: ``{layer class: rule}`` for Dense, EinsumDense, Conv2D, LayerNormalization,
+    Embedding and the lipdp layers.
 
     Classes match exactly (a subclass may override ``call``), which is why
     ``LipschitzDense`` / ``LipschitzConv2D`` are registered by name.
-    ``conv_method`` forces the Conv2D form (``"auto"``, ``"gram"``, ``"direct"``).
+    ``method`` forces the form of the kernel rules (Dense, EinsumDense,
+    Conv2D): ``"auto"``, ``"gram"`` or ``"direct"``.
     """
-    from tensorflow_privacy.privacy.fast_gradient_clipping import layer_registry
-    from tensorflow_privacy.privacy.fast_gradient_clipping.registry_functions.dense import dense_layer_computation
-    from tensorflow_privacy.privacy.fast_gradient_clipping.registry_functions.einsum_dense import (
-        einsum_layer_computation,
-    )
-    from tensorflow_privacy.privacy.fast_gradient_clipping.registry_functions.layer_normalization import (
-        layer_normalization_computation,
-    )
-
-    registry = layer_registry.make_default_layer_registry()
-    conv = functools.partial(conv2d_layer_computation, method=conv_method)
-    registry.insert(LipschitzDense, dense_layer_computation)
-    registry.insert(tf.keras.layers.EinsumDense, einsum_layer_computation)
-    registry.insert(tf.keras.layers.LayerNormalization, layer_normalization_computation)
-    registry.insert(tf.keras.layers.Conv2D, conv)
-    registry.insert(LipschitzConv2D, conv)
-    return registry
+    dense = _fast_rule(dense_squared_norms, method=method)
+    conv = _fast_rule(conv2d_squared_norms, method=method)
+    return {
+        tf.keras.layers.Dense: dense,
+        LipschitzDense: dense,
+        tf.keras.layers.EinsumDense: _fast_rule(einsum_dense_squared_norms, method=method),
+        tf.keras.layers.Conv2D: conv,
+        LipschitzConv2D: conv,
+        tf.keras.layers.LayerNormalization: _fast_rule(layer_norm_squared_norms),
+        tf.keras.layers.Embedding: _fast_rule(embedding_squared_norms),
+    }
 
 
 _CONFIG_CHECKS = {
     "Conv2D": _conv2d_supported,
     "LipschitzConv2D": _conv2d_supported,
+    "EinsumDense": _einsum_dense_supported,
     "LayerNormalization": _layer_norm_supported,
     "Embedding": _embedding_supported,
 }
@@ -288,10 +428,10 @@ _CONFIG_CHECKS = {
 
 def has_fast_rule(layer, registry, kwargs=None):
     """Whether ``layer`` (called with ``kwargs``) gets its norms without per-example gradients."""
-    if not registry.is_elem(layer):
+    if type(layer) not in registry:
         return False
     if kwargs and not isinstance(layer, tf.keras.layers.LayerNormalization):
-        return False  # the registry functions refuse keyword arguments
+        return False  # the other rules' layers take their input alone
     check = _CONFIG_CHECKS.get(type(layer).__name__)
     return check is None or bool(check(layer))
 
@@ -358,6 +498,32 @@ def _squared_norms(per_example_grads):
 
 
 # -- forward pass with norms ---------------------------------------------------
+def graph_forward_pass(model, inputs, call_layer):
+    """``model(inputs)``, layer call by layer call: ``call_layer(layer, args, kwargs)`` gives each call's outputs.
+
+    Walks the nodes of the model's layer graph (Sequential or functional)
+    from the inputs to the outputs, deepest first as Keras does; a nested
+    functional model is walked too, with the arguments of its call.
+    """
+    values = {}  # id of a symbolic (Keras) tensor of the graph -> its value in this pass
+    for reference, value in zip(model.inputs, model._flatten_to_reference_inputs(inputs)):
+        values[id(reference)] = model._conform_to_reference_input(value, ref_input=reference)
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if node.is_input:
+                continue
+            symbolic = {id(t) for t in node.keras_inputs}
+            args, kwargs = tf.nest.map_structure(
+                lambda t: values[id(t)] if id(t) in symbolic else t, (node.call_args, node.call_kwargs)
+            )
+            if _has_graph(node.layer):
+                outputs = graph_forward_pass(node.layer, args[0], call_layer)
+            else:
+                outputs = call_layer(node.layer, args, kwargs)
+            values.update(zip(map(id, tf.nest.flatten(node.outputs)), tf.nest.flatten(outputs)))
+    return tf.nest.map_structure(lambda t: values[id(t)], model._nested_outputs)
+
+
 def per_sample_losses(loss, y, y_pred):
     """Per-example losses from ``loss.call``; extra axes (sequences, pixels) are averaged, as Keras does."""
     values = tf.convert_to_tensor(loss.call(y, y_pred))
@@ -422,22 +588,20 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
     :meth:`NormedForwardPass.weighted_gradient_sums` does not cover (see
     :func:`lipdp.clipping.rules.ClippingRule.gradient_sums`).
     """
-    from tensorflow_privacy.privacy.fast_gradient_clipping import gradient_clipping_utils
-
     registry = registry if registry is not None else _default_registry()
     shared = _shared_layers(model)
     tape = tf.GradientTape(watch_accessed_variables=False)
     fast, fallback = [], {}
 
-    def generator_fn(layer, args, kwargs):
+    def call_layer(layer, args, kwargs):
         if getattr(layer, "_expects_training_arg", False) and "training" not in kwargs:
             kwargs = {**kwargs, "training": True}
         if not layer.trainable_variables:
-            return layer(*args, **kwargs), None
+            return layer(*args, **kwargs)
         if id(layer) not in shared and has_fast_rule(layer, registry, kwargs):
-            base, outputs, sqr_norm_fn = registry.lookup(layer)(layer, args, kwargs, tape, None)
-            fast.append((base, sqr_norm_fn, (layer, args, kwargs)))
-            return outputs, None
+            base, outputs, squared_norms = registry[type(layer)](layer, args, kwargs, tape)
+            fast.append((base, squared_norms, (layer, args, kwargs)))
+            return outputs
         _warn_fallback(
             layer,
             "is called more than once (shared weights)" if id(layer) in shared else "has no fast per-example norm rule",
@@ -446,11 +610,11 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
         flat_outputs = tf.nest.flatten(outputs)
         tape.watch(flat_outputs)
         fallback.setdefault(id(layer), (layer, []))[1].append((args, kwargs, flat_outputs))
-        return outputs, None
+        return outputs
 
     loss = per_example_loss(model)
     with tape:
-        y_pred, _ = gradient_clipping_utils.model_forward_pass(model, x, generator_fn=generator_fn)
+        y_pred = graph_forward_pass(model, x, call_layer)
         losses = per_sample_losses(loss, y, y_pred)
         total = tf.reduce_sum(losses)
     with outer_tape.stop_recording() if outer_tape is not None else contextlib.nullcontext():
