@@ -2,10 +2,15 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The older stack, kept supported: TensorFlow 2.15 (built-in Keras 2), NumPy 1, and tensorflow-privacy as the
+# peer of the cross-check tests (it holds TensorFlow <= 2.15 and dp-accounting 0.4.3).
+LEGACY := .venv-legacy
+LEGACY_STAMP := $(LEGACY)/.installed
+LEGACY_PINS := tensorflow==2.15.1 tf-keras==2.15.1 'numpy<2'
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-slow lint format clean
+.PHONY: demo test test-slow test-legacy lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +18,17 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip check
 	touch $(STAMP)
+
+$(LEGACY)/bin/python:
+	$(PYTHON) -m venv $(LEGACY)
+	$(LEGACY)/bin/pip install --quiet --upgrade pip
+
+$(LEGACY_STAMP): $(LEGACY)/bin/python setup.cfg pyproject.toml
+	$(LEGACY)/bin/pip install --quiet -e '.[dev,peer]' $(LEGACY_PINS)
+	$(LEGACY)/bin/pip check
+	touch $(LEGACY_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/lipdp train configs/digits.yaml --out runs/digits-$$(date +%Y%m%d-%H%M%S)
@@ -32,5 +47,8 @@ test: lint
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+test-legacy: $(LEGACY_STAMP)
+	$(LEGACY)/bin/python -m pytest -q
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(LEGACY) runs build *.egg-info

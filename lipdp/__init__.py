@@ -5,13 +5,15 @@ Entry points: :class:`DPSequential` / :class:`DPModel` (``make_private`` then
 :mod:`lipdp.accounting`, samplers in :mod:`lipdp.sampling`, callbacks in
 :mod:`lipdp.callbacks`, data loaders in :mod:`lipdp.data`, gradient mechanisms
 in :mod:`lipdp.mechanisms` (certified bounds, or the clipping rules of
-:mod:`lipdp.clipping`), errors under :class:`lipdp.errors.LipdpError`;
+:mod:`lipdp.clipping`), errors under :class:`lipdp.errors.LipdpError`; ``lipdp.keras``, the Keras 2
+API lipdp runs on (``tf_keras`` on TensorFlow >= 2.16, see :mod:`lipdp.backend`);
 reports and audits in :mod:`lipdp.reports` and
 :mod:`lipdp.audit` (imported on demand: they need matplotlib/scikit-learn).
 """
 
 from lipdp import accounting, callbacks, clipping, data, errors, layers, losses, mechanisms, sensitivity
 from lipdp.accounting import PrivacyPolicy
+from lipdp.backend import keras  # first: decides which Keras (see lipdp.backend)
 from lipdp.errors import LipdpError
 from lipdp.model import DPModel, DPSequential
 from lipdp.sampling import PoissonSampler, ShuffleSampler
@@ -30,6 +32,7 @@ __all__ = [
     "clipping",
     "data",
     "errors",
+    "keras",
     "layers",
     "losses",
     "mechanisms",

@@ -23,6 +23,7 @@ see the raw input). Keras' random image layers (``RandomFlip``,
 
 import tensorflow as tf
 
+from lipdp.backend import keras
 from lipdp.errors import ConfigError
 
 #: Keras layers a config may list under ``model.augmentation.layers``.
@@ -65,12 +66,12 @@ class AugmentationMultiplicity:
         return tf.reduce_mean(tf.reshape(values, shape), axis=1)
 
     def get_config(self):
-        layers = [tf.keras.layers.serialize(layer) for layer in self.layers]
+        layers = [keras.layers.serialize(layer) for layer in self.layers]
         return {"multiplicity": self.multiplicity, "layers": layers}
 
     @classmethod
     def from_config(cls, config):
-        return cls(config["multiplicity"], [tf.keras.layers.deserialize(layer) for layer in config.get("layers", [])])
+        return cls(config["multiplicity"], [keras.layers.deserialize(layer) for layer in config.get("layers", [])])
 
     def __repr__(self):
         names = ", ".join(type(layer).__name__ for layer in self.layers) or "no augmentation"
@@ -98,7 +99,7 @@ def from_spec(spec):
         if name not in CONFIG_LAYERS:
             raise ConfigError(f"model.augmentation.layers: {name!r} is not one of {', '.join(CONFIG_LAYERS)}")
         try:
-            layers.append(getattr(tf.keras.layers, name)(**arguments))
+            layers.append(getattr(keras.layers, name)(**arguments))
         except (TypeError, ValueError) as error:
             raise ConfigError(f"model.augmentation.layers: {name}: {error}") from error
     try:

@@ -23,16 +23,15 @@ changes this module and the few calls into it.
 import os
 import typing
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+import tensorflow as tf
 
-import tensorflow as tf  # noqa: E402  (after the variable above)
-
-from lipdp.errors import ModelNotSupportedError  # noqa: E402
+from lipdp.errors import ModelNotSupportedError
 
 #: ``(major, minor)`` of the installed TensorFlow.
 TF_VERSION = tuple(int(part) for part in tf.__version__.split(".")[:2])
 
 if TF_VERSION >= (2, 16):
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # read when tf.keras is first used, not at import
     import tf_keras as keras
 else:
     keras = tf.keras
@@ -72,9 +71,58 @@ def layer_calls(model):
     ]
 
 
+def leaf_layer_calls(model):
+    """``[(layer, call)]`` of every layer call, nested graph models expanded into their own calls."""
+    calls = []
+    for call in layer_calls(model):
+        if call.is_input:
+            continue
+        if isinstance(call.layer, keras.Model) and is_graph_model(call.layer):
+            calls.extend(leaf_layer_calls(call.layer))
+        else:
+            calls.append((call.layer, call))
+    return calls
+
+
+def run_layer_by_layer(model, inputs, call_layer):
+    """``model(inputs)``, layer call by layer call: ``call_layer(layer, args, kwargs)`` gives each call's outputs.
+
+    Walks the nodes of the model's layer graph (Sequential or functional)
+    from the inputs to the outputs, deepest first as Keras does; a nested
+    functional model is walked too, with the arguments of its call.
+    """
+    values = {}  # id of a symbolic (Keras) tensor of the graph -> its value in this pass
+    for reference, value in zip(model.inputs, model._flatten_to_reference_inputs(inputs)):
+        values[id(reference)] = model._conform_to_reference_input(value, ref_input=reference)
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if node.is_input:
+                continue
+            symbolic = {id(t) for t in node.keras_inputs}
+            args, kwargs = tf.nest.map_structure(
+                lambda t: values[id(t)] if id(t) in symbolic else t, (node.call_args, node.call_kwargs)
+            )
+            if is_graph_model(node.layer) and isinstance(node.layer, keras.Model):
+                outputs = run_layer_by_layer(node.layer, args[0], call_layer)
+            else:
+                outputs = call_layer(node.layer, args, kwargs)
+            values.update(zip(map(id, tf.nest.flatten(node.outputs)), tf.nest.flatten(outputs)))
+    return tf.nest.map_structure(lambda t: values[id(t)], model._nested_outputs)
+
+
 def nested_layers(layer, include_self=False):
     """``layer``'s layers at every depth of nesting (sub-layers of custom layers and wrappers included)."""
     return list(layer._flatten_layers(include_self=include_self))
+
+
+def random_generators(layer):
+    """The ``tf.random.Generator`` objects a layer holds at any depth: its own, and Keras' random layers' ones."""
+    found = list(layer._flatten(predicate=lambda item: isinstance(item, tf.random.Generator)))
+    for inner in nested_layers(layer, include_self=True):
+        generator = getattr(getattr(inner, "_random_generator", None), "_generator", None)
+        if isinstance(generator, tf.random.Generator) and not any(generator is g for g in found):
+            found.append(generator)
+    return found
 
 
 def expects_training_argument(layer):
@@ -96,6 +144,8 @@ def steps_per_execution(model):
 def check_keras2(objects, what):
     """Refuses Keras 3 objects (a layer, a model, an optimizer, a loss) handed to lipdp, which runs on Keras 2."""
     for item in objects:
+        if isinstance(item, tf.Tensor) or hasattr(item, "_keras_history"):  # a Keras 3 tensor has neither
+            continue
         module = type(item).__module__
         if module.split(".")[0] == "keras" and keras.__name__.split(".")[0] != "keras":
             raise ModelNotSupportedError(

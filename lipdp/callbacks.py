@@ -10,7 +10,7 @@
 
 Checkpoint and resume: the number of noisy steps already taken is the
 model variable ``privacy_steps``, saved with the weights by
-``tf.keras.callbacks.BackupAndRestore`` and ``model.save``; a resumed run
+``keras.callbacks.BackupAndRestore`` and ``model.save``; a resumed run
 counts the steps it restored once and reports the same epsilon as an
 uninterrupted run. Steps taken after the last backup of an interrupted run
 are discarded together with the weights they produced.
@@ -20,10 +20,11 @@ import numpy as np
 import tensorflow as tf
 
 from lipdp import distribute
+from lipdp.backend import keras
 from lipdp.errors import PrivacyBudgetExhausted
 
 
-class PrivacyLedger(tf.keras.callbacks.Callback):
+class PrivacyLedger(keras.callbacks.Callback):
     """Adds ``epsilon`` and ``delta`` (spent so far) to every epoch's logs.
 
     It also keeps a calibrated plan: when the noise was calibrated to a
@@ -59,7 +60,7 @@ class PrivacyLedger(tf.keras.callbacks.Callback):
             logs["delta"] = self.model.privacy.delta
 
 
-class BudgetStop(tf.keras.callbacks.Callback):
+class BudgetStop(keras.callbacks.Callback):
     """Stops training before the step that would make epsilon exceed ``epsilon_budget``.
 
     The largest affordable number of steps is computed once from the
@@ -94,7 +95,7 @@ class BudgetStop(tf.keras.callbacks.Callback):
             )
 
 
-class GradientNoiseMonitor(tf.keras.callbacks.Callback):
+class GradientNoiseMonitor(keras.callbacks.Callback):
     """Logs ``heldout_grad_to_noise``: batch-gradient norm over added-noise norm, on held-out data.
 
     At each epoch end, with the current (already private) weights, computes

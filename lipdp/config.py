@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from lipdp.backend import keras
 from lipdp.errors import ConfigError
 
 
@@ -155,14 +156,13 @@ _OWN_OPTIMIZER_KEYS = ("learning_rate", "use_ema", "ema_momentum", "is_legacy_op
 
 def _check_optimizer_params(optimizer):
     """``optimizer.name`` is a Keras optimizer and ``optimizer.params`` are arguments it takes."""
-    import tensorflow as tf
 
     # By class, never an instance: creating an optimizer initialises TensorFlow's devices, which must wait for
     # training.logical_cpus and the distribution strategy.
     classes = {
         name.lower(): cls
-        for name, cls in vars(tf.keras.optimizers).items()
-        if inspect.isclass(cls) and issubclass(cls, tf.keras.optimizers.Optimizer)
+        for name, cls in vars(keras.optimizers).items()
+        if inspect.isclass(cls) and issubclass(cls, keras.optimizers.Optimizer)
     }
     cls = classes.get(optimizer.name.lower())
     if cls is None:
@@ -287,17 +287,16 @@ def apply_override(data, override):
 
 def layer_class(type_name):
     """The layer class for a config ``type``: lipdp layers first, then Keras'."""
-    import tensorflow as tf
 
     from lipdp import layers
 
-    cls = getattr(layers, type_name, None) or getattr(tf.keras.layers, type_name, None)
-    if not (inspect.isclass(cls) and issubclass(cls, tf.keras.layers.Layer)):
+    cls = getattr(layers, type_name, None) or getattr(keras.layers, type_name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, keras.layers.Layer)):
         known = [
             n
             for n in layers.__all__
             if inspect.isclass(getattr(layers, n))
-            and issubclass(getattr(layers, n), tf.keras.layers.Layer)
+            and issubclass(getattr(layers, n), keras.layers.Layer)
             and not n.startswith("DP")
         ]
         close = difflib.get_close_matches(type_name, known, n=1)

@@ -21,7 +21,7 @@ Sources:
 * ``mnist`` / ``fashion_mnist`` / ``cifar10``: local files when ``data_dir`` is given
   (IDX files, CIFAR "python version" batches, or a ``.npz`` in the ``keras.datasets``
   layout), otherwise a download through ``tensorflow_datasets`` (when installed) or
-  ``tf.keras.datasets``. An offline download raises :class:`DataUnavailableError`
+  ``keras.datasets``. An offline download raises :class:`DataUnavailableError`
   explaining which local files to provide.
 * ``npz``: any ``.npz`` holding ``x_train``, ``y_train``, ``x_test``, ``y_test``.
 
@@ -42,6 +42,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from lipdp.backend import keras
 from lipdp.errors import DataFormatError, DataUnavailableError
 
 __all__ = [
@@ -484,7 +485,7 @@ def _check_dir(data_dir: PathLike) -> str:
 
 
 def _download(name: str, pretty: str, keras_module: str, expected_files: str):
-    """Fetch ``((x_train, y_train), (x_test, y_test)), source`` via tfds or tf.keras."""
+    """Fetch ``((x_train, y_train), (x_test, y_test)), source`` via tfds or keras."""
     errors = []
     try:
         import tensorflow_datasets as tfds  # optional dependency
@@ -496,11 +497,9 @@ def _download(name: str, pretty: str, keras_module: str, expected_files: str):
             return (train, test), f"{pretty} via tensorflow_datasets ({name!r}, official train/test split)"
         except Exception as e:  # noqa: BLE001 - any failure means "try the next source"
             errors.append(f"tensorflow_datasets.load({name!r}): {type(e).__name__}: {e}")
-    call = f"tf.keras.datasets.{keras_module}.load_data()"
+    call = f"keras.datasets.{keras_module}.load_data()"
     try:
-        import tensorflow as tf
-
-        loader = getattr(tf.keras.datasets, keras_module).load_data
+        loader = getattr(keras.datasets, keras_module).load_data
         arrays = loader()
         return arrays, f"{pretty} via {call} (official train/test split)"
     except Exception as e:  # noqa: BLE001 - offline machines raise various errors

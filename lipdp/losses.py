@@ -12,6 +12,8 @@ import math
 
 import tensorflow as tf
 
+from lipdp.backend import keras
+
 
 def finite_labels(y_true, y_pred):
     """Labels cast to the logits' dtype, non-finite entries replaced by 0.
@@ -39,7 +41,7 @@ def unit_interval_labels(y_true, y_pred):
     return tf.clip_by_value(finite_labels(y_true, y_pred), 0.0, 1.0)
 
 
-class LipschitzLoss(tf.keras.losses.Loss):
+class LipschitzLoss(keras.losses.Loss):
     """Base class: ``call`` returns per-sample losses; ``logit_lipschitz`` the bound.
 
     Every ``call`` first sanitises the labels (:func:`finite_labels`,
@@ -51,7 +53,7 @@ class LipschitzLoss(tf.keras.losses.Loss):
         raise NotImplementedError
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
+@keras.utils.register_keras_serializable("lipdp")
 class TauCategoricalCrossentropy(LipschitzLoss):
     """Softmax cross-entropy at temperature ``tau``: ``CE(y, softmax(tau z)) / tau``.
 
@@ -81,7 +83,7 @@ class TauCategoricalCrossentropy(LipschitzLoss):
         return {**super().get_config(), "tau": self.tau}
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
+@keras.utils.register_keras_serializable("lipdp")
 class MulticlassHinge(LipschitzLoss):
     """One-vs-all hinge: ``mean_j relu(margin / 2 - s_j z_j)``, ``s = 2 y - 1``.
 
@@ -104,7 +106,7 @@ class MulticlassHinge(LipschitzLoss):
         return {**super().get_config(), "min_margin": self.min_margin}
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
+@keras.utils.register_keras_serializable("lipdp")
 class HingeKR(LipschitzLoss):
     """Hinge + Kantorovich-Rubinstein, reformulated per sample.
 
@@ -135,7 +137,7 @@ class HingeKR(LipschitzLoss):
         return {**super().get_config(), "alpha": self.alpha, "min_margin": self.min_margin}
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
+@keras.utils.register_keras_serializable("lipdp")
 class KCosineSimilarity(LipschitzLoss):
     """``-<y / ||y||, z / max(||z||, 1/K)>``: cosine similarity made K-Lipschitz.
 

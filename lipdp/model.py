@@ -32,8 +32,9 @@ import json
 
 import tensorflow as tf
 
-from lipdp import accounting, distribute, independence, mechanisms, sampling, sensitivity
+from lipdp import accounting, backend, distribute, independence, mechanisms, sampling, sensitivity
 from lipdp.accounting import NOISE_ALLOCATIONS, PrivacyPolicy  # noqa: F401  (their home before 0.2)
+from lipdp.backend import keras
 from lipdp.errors import ModelNotSupportedError, NotPrivateError
 from lipdp.layers import AdaptiveClipGradient
 
@@ -75,7 +76,7 @@ class DPModelMixin:
         )
         # The loss tracker sums losses over private Poisson batches (its count is the true number of sampled
         # records): kept out of tracking, so no checkpoint (BackupAndRestore) or saved model holds its state.
-        object.__setattr__(self, "_loss_tracker", tf.keras.metrics.Mean(name="loss"))
+        object.__setattr__(self, "_loss_tracker", keras.metrics.Mean(name="loss"))
         self._set_privacy(privacy)
         self._seed_noise(noise_seed)
         self.accountable = bool(accountable)
@@ -160,25 +161,29 @@ class DPModelMixin:
         self._validate_for_privacy()
         releases = tuple(policy_args.pop("releases", ())) + model_releases(self)
         policy = PrivacyPolicy.from_sampler(sampler, releases=releases, **policy_args)
+        check_releases_accounted(self, policy)
         self._check_adaptive_clipping(policy)
         if self.steps_taken > 0:
-            check_same_record(self._recorded(), privacy_record(policy, self.mechanism), self.steps_taken)
+            wanted = privacy_record(policy, self.mechanism)
+            check_same_record(self._recorded(wanted), wanted, self.steps_taken)
         tf.config.experimental.enable_tensor_float_32_execution(False)
         self.privacy = policy
         self.train_function = None  # the private step is traced anew with this policy's constants
         return policy
 
-    def _recorded(self):
-        """The record of the steps taken, as far as known: the saved policy's if its fingerprint is the one restored."""
-        if self.privacy is not None and fingerprint(privacy_record(self.privacy, self.mechanism)) == int(
-            self.privacy_fingerprint.numpy()
-        ):
-            return privacy_record(self.privacy, self.mechanism)
+    def _recorded(self, wanted):
+        """The record of the steps taken, as far as known: ``wanted`` or the saved policy's if its fingerprint is
+        the one restored with the steps (loaded weights carry no policy), else ``None``."""
+        restored = int(self.privacy_fingerprint.numpy())
+        for candidate in [wanted] + ([] if self.privacy is None else [privacy_record(self.privacy, self.mechanism)]):
+            if fingerprint(candidate) == restored:
+                return candidate
         return None
 
     def _validate_for_privacy(self):
         if getattr(self, "optimizer", None) is None:
             raise NotPrivateError("compile the model (optimizer and a lipdp.losses loss) before make_private")
+        backend.check_keras2([self.optimizer, self.loss], "compile argument")
         self.mechanism.validate(self)
         independence.check_examples_independent(self)
         if getattr(self, "jit_compile", False):
@@ -187,7 +192,7 @@ class DPModelMixin:
                 "refuses steps outside fit(sampler), the finite-input check); compile without jit_compile"
             )
         distribute.check_strategy(distribute.strategy_of(self))
-        if getattr(self, "_steps_per_execution", None) is not None and int(self._steps_per_execution.numpy()) != 1:
+        if backend.steps_per_execution(self) != 1:
             raise ModelNotSupportedError("steps_per_execution must be 1: one noisy update per step")
         if self.losses:
             raise ModelNotSupportedError(
@@ -307,7 +312,7 @@ class DPModelMixin:
         """
         if self.privacy is None:
             raise NotPrivateError("call model.make_private(sampler, ...) before fit")
-        x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if sample_weight is not None:
             raise ValueError("sample weights are not supported in DP training")
         gate = tf.debugging.Assert(
@@ -351,7 +356,7 @@ class DPModelMixin:
             return self._update_metrics(y, y_pred, per_sample_loss)
 
     def _adaptive_clip_layers(self):
-        return [layer for layer in self._flatten_layers(include_self=False) if isinstance(layer, AdaptiveClipGradient)]
+        return [layer for layer in backend.nested_layers(self) if isinstance(layer, AdaptiveClipGradient)]
 
     def _check_adaptive_clipping(self, policy):
         adaptive = self._adaptive_clip_layers()
@@ -419,13 +424,13 @@ class DPModelMixin:
         return predictions.concat(), losses.concat(), sums, empty.sensitivity
 
     def test_step(self, data):
-        x, y, _ = tf.keras.utils.unpack_x_y_sample_weight(data)
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         y_pred = self(x, training=False)
         return self._update_metrics(y, y_pred, self.loss.call(y, y_pred))
 
     def _update_metrics(self, y, y_pred, per_sample_loss):
         self._loss_tracker.update_state(per_sample_loss)
-        self.compiled_metrics.update_state(y, y_pred)
+        backend.update_compiled_metrics(self, y, y_pred)
         return {m.name: m.result() for m in self.metrics}
 
     # -- reporting -----------------------------------------------------------
@@ -437,6 +442,7 @@ class DPModelMixin:
     def privacy_state(self):
         """What ``privacy.json`` records."""
         self._check_accountable()
+        check_releases_accounted(self, self.privacy)
         steps = self.steps_taken
         return {
             "epsilon": self.privacy.epsilon(steps),
@@ -522,9 +528,9 @@ def _resolve_mechanism(mechanism=None, clipping=None, clip_norm=1.0, gamma=0.01,
     return mechanisms.from_config(mechanism)
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class DPModel(DPModelMixin, tf.keras.Model):
-    """Functional ``tf.keras.Model`` (DAGs, residual blocks) trained with clipless DP.
+@keras.utils.register_keras_serializable("lipdp")
+class DPModel(DPModelMixin, keras.Model):
+    """Functional ``keras.Model`` (DAGs, residual blocks) trained with clipless DP.
 
     ``clipping="flat" | "automatic" | "global"`` (with ``clip_norm``, ``gamma``)
     trains by per-example clipping instead (:mod:`lipdp.clipping`);
@@ -535,6 +541,7 @@ class DPModel(DPModelMixin, tf.keras.Model):
 
     def __init__(self, inputs, outputs, name=None, trainable=True, **kwargs):
         # Functional's exact signature, so Keras saves and revives it as a graph.
+        backend.check_keras2(tf.nest.flatten(outputs), "model output")
         privacy = {
             key: kwargs.pop(key)
             for key in ("privacy", "noise_seed", "mechanism", "microbatch_size", "augmentation")
@@ -545,9 +552,9 @@ class DPModel(DPModelMixin, tf.keras.Model):
         self._init_privacy(**privacy, **clipping)
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class DPSequential(DPModelMixin, tf.keras.Sequential):
-    """``tf.keras.Sequential`` trained with clipless DP (or clipping: see :class:`DPModel`)."""
+@keras.utils.register_keras_serializable("lipdp")
+class DPSequential(DPModelMixin, keras.Sequential):
+    """``keras.Sequential`` trained with clipless DP (or clipping: see :class:`DPModel`)."""
 
     def __init__(
         self,
@@ -562,6 +569,7 @@ class DPSequential(DPModelMixin, tf.keras.Sequential):
         microbatch_size=None,
         augmentation=None,
     ):
+        backend.check_keras2(layers or [], "layer")
         super().__init__(layers=layers, name=name)
         self._init_privacy(
             privacy,
@@ -628,10 +636,21 @@ def check_same_record(recorded, wanted, steps):
     )
 
 
+def check_releases_accounted(model, policy):
+    """Refuses a policy that does not account every release carried by the model's layers (e.g. a model
+    assembled from a head trained on released features without ``releases=``)."""
+    accounted = list(policy.release_noise_multipliers)
+    for release in model_releases(model):
+        if release not in accounted:
+            raise NotPrivateError(
+                f"the model carries a data release (noise multiplier {release:g}, e.g. a released "
+                f"ChannelStandardization) that its privacy policy does not account (releases "
+                f"{list(policy.release_noise_multipliers)}); make the model private with it inside, or pass "
+                "releases=(z,) to make_private"
+            )
+        accounted.remove(release)
+
+
 def model_releases(model):
     """Noise multipliers of the data releases the model's layers carry (e.g. a released ``ChannelStandardization``)."""
-    return tuple(
-        z
-        for layer in model._flatten_layers(include_self=False)
-        for z in getattr(layer, "release_noise_multipliers", ())
-    )
+    return tuple(z for layer in backend.nested_layers(model) for z in getattr(layer, "release_noise_multipliers", ()))

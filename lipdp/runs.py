@@ -33,6 +33,7 @@ import os
 
 import numpy as np
 
+from lipdp.backend import keras
 from lipdp.errors import IncompleteRunError, RunExistsError
 
 CONFIG, HISTORY, MODEL, SENSITIVITY = "config.yaml", "history.csv", "model.keras", "sensitivity.txt"
@@ -113,11 +114,9 @@ class Run:
     @property
     def model(self):
         if self._model is None:
-            import tensorflow as tf
-
             import lipdp  # noqa: F401  (registers the layers, losses and models)
 
-            self._model = tf.keras.models.load_model(path(self.path, MODEL))
+            self._model = keras.models.load_model(path(self.path, MODEL))
         return self._model
 
     def dataset(self):

@@ -26,7 +26,8 @@ import numpy as np
 import tensorflow as tf
 
 from lipdp import augmentation as augmentation_lib
-from lipdp import mechanisms
+from lipdp import backend, mechanisms
+from lipdp.backend import keras
 from lipdp.errors import ModelNotSupportedError
 from lipdp.layers import AdaptiveClipGradient, DPLayer, InputNormClip
 from lipdp.layers.base import HALF_PRECISION, ROUNDING_MARGIN, as_bound, refuse_half_precision
@@ -66,13 +67,12 @@ def _replacement_hint(layer):
 
 def graph_nodes(model):
     """The model's nodes, inputs first (Keras depth counts from the outputs)."""
-    if not getattr(model, "_is_graph_network", False) or model.inputs is None:
+    if not backend.is_graph_model(model):
         raise ModelNotSupportedError(
             "the model has no layer graph yet: give it an input shape "
-            "(tf.keras.Input(...) as first layer) before computing bounds"
+            "(keras.Input(...) as first layer) before computing bounds"
         )
-    depths = sorted(model._nodes_by_depth, reverse=True)
-    return [node for depth in depths for node in model._nodes_by_depth[depth]]
+    return backend.layer_calls(model)
 
 
 def model_loss(model):
@@ -100,13 +100,13 @@ def check_precision(model):
     Bounds and clipping thresholds hold up to float32 rounding; in half
     precision the noise itself would also be drawn in half precision.
     """
-    global_policy = tf.keras.mixed_precision.global_policy()
+    global_policy = keras.mixed_precision.global_policy()
     if {global_policy.compute_dtype, global_policy.variable_dtype} & set(HALF_PRECISION):
         raise ModelNotSupportedError(
             f"the global Keras dtype policy is {global_policy.name!r}; DP bounds need float32 or float64: "
-            "call tf.keras.mixed_precision.set_global_policy('float32') before building the model"
+            "call keras.mixed_precision.set_global_policy('float32') before building the model"
         )
-    for layer in model._flatten_layers(include_self=True):
+    for layer in backend.nested_layers(model, include_self=True):
         refuse_half_precision(layer)
     for variable in model.variables:
         if variable.dtype.base_dtype.name in HALF_PRECISION:
@@ -144,14 +144,14 @@ def _check_clipped_input(model, nodes):
     for node in nodes:
         if node.is_input or isinstance(node.layer, InputNormClip):
             continue
-        reads_unclipped = bool(unclipped.intersection(node.flat_input_ids))
+        reads_unclipped = bool(unclipped.intersection(node.input_ids))
         if isinstance(node.layer, FrontEnd):
             if not reads_unclipped or node.layer.trainable_weights:
                 raise ModelNotSupportedError(
                     f"front-end {node.layer.name!r} must come before lipdp.layers.InputNormClip and have no "
                     "trainable variables (a fixed per-example map)"
                 )
-            unclipped.update(node.flat_output_ids)
+            unclipped.update(node.output_ids)
         elif reads_unclipped:
             raise ModelNotSupportedError(
                 f"layer {node.layer.name!r} reads the model input directly; put "
@@ -163,7 +163,7 @@ def _check_clipped_input(model, nodes):
 class LayerBounds:
     """What the bound propagation found at one layer call."""
 
-    layer: tf.keras.layers.Layer
+    layer: keras.layers.Layer
     input_bound: tf.Tensor
     cotangent_bound: tf.Tensor
     lipschitz: tf.Tensor
@@ -190,22 +190,22 @@ def propagate(model, views=1) -> List[LayerBounds]:
     loss = model_loss(model)
     norms = {}
     for node in nodes:
-        inputs = [norms.get(i) for i in node.flat_input_ids]
+        inputs = [norms.get(i) for i in node.input_ids]
         node_input = inputs if node.layer.multi_input else inputs[0]
         out = _with_margin(node.layer.output_bound(node_input))
-        norms.update({i: out for i in node.flat_output_ids})
+        norms.update({i: out for i in node.output_ids})
     output = model.outputs[0]
     start = as_bound(loss.logit_lipschitz(int(output.shape[-1]))) / views
     cotangents = {str(id(output)): _with_margin(start)}
     records = []
     for node in reversed(nodes):
         layer = node.layer
-        cotangent = tf.add_n([cotangents.get(i, as_bound(0.0)) for i in node.flat_output_ids])
-        inputs = [norms.get(i) for i in node.flat_input_ids]
+        cotangent = tf.add_n([cotangents.get(i, as_bound(0.0)) for i in node.output_ids])
+        inputs = [norms.get(i) for i in node.input_ids]
         node_input = inputs if layer.multi_input else inputs[0]
         upstream = layer.input_cotangent_bound(cotangent)
         upstream = upstream if layer.multi_input else [upstream]
-        for input_id, bound in zip(node.flat_input_ids, upstream):
+        for input_id, bound in zip(node.input_ids, upstream):
             cotangents[input_id] = cotangents.get(input_id, as_bound(0.0)) + _with_margin(bound)
         grads = layer.gradient_bounds(node_input, cotangent) if layer.trainable else []
         grads = [(variable, _with_margin(bound)) for variable, bound in grads]

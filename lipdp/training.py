@@ -15,13 +15,13 @@ import tempfile
 import warnings
 
 import numpy as np
-import tensorflow as tf
 import yaml
 
 from lipdp import augmentation, callbacks, data, distribute, losses, runs, sampling, sensitivity, statistics
 from lipdp import config as config_lib
 from lipdp import model as model_lib
 from lipdp.accounting import PrivacyPolicy
+from lipdp.backend import keras
 from lipdp.errors import RunExistsError  # noqa: F401  (raised by runs.start; its home before 0.2)
 from lipdp.layers import ChannelStandardization, FrontEnd, InputNormClip, cached_features
 from lipdp.layers.frontends import array_fingerprint
@@ -30,7 +30,7 @@ from lipdp.model import DPSequential
 
 def build_layers(cfg: config_lib.Config, input_shape):
     """Fresh layers for ``cfg.model``: an input, an :class:`InputNormClip`, then the configured layers."""
-    layers = [tf.keras.Input(input_shape), InputNormClip(cfg.model.input_norm)]
+    layers = [keras.Input(input_shape), InputNormClip(cfg.model.input_norm)]
     for spec in cfg.model.layers:
         arguments = {k: v for k, v in spec.items() if k != "type"}
         layers.append(config_lib.layer_class(spec["type"])(**arguments))
@@ -56,7 +56,7 @@ def with_frontend(head, frontends, input_shape):
     the head's privacy policy and step count carry over unchanged.
     """
     model = DPSequential(
-        [tf.keras.Input(input_shape), *frontends] + head.layers,
+        [keras.Input(input_shape), *frontends] + head.layers,
         mechanism=head.mechanism,
         microbatch_size=head.microbatch_size,
     )
@@ -114,8 +114,8 @@ def build_optimizer(cfg, training_steps=None):
     if settings.decay == "cosine":
         if not training_steps:
             raise ValueError("optimizer.decay=cosine needs the number of training steps the run plans")
-        learning_rate = tf.keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=int(training_steps))
-    return tf.keras.optimizers.get(
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=int(training_steps))
+    return keras.optimizers.get(
         {  # not the legacy optimizer: model.keras drops a legacy one's state
             "class_name": settings.name,
             "config": {"learning_rate": learning_rate, "is_legacy_optimizer": False, **settings.params, **_ema(cfg)},
@@ -146,7 +146,7 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
 def _run(cfg, out_dir, work_dir, strategy, verbose):
     """:func:`run` in ``work_dir`` (``out_dir`` on the chief), with the backup shared in ``out_dir``."""
     runs.start(work_dir)
-    tf.keras.utils.set_random_seed(cfg.training.seed)
+    keras.utils.set_random_seed(cfg.training.seed)
     full = data.load(cfg.dataset.name, data_dir=cfg.dataset.data_dir)
     runs.write_text(work_dir, runs.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     raw, frontend = data.configured_split(full, cfg.dataset), build_frontend(cfg)
@@ -155,6 +155,7 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     if frontend is not None:  # features of the whole data set (one cache entry for every split of it)
         dataset = data.configured_split(_features(full, frontend, cfg.dataset.feature_cache, verbose), cfg.dataset)
         frontends.append(frontend)
+    _check_resume_releases(cfg, work_dir)
     if cfg.model.feature_statistics is not None or os.path.exists(runs.path(work_dir, runs.STATISTICS)):
         standardization = _released_standardization(cfg, dataset.x_train, work_dir)
         x_train, x_test = (cached_features(standardization, x) for x in (dataset.x_train, dataset.x_test))
@@ -182,8 +183,8 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     extra = [
         callbacks.PrivacyLedger(),
         callbacks.GradientNoiseMonitor(dataset.x_test, dataset.y_test),  # held-out data only
-        tf.keras.callbacks.BackupAndRestore(runs.path(out_dir, runs.BACKUP)),
-        tf.keras.callbacks.CSVLogger(runs.path(work_dir, runs.HISTORY), append=True),
+        keras.callbacks.BackupAndRestore(runs.path(out_dir, runs.BACKUP)),
+        keras.callbacks.CSVLogger(runs.path(work_dir, runs.HISTORY), append=True),
     ]
     if cfg.privacy.epsilon_budget is not None:
         extra.append(callbacks.BudgetStop(cfg.privacy.epsilon_budget))
@@ -205,6 +206,21 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
         with distribute.scope(strategy):
             model = with_frontend(model, frontends, raw.input_shape)
     return _write_artefacts(model, raw, work_dir)
+
+
+def _check_resume_releases(cfg, run_dir):
+    """Before anything is released: a resumed run's steps were taken after the releases ``policy.json`` names."""
+    if not os.path.exists(runs.path(run_dir, runs.POLICY)):
+        return
+    recorded = runs.read_json(run_dir, runs.POLICY)["policy"]["release_noise_multipliers"]
+    spec = cfg.model.feature_statistics
+    wanted = [] if spec is None else [float(spec["noise_multiplier"])]
+    if recorded != wanted:
+        raise config_lib.ConfigError(
+            f"{run_dir} holds an interrupted run whose steps were taken after the releases {recorded}, but the "
+            f"config asks for {wanted} (model.feature_statistics); resume with the config of the first start, or "
+            "start afresh in a new run folder (--out)"
+        )
 
 
 def _check_resume_record(model, raw, run_dir):

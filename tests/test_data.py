@@ -498,7 +498,7 @@ def test_download_via_keras(monkeypatch, no_tfds):
     arrays = ((make_images(6), make_labels(6)), (make_images(3), make_labels(3)))
     monkeypatch.setattr(tf.keras.datasets.fashion_mnist, "load_data", lambda: arrays)
     ds = data.load_fashion_mnist()
-    assert len(ds.x_train) == 6 and "tf.keras.datasets.fashion_mnist" in ds.source
+    assert len(ds.x_train) == 6 and "keras.datasets.fashion_mnist" in ds.source
     assert_well_formed(ds, (28, 28, 1))
 
 

@@ -330,8 +330,9 @@ def test_weights_with_spent_steps_need_their_policy(tmp_path, saved, changed):
     assert fresh.steps_taken == sampler.steps_per_epoch
     with pytest.raises(ValueError, match=f"already took .* private steps.*{changed}"):
         fresh.make_private(sampler, noise_multiplier=20.0)
-    if saved == "model":
-        fresh.make_private(sampler, noise_multiplier=0.8)  # the same policy goes on
+    fresh.make_private(sampler, noise_multiplier=0.8)  # the same policy goes on (its fingerprint was saved)
+    fresh.fit(sampler, epochs=1, verbose=0)
+    assert fresh.steps_taken == 2 * sampler.steps_per_epoch
 
 
 def test_fit_revalidates_a_recompiled_model():

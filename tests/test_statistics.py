@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from lipdp import accounting, cli, config, data, statistics
 from lipdp.layers import ChannelStandardization
-from lipdp.layers.frontends import array_fingerprint
+from lipdp.layers.frontends import array_fingerprint, cached_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
@@ -223,3 +223,25 @@ def test_statistics_of_non_finite_data_are_refused_before_any_release(tmp_path, 
     assert cli.main(args + ["--set", "model.feature_statistics={noise_multiplier: 20, clip_norm: 8}"]) == 2
     assert "NaN or inf" in capsys.readouterr().err
     assert not (out / "feature_statistics.json").exists()
+
+
+def test_a_model_carrying_a_release_its_policy_does_not_account_is_refused():
+    """A head trained on released features without releases=, then assembled with the layer: no statement."""
+    import lipdp
+    from lipdp import layers as L
+    from lipdp import training
+    from lipdp.errors import NotPrivateError
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500,) + SHAPE).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 500)]
+    layer = statistics.release_channel_statistics(x, clip_norm=4.0, noise_multiplier=2.0)
+    features = cached_features(layer, x)
+    head = lipdp.DPSequential([tf.keras.Input(SHAPE), L.InputNormClip(1.0), L.Flatten(), L.LipschitzDense(3)])
+    head.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy(2.0))
+    sampler = lipdp.PoissonSampler(features, y, expected_batch_size=50)
+    head.make_private(sampler, noise_multiplier=2.0, delta=1e-4)
+    head.fit(sampler, epochs=1, verbose=0)
+    assembled = training.with_frontend(head, [layer], SHAPE)
+    with pytest.raises(NotPrivateError, match="does not account"):
+        assembled.privacy_statement()

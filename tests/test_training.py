@@ -127,3 +127,17 @@ def test_a_resumed_run_under_changed_privacy_settings_is_refused_naming_them(
     error = capsys.readouterr().err
     assert "interrupted run whose steps were taken under other privacy settings" in error and changed in error
     assert cli.main(_args(out, *first)) == 0  # the same settings resume and complete
+
+
+def test_a_resume_adding_a_release_is_refused_before_the_release(tmp_path, monkeypatch, capsys):
+    from lipdp import callbacks
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(callbacks, "GradientNoiseMonitor", _CrashAtSecondEpochEnd)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            cli.main(_args(str(out), "privacy.noise_multiplier=2.0"))
+    statistics = "model.feature_statistics={noise_multiplier: 20, clip_norm: 8}"
+    assert cli.main(_args(str(out), "privacy.noise_multiplier=2.0", statistics)) == 2
+    assert "taken after the releases []" in capsys.readouterr().err
+    assert not (out / "feature_statistics.json").exists()  # nothing was drawn

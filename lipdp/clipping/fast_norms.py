@@ -35,7 +35,7 @@ per-example squared norm of its variables' gradients:
   cotangents of each distinct (example, index) pair.
 
 These rules and the functional-graph walk that records the layers' inputs
-(:func:`graph_forward_pass`) are lipdp's own.
+(:func:`lipdp.backend.run_layer_by_layer`) are lipdp's own.
 
 Any other layer with trainable variables -- or a layer called more than once
 (shared weights: per-call norms do not add up) -- falls back to per-example
@@ -73,6 +73,8 @@ import typing
 
 import tensorflow as tf
 
+from lipdp import backend
+from lipdp.backend import keras
 from lipdp.errors import ModelNotSupportedError
 from lipdp.layers import ClipGradient, LipschitzConv2D, LipschitzDense
 from lipdp.layers.base import with_stand_in_for_empty_batch
@@ -93,39 +95,21 @@ def _is_batch_normalization(layer):
     return any("BatchNormalization" in cls.__name__ for cls in type(layer).__mro__)
 
 
-def _graph_layers(model):
-    """Every layer call in the model's graph (nested functional models expanded): ``[(layer, node)]``."""
-    calls = []
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
-            if node.is_input:
-                continue
-            if _has_graph(node.layer):
-                calls.extend(_graph_layers(node.layer))
-            else:
-                calls.append((node.layer, node))
-    return calls
-
-
-def _has_graph(layer):
-    return isinstance(layer, tf.keras.Model) and getattr(layer, "_is_graph_network", False)
-
-
 def per_example_loss(model):
-    """The compiled loss, whose ``call`` gives per-example values: a ``tf.keras.losses.Loss`` instance."""
+    """The compiled loss, whose ``call`` gives per-example values: a ``keras.losses.Loss`` instance."""
     loss = getattr(model, "loss", None)
-    if isinstance(loss, (LipschitzLoss, tf.keras.losses.Loss)):
+    if isinstance(loss, (LipschitzLoss, keras.losses.Loss)):
         return loss
     raise ModelNotSupportedError(
-        f"clipped DP training needs the loss as a tf.keras.losses.Loss instance (its per-example values come "
-        f"from loss.call), e.g. tf.keras.losses.CategoricalCrossentropy(from_logits=True); got {loss!r}"
+        f"clipped DP training needs the loss as a keras.losses.Loss instance (its per-example values come "
+        f"from loss.call), e.g. keras.losses.CategoricalCrossentropy(from_logits=True); got {loss!r}"
     )
 
 
 def _has_strided_pointwise_kernel_bug(layer):
     """A plain 1x1 ``Conv2D`` with unequal strides (``LipschitzConv2D`` computes it another way)."""
     return (
-        isinstance(layer, tf.keras.layers.Conv2D)
+        isinstance(layer, keras.layers.Conv2D)
         and not isinstance(layer, LipschitzConv2D)
         and tuple(layer.kernel_size) == (1, 1)
         and layer.strides[0] != layer.strides[1]
@@ -134,15 +118,15 @@ def _has_strided_pointwise_kernel_bug(layer):
 
 def validate(model):
     """Raises :class:`ModelNotSupportedError` if the model cannot be trained with clipping."""
-    if not getattr(model, "_is_graph_network", False) or model.inputs is None:
+    if not backend.is_graph_model(model):
         raise ModelNotSupportedError(
-            "the model has no layer graph yet: give it an input shape (tf.keras.Input(...) as first layer)"
+            "the model has no layer graph yet: give it an input shape (keras.Input(...) as first layer)"
         )
     if len(model.outputs) != 1:
         raise ModelNotSupportedError(f"the model has {len(model.outputs)} outputs; exactly one is supported")
     check_precision(model)
     per_example_loss(model)
-    calls = _graph_layers(model)
+    calls = backend.leaf_layer_calls(model)
     owners = {}
     for layer, _ in calls:
         if _is_batch_normalization(layer):
@@ -407,13 +391,13 @@ def make_layer_registry(method="auto"):
     dense = _fast_rule(dense_squared_norms, method=method)
     conv = _fast_rule(conv2d_squared_norms, method=method)
     return {
-        tf.keras.layers.Dense: dense,
+        keras.layers.Dense: dense,
         LipschitzDense: dense,
-        tf.keras.layers.EinsumDense: _fast_rule(einsum_dense_squared_norms, method=method),
-        tf.keras.layers.Conv2D: conv,
+        keras.layers.EinsumDense: _fast_rule(einsum_dense_squared_norms, method=method),
+        keras.layers.Conv2D: conv,
         LipschitzConv2D: conv,
-        tf.keras.layers.LayerNormalization: _fast_rule(layer_norm_squared_norms),
-        tf.keras.layers.Embedding: _fast_rule(embedding_squared_norms),
+        keras.layers.LayerNormalization: _fast_rule(layer_norm_squared_norms),
+        keras.layers.Embedding: _fast_rule(embedding_squared_norms),
     }
 
 
@@ -430,7 +414,7 @@ def has_fast_rule(layer, registry, kwargs=None):
     """Whether ``layer`` (called with ``kwargs``) gets its norms without per-example gradients."""
     if type(layer) not in registry:
         return False
-    if kwargs and not isinstance(layer, tf.keras.layers.LayerNormalization):
+    if kwargs and not isinstance(layer, keras.layers.LayerNormalization):
         return False  # the other rules' layers take their input alone
     check = _CONFIG_CHECKS.get(type(layer).__name__)
     return check is None or bool(check(layer))
@@ -498,32 +482,6 @@ def _squared_norms(per_example_grads):
 
 
 # -- forward pass with norms ---------------------------------------------------
-def graph_forward_pass(model, inputs, call_layer):
-    """``model(inputs)``, layer call by layer call: ``call_layer(layer, args, kwargs)`` gives each call's outputs.
-
-    Walks the nodes of the model's layer graph (Sequential or functional)
-    from the inputs to the outputs, deepest first as Keras does; a nested
-    functional model is walked too, with the arguments of its call.
-    """
-    values = {}  # id of a symbolic (Keras) tensor of the graph -> its value in this pass
-    for reference, value in zip(model.inputs, model._flatten_to_reference_inputs(inputs)):
-        values[id(reference)] = model._conform_to_reference_input(value, ref_input=reference)
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
-            if node.is_input:
-                continue
-            symbolic = {id(t) for t in node.keras_inputs}
-            args, kwargs = tf.nest.map_structure(
-                lambda t: values[id(t)] if id(t) in symbolic else t, (node.call_args, node.call_kwargs)
-            )
-            if _has_graph(node.layer):
-                outputs = graph_forward_pass(node.layer, args[0], call_layer)
-            else:
-                outputs = call_layer(node.layer, args, kwargs)
-            values.update(zip(map(id, tf.nest.flatten(node.outputs)), tf.nest.flatten(outputs)))
-    return tf.nest.map_structure(lambda t: values[id(t)], model._nested_outputs)
-
-
 def per_sample_losses(loss, y, y_pred):
     """Per-example losses from ``loss.call``; extra axes (sequences, pixels) are averaged, as Keras does."""
     values = tf.convert_to_tensor(loss.call(y, y_pred))
@@ -536,13 +494,13 @@ def per_sample_losses(loss, y, y_pred):
 
 def _shared_layers(model):
     counts = {}
-    for layer, _ in _graph_layers(model):
+    for layer, _ in backend.leaf_layer_calls(model):
         if layer.trainable_variables:
             counts[id(layer)] = counts.get(id(layer), 0) + 1
     return {key for key, count in counts.items() if count > 1}
 
 
-_LINEAR_LAYERS = (tf.keras.layers.Dense, tf.keras.layers.EinsumDense, tf.keras.layers.Conv2D)
+_LINEAR_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv2D)
 
 
 class NormedForwardPass(typing.NamedTuple):
@@ -594,7 +552,7 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
     fast, fallback = [], {}
 
     def call_layer(layer, args, kwargs):
-        if getattr(layer, "_expects_training_arg", False) and "training" not in kwargs:
+        if backend.expects_training_argument(layer) and "training" not in kwargs:
             kwargs = {**kwargs, "training": True}
         if not layer.trainable_variables:
             return layer(*args, **kwargs)
@@ -614,7 +572,7 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
 
     loss = per_example_loss(model)
     with tape:
-        y_pred = graph_forward_pass(model, x, call_layer)
+        y_pred = backend.run_layer_by_layer(model, x, call_layer)
         losses = per_sample_losses(loss, y, y_pred)
         total = tf.reduce_sum(losses)
     with outer_tape.stop_recording() if outer_tape is not None else contextlib.nullcontext():

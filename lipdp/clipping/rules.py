@@ -5,7 +5,7 @@ ordinary Keras networks by per-example gradient clipping instead of certified
 Lipschitz bounds::
 
     model = lipdp.DPSequential([...any per-sample Keras layers...], clipping="global", clip_norm=1.0)
-    model.compile(optimizer="sgd", loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True))
+    model.compile(optimizer="sgd", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     model.make_private(sampler, target_epsilon=3.0, epochs=20)
     model.fit(sampler, epochs=20)
 

@@ -8,6 +8,7 @@ Jacobians with entries in {0, 1} and {-1, 1}. They have no variables.
 
 import tensorflow as tf
 
+from lipdp.backend import keras
 from lipdp.layers.base import DPLayer
 
 
@@ -34,8 +35,8 @@ def _sort_pairs(first, second):
     return tf.concat([tf.minimum(first, second), tf.maximum(first, second)], axis=-1), grad
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class GroupSort(DPLayer, tf.keras.layers.Layer):
+@keras.utils.register_keras_serializable("lipdp")
+class GroupSort(DPLayer, keras.layers.Layer):
     """Sorts the last axis in groups of ``group_size`` (GroupSort-2 by default).
 
     Groups are disjoint sets of channels; for ``group_size=2`` channel ``i`` is
@@ -72,7 +73,7 @@ class GroupSort(DPLayer, tf.keras.layers.Layer):
         return {**super().get_config(), "group_size": self.group_size}
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
+@keras.utils.register_keras_serializable("lipdp")
 class FullSort(GroupSort):
     """Sorts the whole last axis. Bounds: output ``||x||``, Lipschitz 1, no variables."""
 
@@ -81,16 +82,16 @@ class FullSort(GroupSort):
         super().__init__(group_size=None, **kwargs)
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class ReLU(DPLayer, tf.keras.layers.Layer):
+@keras.utils.register_keras_serializable("lipdp")
+class ReLU(DPLayer, keras.layers.Layer):
     """``max(x, 0)``. Bounds: output ``<= ||x||``, Lipschitz 1 (Jacobian diag in {0,1}), no variables."""
 
     def call(self, inputs):
         return tf.nn.relu(inputs)
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class Abs(DPLayer, tf.keras.layers.Layer):
+@keras.utils.register_keras_serializable("lipdp")
+class Abs(DPLayer, keras.layers.Layer):
     """``|x|``. Bounds: output ``= ||x||``, Lipschitz 1 (Jacobian diag in {-1,1}), no variables."""
 
     def call(self, inputs):

@@ -128,7 +128,7 @@ def window_overlap(window, strides):
 
 
 class DPLayer:
-    """Mixin adding the bound protocol to a ``tf.keras.layers.Layer``.
+    """Mixin adding the bound protocol to a ``keras.layers.Layer``.
 
     The defaults describe a parameter-free 1-Lipschitz layer that does not
     increase norms (flatten, reshape); layers override what differs.

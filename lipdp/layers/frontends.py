@@ -21,6 +21,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from lipdp.backend import keras
 from lipdp.layers.base import DPLayer, as_bound
 from lipdp.layers.structure import clip_per_sample
 
@@ -45,8 +46,8 @@ class FrontEnd(DPLayer):
         return as_bound(math.inf)
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class Scattering2D(FrontEnd, tf.keras.layers.Layer):
+@keras.utils.register_keras_serializable("lipdp")
+class Scattering2D(FrontEnd, keras.layers.Layer):
     """Wavelet scattering transform (kymatio 0.3.0) of each image, channels last.
 
     Input ``(batch, H, W, C)``, output ``(batch, H / 2^J, W / 2^J, C K)`` with
@@ -125,8 +126,8 @@ class Scattering2D(FrontEnd, tf.keras.layers.Layer):
         }
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class ChannelStandardization(FrontEnd, tf.keras.layers.Layer):
+@keras.utils.register_keras_serializable("lipdp")
+class ChannelStandardization(FrontEnd, keras.layers.Layer):
     """``(clip(x) - mean) / scale`` per channel (last axis), with ``clip`` the projection onto the ``clip_norm`` ball.
 
     ``mean`` and ``scale`` are per-channel statistics of the training data
@@ -201,7 +202,7 @@ def cached_features(layer, x, cache_dir=None, batch_size=512, verbose=0):
         if os.path.exists(path):
             return np.load(path)
     batches = range(0, len(x), batch_size)
-    progress = tf.keras.utils.Progbar(len(x), verbose=verbose, unit_name="example")
+    progress = keras.utils.Progbar(len(x), verbose=verbose, unit_name="example")
     features = []
     for start in batches:
         features.append(layer(x[start : start + batch_size]).numpy())

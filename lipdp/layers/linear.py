@@ -12,6 +12,7 @@ import math
 import tensorflow as tf
 from deel.lip.normalizers import bjorck_normalization, spectral_normalization
 
+from lipdp.backend import keras
 from lipdp.layers.base import (
     DPLayer,
     as_bound,
@@ -26,8 +27,8 @@ from lipdp.layers.base import (
 WEIGHT_CONSTRAINTS = ("orthogonal", "spectral", "frobenius")
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class NormBallConstraint(tf.keras.constraints.Constraint):
+@keras.utils.register_keras_serializable("lipdp")
+class NormBallConstraint(keras.constraints.Constraint):
     """Projects a tensor onto the l2 (Frobenius) ball of radius ``max_norm``."""
 
     def __init__(self, max_norm):
@@ -41,8 +42,8 @@ class NormBallConstraint(tf.keras.constraints.Constraint):
         return {"max_norm": self.max_norm}
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class SpectralNormConstraint(tf.keras.constraints.Constraint):
+@keras.utils.register_keras_serializable("lipdp")
+class SpectralNormConstraint(keras.constraints.Constraint):
     """Rescales a kernel, reshaped to ``(-1, out)``, to spectral norm <= ``max_norm``."""
 
     def __init__(self, max_norm):
@@ -57,8 +58,8 @@ class SpectralNormConstraint(tf.keras.constraints.Constraint):
         return {"max_norm": self.max_norm}
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class OrthogonalConstraint(tf.keras.constraints.Constraint):
+@keras.utils.register_keras_serializable("lipdp")
+class OrthogonalConstraint(keras.constraints.Constraint):
     """Bjorck orthonormalisation of a kernel reshaped to ``(-1, out)``, scaled to ``k_coef_lip``.
 
     deel-lip's reshaped kernel orthogonalisation (``SpectralConstraint``):
@@ -185,7 +186,7 @@ class _LipschitzLinear(DPLayer):
                 f"{self.name}: every non-batch input dimension must be static "
                 f"(the bias bounds count positions), got {tuple(input_shape)}"
             )
-        self.input_spec = tf.keras.layers.InputSpec(shape=(None,) + tuple(input_shape[1:]))
+        self.input_spec = keras.layers.InputSpec(shape=(None,) + tuple(input_shape[1:]))
 
     def _project_initial_weights(self):
         self.kernel.assign(self.kernel_constraint(self.kernel))
@@ -218,8 +219,8 @@ class _LipschitzLinear(DPLayer):
         return config
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class LipschitzDense(_LipschitzLinear, tf.keras.layers.Dense):
+@keras.utils.register_keras_serializable("lipdp")
+class LipschitzDense(_LipschitzLinear, keras.layers.Dense):
     """Dense layer ``y = x K + b`` with a norm-constrained kernel and bias.
 
     Applied to inputs of shape ``(batch, ..., d)``, the kernel acts at each of
@@ -267,8 +268,8 @@ class LipschitzDense(_LipschitzLinear, tf.keras.layers.Dense):
         self._project_initial_weights()
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class LipschitzConv2D(_LipschitzLinear, tf.keras.layers.Conv2D):
+@keras.utils.register_keras_serializable("lipdp")
+class LipschitzConv2D(_LipschitzLinear, keras.layers.Conv2D):
     """2-D convolution with a norm-constrained kernel, any stride, same/valid padding.
 
     A convolution is the kernel matrix ``K`` (shape ``(kh*kw*c_in, c_out)``)

@@ -12,6 +12,7 @@ import math
 
 import tensorflow as tf
 
+from lipdp.backend import keras
 from lipdp.layers.base import DPLayer, as_bound, window_overlap
 
 # Smoothing inside the square root of norm pooling: sqrt(s + eps) - sqrt(eps)
@@ -29,7 +30,7 @@ def _same_padding(size, window, stride):
     return [total // 2, total - total // 2]
 
 
-class _WindowedPooling(DPLayer, tf.keras.layers.Layer):
+class _WindowedPooling(DPLayer, keras.layers.Layer):
     """Shared configuration of the 2-D pooling layers; output and cotangent scale by sqrt(overlap)."""
 
     def __init__(self, pool_size=2, strides=None, padding="valid", **kwargs):
@@ -51,7 +52,7 @@ class _WindowedPooling(DPLayer, tf.keras.layers.Layer):
         return {**super().get_config(), "pool_size": self.pool_size, "strides": self.strides, "padding": self.padding}
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
+@keras.utils.register_keras_serializable("lipdp")
 class L2NormPooling2D(_WindowedPooling):
     """Replaces each window by its l2 norm (per channel), zero padding at borders.
 
@@ -81,7 +82,7 @@ class L2NormPooling2D(_WindowedPooling):
         return tf.sqrt(sums + _NORM_EPS) - math.sqrt(_NORM_EPS)
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
+@keras.utils.register_keras_serializable("lipdp")
 class MaxPooling2D(_WindowedPooling):
     """Max over each window. ``|max(w)| <= ||w||`` and max is 1-Lipschitz.
 
@@ -93,8 +94,8 @@ class MaxPooling2D(_WindowedPooling):
         return tf.nn.max_pool2d(inputs, self.pool_size, self.strides, self.padding.upper())
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class GlobalL2NormPooling2D(DPLayer, tf.keras.layers.Layer):
+@keras.utils.register_keras_serializable("lipdp")
+class GlobalL2NormPooling2D(DPLayer, keras.layers.Layer):
     """Per channel, the l2 norm over the spatial axes: ``(B,H,W,C) -> (B,C)``.
 
     Bounds: output ``<= ||x||`` (the channel norms have total norm ``||x||``),

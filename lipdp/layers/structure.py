@@ -4,6 +4,7 @@ backward-pass gradient clipping."""
 import tensorflow as tf
 
 from lipdp import distribute
+from lipdp.backend import keras
 from lipdp.layers.base import DPLayer, as_bound
 
 
@@ -20,8 +21,8 @@ def clip_per_sample(tensor, max_norm):
     return tensor * tf.cast(scale, tensor.dtype)
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class InputNormClip(DPLayer, tf.keras.layers.Layer):
+@keras.utils.register_keras_serializable("lipdp")
+class InputNormClip(DPLayer, keras.layers.Layer):
     """Projects each sample onto the l2 ball of radius ``norm``: the only place
     where data norms are enforced.
 
@@ -48,18 +49,18 @@ class InputNormClip(DPLayer, tf.keras.layers.Layer):
         return {**super().get_config(), "norm": self.norm}
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class Flatten(DPLayer, tf.keras.layers.Flatten):
+@keras.utils.register_keras_serializable("lipdp")
+class Flatten(DPLayer, keras.layers.Flatten):
     """Keras ``Flatten``. Bounds: output ``= ||x||``, Lipschitz 1, no variables."""
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class Reshape(DPLayer, tf.keras.layers.Reshape):
+@keras.utils.register_keras_serializable("lipdp")
+class Reshape(DPLayer, keras.layers.Reshape):
     """Keras ``Reshape``. Bounds: output ``= ||x||``, Lipschitz 1, no variables."""
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class LayerCentering(DPLayer, tf.keras.layers.Layer):
+@keras.utils.register_keras_serializable("lipdp")
+class LayerCentering(DPLayer, keras.layers.Layer):
     """Subtracts, for each sample separately, its mean over ``axes``.
 
     ``axes=None`` uses every non-batch axis; ``axes=(1, 2)`` centres each
@@ -115,8 +116,8 @@ class _Merge(DPLayer):
         super().build(input_shape)
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class Add(_Merge, tf.keras.layers.Add):
+@keras.utils.register_keras_serializable("lipdp")
+class Add(_Merge, keras.layers.Add):
     """Sum of n branches (e.g. a residual block's branch and skip).
 
     Bounds: output ``<= sum_i b_i``; each input receives the output cotangent
@@ -130,8 +131,8 @@ class Add(_Merge, tf.keras.layers.Add):
         return [cotangent_bound] * self.num_inputs
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class Average(_Merge, tf.keras.layers.Average):
+@keras.utils.register_keras_serializable("lipdp")
+class Average(_Merge, keras.layers.Average):
     """Mean of n branches. Bounds: output ``<= mean_i b_i``; each input gets ``c / n``."""
 
     def output_bound(self, input_bounds):
@@ -161,8 +162,8 @@ def _clip_cotangent(inputs, max_norm, counter=None):
     return clip(inputs)
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
-class ClipGradient(DPLayer, tf.keras.layers.Layer):
+@keras.utils.register_keras_serializable("lipdp")
+class ClipGradient(DPLayer, keras.layers.Layer):
     """Identity forward; in the backward pass clips each sample's cotangent to ``clip_value``.
 
     Rule: the clip applies to the gradient of the *per-sample* loss. lipdp's
@@ -191,7 +192,7 @@ class ClipGradient(DPLayer, tf.keras.layers.Layer):
         return {**super().get_config(), "clip_value": self.clip_value}
 
 
-@tf.keras.utils.register_keras_serializable("lipdp")
+@keras.utils.register_keras_serializable("lipdp")
 class AdaptiveClipGradient(ClipGradient):
     """:class:`ClipGradient` whose threshold follows a quantile of the per-sample cotangent norms.
 
@@ -241,7 +242,7 @@ class AdaptiveClipGradient(ClipGradient):
             name="threshold",
             shape=(),
             dtype=tf.float32,
-            initializer=tf.keras.initializers.Constant(self.initial_value),
+            initializer=keras.initializers.Constant(self.initial_value),
             trainable=False,
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,  # every replica computes the same update
         )
