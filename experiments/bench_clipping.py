@@ -100,7 +100,13 @@ def build(method, batch, dataset_size):
         model.make_private(sampler, noise_multiplier=1.0)
         model.allow_unaccounted_steps()  # timed on a fixed batch: no accounting
     elif method == "tfp_dpsgd":
-        from tensorflow_privacy import DPKerasSGDOptimizer
+        try:
+            from tensorflow_privacy import DPKerasSGDOptimizer
+        except ImportError as error:
+            raise SystemExit(
+                "tfp_dpsgd needs the peer library tensorflow-privacy, which installs with TensorFlow <= 2.15 only: "
+                "run this benchmark in make test-legacy's environment (.venv-legacy/bin/python)"
+            ) from error
 
         model = tf.keras.Sequential(plain)
         optimizer = DPKerasSGDOptimizer(

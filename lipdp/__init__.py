@@ -11,9 +11,11 @@ reports and audits in :mod:`lipdp.reports` and
 :mod:`lipdp.audit` (imported on demand: they need matplotlib/scikit-learn).
 """
 
+from lipdp.backend import keras  # first, before anything imports TensorFlow: decides which Keras (lipdp.backend)
+
+# isort: split
 from lipdp import accounting, callbacks, clipping, data, errors, layers, losses, mechanisms, sensitivity
 from lipdp.accounting import PrivacyPolicy
-from lipdp.backend import keras  # first: decides which Keras (see lipdp.backend)
 from lipdp.errors import LipdpError
 from lipdp.model import DPModel, DPSequential
 from lipdp.sampling import PoissonSampler, ShuffleSampler

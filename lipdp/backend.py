@@ -22,16 +22,32 @@ changes this module and the few calls into it.
 
 import os
 import typing
+from importlib import metadata
 
-import tensorflow as tf
 
-from lipdp.errors import ModelNotSupportedError
+def _installed_tensorflow():
+    """``(major, minor)`` of the installed TensorFlow distribution, read without importing it."""
+    for name in ("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tf-nightly"):
+        try:
+            return tuple(int(part) for part in metadata.version(name).split(".")[:2])
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
-#: ``(major, minor)`` of the installed TensorFlow.
+
+# Before TensorFlow is imported: it reads the variable at import (for `from tensorflow.keras import ...`, as
+# deel-lip does) and when tf.keras is first used.
+if (_installed_tensorflow() or (0, 0)) >= (2, 16):
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import tensorflow as tf  # noqa: E402
+
+from lipdp.errors import ModelNotSupportedError  # noqa: E402
+
+#: ``(major, minor)`` of the imported TensorFlow.
 TF_VERSION = tuple(int(part) for part in tf.__version__.split(".")[:2])
 
 if TF_VERSION >= (2, 16):
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # read when tf.keras is first used, not at import
     import tf_keras as keras
 else:
     keras = tf.keras

@@ -32,7 +32,8 @@ def test_bounds_match_the_roc_region_numerically(epsilon, delta):
     x = np.linspace(0.0, 1.0, 200001)
     frontier = roc_frontier(epsilon, delta, x)
     assert audit.advantage_bound(epsilon, delta) == pytest.approx(np.max(frontier - x), abs=1e-5)
-    assert audit.auc_bound(epsilon, delta) == pytest.approx(np.trapz(frontier, x), abs=1e-6)
+    area = np.sum(np.diff(x) * (frontier[1:] + frontier[:-1]) / 2)  # the trapezoidal rule
+    assert audit.auc_bound(epsilon, delta) == pytest.approx(area, abs=1e-6)
 
 
 def test_bounds_are_monotone_and_in_range():

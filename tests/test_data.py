@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import lipdp
 from lipdp import data
 from lipdp.data import DataFormatError, Dataset, DataUnavailableError
 
@@ -467,12 +468,10 @@ def no_tfds(monkeypatch):
 
 
 def test_offline_download_raises_data_unavailable(monkeypatch, no_tfds):
-    import tensorflow as tf
-
     def offline(*args, **kwargs):
         raise Exception("URL fetch failure: Name or service not known")
 
-    monkeypatch.setattr(tf.keras.datasets.mnist, "load_data", offline)
+    monkeypatch.setattr(lipdp.keras.datasets.mnist, "load_data", offline)
     with pytest.raises(DataUnavailableError) as info:
         data.load("mnist")
     msg = str(info.value)
@@ -482,21 +481,17 @@ def test_offline_download_raises_data_unavailable(monkeypatch, no_tfds):
 
 
 def test_cifar_offline_message_lists_batches(monkeypatch, no_tfds):
-    import tensorflow as tf
-
     def offline(*args, **kwargs):
         raise OSError("offline")
 
-    monkeypatch.setattr(tf.keras.datasets.cifar10, "load_data", offline)
+    monkeypatch.setattr(lipdp.keras.datasets.cifar10, "load_data", offline)
     with pytest.raises(DataUnavailableError, match="data_batch_1.*test_batch"):
         data.load_cifar10()
 
 
 def test_download_via_keras(monkeypatch, no_tfds):
-    import tensorflow as tf
-
     arrays = ((make_images(6), make_labels(6)), (make_images(3), make_labels(3)))
-    monkeypatch.setattr(tf.keras.datasets.fashion_mnist, "load_data", lambda: arrays)
+    monkeypatch.setattr(lipdp.keras.datasets.fashion_mnist, "load_data", lambda: arrays)
     ds = data.load_fashion_mnist()
     assert len(ds.x_train) == 6 and "keras.datasets.fashion_mnist" in ds.source
     assert_well_formed(ds, (28, 28, 1))
