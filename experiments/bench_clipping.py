@@ -42,6 +42,8 @@ import subprocess
 import sys
 import time
 
+from lipdp import keras  # first of TensorFlow: the Keras 2 API lipdp runs on (lipdp.backend)
+
 METHODS = ("nonprivate", "nonprivate_lipschitz", "clipless", "fast_clipping", "tfp_dpsgd")
 FULL_BATCHES = (32, 64, 128, 256, 512, 1024)
 QUICK_BATCHES = (32, 256)
@@ -60,20 +62,20 @@ def build(method, batch, dataset_size):
     import lipdp
     from lipdp import layers as L
 
-    K = tf.keras.layers
-    tf.keras.utils.set_random_seed(0)
+    K = keras.layers
+    keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(dataset_size,) + INPUT_SHAPE).astype("float32")
     y = tf.one_hot(rng.integers(0, CLASSES, dataset_size), CLASSES).numpy()
     plain = [
-        tf.keras.Input(INPUT_SHAPE),
+        keras.Input(INPUT_SHAPE),
         K.Conv2D(16, 3, strides=2, padding="same", activation="relu"),
         K.Conv2D(32, 3, strides=2, padding="same", activation="relu"),
         K.Flatten(),
         K.Dense(CLASSES),
     ]
     lipschitz = [
-        tf.keras.Input(INPUT_SHAPE),
+        keras.Input(INPUT_SHAPE),
         L.InputNormClip(1.0),
         L.LipschitzConv2D(16, 3, strides=2, bias_bound=1.0),
         L.GroupSort(),
@@ -84,19 +86,19 @@ def build(method, batch, dataset_size):
     ]
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=batch)
     if method == "nonprivate":
-        model = tf.keras.Sequential(plain)
-        model.compile(tf.keras.optimizers.SGD(0.1), loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True))
+        model = keras.Sequential(plain)
+        model.compile(keras.optimizers.SGD(0.1), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     elif method == "nonprivate_lipschitz":
-        model = tf.keras.Sequential(lipschitz)
-        model.compile(tf.keras.optimizers.SGD(0.1), loss=lipdp.losses.TauCategoricalCrossentropy(8.0))
+        model = keras.Sequential(lipschitz)
+        model.compile(keras.optimizers.SGD(0.1), loss=lipdp.losses.TauCategoricalCrossentropy(8.0))
     elif method == "clipless":
         model = lipdp.DPSequential(lipschitz)
-        model.compile(tf.keras.optimizers.SGD(0.1), loss=lipdp.losses.TauCategoricalCrossentropy(8.0))
+        model.compile(keras.optimizers.SGD(0.1), loss=lipdp.losses.TauCategoricalCrossentropy(8.0))
         model.make_private(sampler, noise_multiplier=1.0)
         model.allow_unaccounted_steps()  # timed on a fixed batch: no accounting
     elif method == "fast_clipping":
         model = lipdp.DPSequential(plain, clipping="flat", clip_norm=1.0)
-        model.compile(tf.keras.optimizers.SGD(0.1), loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True))
+        model.compile(keras.optimizers.SGD(0.1), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
         model.make_private(sampler, noise_multiplier=1.0)
         model.allow_unaccounted_steps()  # timed on a fixed batch: no accounting
     elif method == "tfp_dpsgd":
@@ -108,13 +110,13 @@ def build(method, batch, dataset_size):
                 "run this benchmark in make test-legacy's environment (.venv-legacy/bin/python)"
             ) from error
 
-        model = tf.keras.Sequential(plain)
+        model = keras.Sequential(plain)
         optimizer = DPKerasSGDOptimizer(
             l2_norm_clip=1.0, noise_multiplier=1.0, num_microbatches=batch, learning_rate=0.1
         )
         model.compile(
             optimizer,
-            loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction=tf.keras.losses.Reduction.NONE),
+            loss=keras.losses.CategoricalCrossentropy(from_logits=True, reduction=keras.losses.Reduction.NONE),
         )
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")

@@ -24,12 +24,12 @@ import tensorflow as tf
 
 import lipdp
 from lipdp import config as config_lib
-from lipdp import distribute, training
+from lipdp import distribute, keras, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class StepTimes(tf.keras.callbacks.Callback):
+class StepTimes(keras.callbacks.Callback):
     """Wall time between consecutive ``on_train_batch_end`` calls, from the second epoch on."""
 
     def on_train_begin(self, logs=None):
@@ -48,7 +48,7 @@ class StepTimes(tf.keras.callbacks.Callback):
 def timed_fit(strategy, x, y, batch_size, epochs):
     cfg = config_lib.load(os.path.join(ROOT, "configs", "mnist_conv.yaml"))
     with distribute.scope(strategy):
-        tf.keras.utils.set_random_seed(0)
+        keras.utils.set_random_seed(0)
         model = training.build_model(cfg, x.shape[1:])
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=batch_size)
     model.make_private(sampler, noise_multiplier=1.0, delta=1e-5)

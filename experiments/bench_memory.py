@@ -18,12 +18,13 @@ import resource
 import subprocess
 import sys
 
+from lipdp import keras  # first of TensorFlow: the Keras 2 API lipdp runs on (lipdp.backend)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def one_measurement(batch, microbatch):
     import numpy as np
-    import tensorflow as tf
 
     import lipdp
     from lipdp import config as config_lib
@@ -31,7 +32,7 @@ def one_measurement(batch, microbatch):
 
     cfg = config_lib.load(os.path.join(ROOT, "configs", "mnist_conv.yaml"))
     model = lipdp.DPSequential(training.build_layers(cfg, (28, 28, 1)), microbatch_size=microbatch)
-    model.compile(tf.keras.optimizers.Adam(1e-3), loss=lipdp.losses.TauCategoricalCrossentropy(16.0))
+    model.compile(keras.optimizers.Adam(1e-3), loss=lipdp.losses.TauCategoricalCrossentropy(16.0))
     rng = np.random.default_rng(0)
     x = rng.random((batch, 28, 28, 1), dtype=np.float32)
     y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, batch)]

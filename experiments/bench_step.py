@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+from lipdp import keras  # first of TensorFlow: the Keras 2 API lipdp runs on (lipdp.backend)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("ordinary", "lipschitz", "clipless", "clipless_mb256", "clipless_groupsort")
 INPUT_SHAPE, CLASSES = (28, 28, 1), 10
@@ -45,11 +47,10 @@ def _peak_rss_mib():
 
 def ordinary_layers():
     """The unconstrained CNN of the same shape as ``configs/mnist_conv.yaml``'s."""
-    import tensorflow as tf
 
-    K = tf.keras.layers
+    K = keras.layers
     return [
-        tf.keras.Input(INPUT_SHAPE),
+        keras.Input(INPUT_SHAPE),
         K.Conv2D(16, 3, padding="same", activation="relu"),
         K.MaxPooling2D(2),
         K.Conv2D(32, 3, padding="same", activation="relu"),
@@ -79,24 +80,23 @@ def groupsort_lipschitz_layers():
 
 
 def make_model(method, x, y, batch):
-    import tensorflow as tf
 
     import lipdp
 
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     if method == "ordinary":
-        model = tf.keras.Sequential(ordinary_layers())
-        model.compile(tf.keras.optimizers.Adam(1e-3), loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True))
+        model = keras.Sequential(ordinary_layers())
+        model.compile(keras.optimizers.Adam(1e-3), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
         return model
     loss = lipdp.losses.TauCategoricalCrossentropy(16.0)
     if method == "lipschitz":
-        model = tf.keras.Sequential(lipschitz_layers())
-        model.compile(tf.keras.optimizers.Adam(1e-3), loss=loss)
+        model = keras.Sequential(lipschitz_layers())
+        model.compile(keras.optimizers.Adam(1e-3), loss=loss)
         return model
     microbatch = 256 if method == "clipless_mb256" else None
     layers = groupsort_lipschitz_layers() if method == "clipless_groupsort" else lipschitz_layers()
     model = lipdp.DPSequential(layers, microbatch_size=microbatch)
-    model.compile(tf.keras.optimizers.Adam(1e-3), loss=loss)
+    model.compile(keras.optimizers.Adam(1e-3), loss=loss)
     model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=batch), noise_multiplier=1.0)
     model.allow_unaccounted_steps()  # timed on a fixed batch: no accounting
     return model

@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 
+from lipdp import keras
 from lipdp.clipping import RULES as CLIPPING_RULES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,13 +128,12 @@ def private_run(config_file, overrides, out_dir):
 
 def non_private_accuracy(cfg, dataset):
     """Test accuracy of the config's layers trained without privacy (plain Keras, same batch size / epochs)."""
-    import tensorflow as tf
 
     from lipdp import losses, training
 
-    tf.keras.utils.set_random_seed(cfg.training.seed)
-    model = tf.keras.Sequential(training.build_layers(cfg, dataset.input_shape))
-    optimizer = tf.keras.optimizers.get(
+    keras.utils.set_random_seed(cfg.training.seed)
+    model = keras.Sequential(training.build_layers(cfg, dataset.input_shape))
+    optimizer = keras.optimizers.get(
         {"class_name": cfg.optimizer.name, "config": {"learning_rate": cfg.optimizer.learning_rate}}
     )
     model.compile(optimizer, loss=getattr(losses, cfg.loss.type)(**cfg.loss.params), metrics=["accuracy"])

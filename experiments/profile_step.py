@@ -41,7 +41,7 @@ import tensorflow as tf
 
 import lipdp
 from lipdp import config as config_lib
-from lipdp import sensitivity, training
+from lipdp import keras, sensitivity, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "mnist_conv.yaml")
@@ -60,10 +60,10 @@ def median_ms(fn, steps, warmup=5):
 
 def build(x, y, batch, layers=None):
     """The clipless DP model of the config's CNN (or of ``layers``) and its Poisson sampler."""
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     cfg = config_lib.load(CONFIG)
     model = lipdp.DPSequential(layers if layers is not None else training.build_layers(cfg, x.shape[1:]))
-    model.compile(tf.keras.optimizers.Adam(1e-3), loss=lipdp.losses.TauCategoricalCrossentropy(cfg.loss.params["tau"]))
+    model.compile(keras.optimizers.Adam(1e-3), loss=lipdp.losses.TauCategoricalCrossentropy(cfg.loss.params["tau"]))
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=batch)
     model.make_private(sampler, noise_multiplier=1.0)
     model.allow_unaccounted_steps()  # timed on a fixed batch: no accounting
@@ -112,7 +112,7 @@ def pieces(model, sampler, xb, yb, steps):
                 v.assign(v.constraint(v))
 
     plain_vars = [tf.Variable(v.numpy(), name=f"copy{i}") for i, v in enumerate(variables)]
-    optimizer = tf.keras.optimizers.Adam(1e-3)
+    optimizer = keras.optimizers.Adam(1e-3)
 
     @tf.function
     def update():
@@ -179,7 +179,7 @@ def what_if(x, y, xb, yb, steps):
     original_conv = LipschitzConv2D.convolution_op
 
     def plain_convolution(self, inputs, kernel):
-        return tf.keras.layers.Conv2D.convolution_op(self, inputs, kernel)
+        return keras.layers.Conv2D.convolution_op(self, inputs, kernel)
 
     variants = [
         ("lipdp as it is", None, False),
@@ -215,14 +215,14 @@ def xla_what_if(x, y, xb, yb, steps):
             if private:
                 model, _ = build(x, y, len(xb))
             else:
-                tf.keras.utils.set_random_seed(0)
-                model = tf.keras.Sequential(ordinary_layers() if private is None else lipschitz_layers())
+                keras.utils.set_random_seed(0)
+                model = keras.Sequential(ordinary_layers() if private is None else lipschitz_layers())
                 loss = (
-                    tf.keras.losses.CategoricalCrossentropy(from_logits=True)
+                    keras.losses.CategoricalCrossentropy(from_logits=True)
                     if private is None
                     else lipdp.losses.TauCategoricalCrossentropy(16.0)
                 )
-                model.compile(tf.keras.optimizers.Adam(1e-3), loss=loss)
+                model.compile(keras.optimizers.Adam(1e-3), loss=loss)
             model.jit_compile = jit
             labels.append(f"{label}, jit_compile={jit}")
             models.append(model)
@@ -338,9 +338,9 @@ def main(argv=None):
     rows, per_layer = pieces(model, sampler, xb, yb, args.steps)
     from bench_step import ordinary_layers
 
-    tf.keras.utils.set_random_seed(0)
-    ordinary = tf.keras.Sequential(ordinary_layers())
-    ordinary.compile(tf.keras.optimizers.Adam(1e-3), loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True))
+    keras.utils.set_random_seed(0)
+    ordinary = keras.Sequential(ordinary_layers())
+    ordinary.compile(keras.optimizers.Adam(1e-3), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     baselines = [
         (
             "non-private ordinary CNN of the same shape (`train_on_batch`)",
