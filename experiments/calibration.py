@@ -24,7 +24,7 @@ import privacy_utility as common  # noqa: E402  (banner, runs, tables shared by 
 def run_methods(args):
     """``[(name, overrides)]``: clipless, then each clipping rule at each norm."""
     return [("clipless", [])] + [
-        (f"{rule} R={norm:g}", [f"model.clipping={rule}", f"model.clip_norm={norm}"])
+        (f"{rule} R={norm:g}", common.clipping_overrides(common.config_path(args), rule, f"model.clip_norm={norm}"))
         for rule in args.rules
         for norm in args.clip_norms
     ]

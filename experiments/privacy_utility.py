@@ -143,10 +143,19 @@ def non_private_accuracy(cfg, dataset):
     return float(model.evaluate(dataset.x_test, dataset.y_test, verbose=0)[1])
 
 
-def methods(requested):
+def clipping_overrides(config_file, rule, *extra):
+    """Overrides that train ``config_file`` with clipping ``rule``: the same layers without ``ClipGradient``
+    (a logit-level clip is a clipless lever; clipping models refuse its custom gradient)."""
+    from lipdp import config
+
+    layers = [spec for spec in config.load(config_file).model.layers if spec["type"] != "ClipGradient"]
+    return [f"model.clipping={rule}", f"model.layers={json.dumps(layers)}", *extra]
+
+
+def methods(requested, config_file):
     """``[(name, overrides)]``: clipless, and the requested clipping rules."""
     rules = [m for m in requested if m in CLIPPING_RULES]
-    return [("clipless", [])] + [(rule, [f"model.clipping={rule}"]) for rule in rules]
+    return [("clipless", [])] + [(rule, clipping_overrides(config_file, rule)) for rule in rules]
 
 
 # -- this experiment ------------------------------------------------------------------------
@@ -199,7 +208,7 @@ def main(argv=None):
     rows = []
     for epsilon in args.epsilons:
         sigma = shared_noise_multiplier(cfg, dataset, epsilon)
-        for name, extra in methods(args.methods):
+        for name, extra in methods(args.methods, config_path(args)):
             noise = [
                 "privacy.target_epsilon=null",
                 f"privacy.noise_multiplier={sigma!r}",

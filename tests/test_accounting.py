@@ -317,3 +317,18 @@ def test_max_steps_with_pld_is_exact_and_never_evaluates_huge_step_counts(monkey
     assert real(steps=41, **args) > budget
     # PLD at 10**7 steps takes minutes: the search must stay near the answer
     assert max(evaluated) <= 64
+
+
+def test_unconverged_order_notes_of_dp_accounting_are_dropped_not_the_bound(caplog):
+    """Large q: dp-accounting >= 0.6 warns per small order it leaves out; lipdp drops the note, epsilon is unchanged."""
+    import logging
+
+    import dp_accounting
+
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.237477, dp_accounting.GaussianDpEvent(2.0)), 100
+    )
+    with caplog.at_level(logging.WARNING):
+        epsilon = accounting.compute_epsilon(sampling_rate=0.237477, noise_multiplier=2.0, steps=100, delta=1e-4)
+    assert not [r for r in caplog.records if "failed to converge" in r.getMessage()]
+    assert epsilon == dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(1e-4)
