@@ -153,11 +153,39 @@ def validate(model):
                     f"variable {variable.name} is shared by layers {owner.name!r} and {layer.name!r}; "
                     "per-example norms are computed per layer"
                 )
+    _check_calls_read_their_own_variables(model)
     missing = [v.name for v in model.trainable_variables if v.ref() not in owners]
     if missing:
         raise ModelNotSupportedError(f"trainable variable(s) {missing} are not used by any layer of the graph")
     if not model.trainable_variables:
         raise ModelNotSupportedError("the model has no trainable variables")
+
+
+def _check_calls_read_their_own_variables(model):
+    """Refuses a layer call that reads a trainable variable of another layer (tied weights, a closure).
+
+    Each rule measures the gradient through its own layer's call; a variable
+    read elsewhere too gets more gradient than that, so its norm would be
+    under-stated. One eager pass on a zero example records what each call reads.
+    """
+    problems = []
+
+    def call_layer(layer, args, kwargs):
+        with tf.GradientTape() as tape:
+            outputs = layer(*args, **kwargs)
+        own = {v.name for v in layer.trainable_variables}  # names: under a strategy the tape sees the replicas'
+        foreign = [v.name for v in tape.watched_variables() if v.trainable and v.name not in own]
+        if foreign:
+            problems.append(f"layer {layer.name!r} ({type(layer).__name__}) reads {foreign}")
+        return outputs
+
+    inputs = [tf.zeros([1] + [1 if d is None else d for d in t.shape[1:]], t.dtype) for t in model.inputs]
+    backend.run_layer_by_layer(model, inputs if len(inputs) > 1 else inputs[0], call_layer)
+    if problems:
+        raise ModelNotSupportedError(
+            "per-example norms are computed per layer, but variables are read by other layers too (tied weights "
+            "or a closure): " + "; ".join(problems) + "; give each layer its own variables"
+        )
 
 
 # -- fast rules --------------------------------------------------------------
@@ -203,8 +231,10 @@ def _kernel_squared_norms(a, z, method):
     """
     if method == "auto":
         method = _cheaper_form(a.shape[1], a.shape[2], z.shape[2])
-    if method == "gram":
-        return tf.reduce_sum(tf.matmul(a, a, transpose_b=True) * tf.matmul(z, z, transpose_b=True), axis=[1, 2])
+    if method == "gram":  # in float64: its terms cancel where positions do, which float32 would round away
+        a, z, dtype = tf.cast(a, tf.float64), tf.cast(z, tf.float64), z.dtype
+        squared = tf.reduce_sum(tf.matmul(a, a, transpose_b=True) * tf.matmul(z, z, transpose_b=True), axis=[1, 2])
+        return tf.cast(tf.maximum(squared, 0.0), dtype)
     if method == "direct":
         return tf.reduce_sum(tf.square(tf.matmul(a, z, transpose_a=True)), axis=[1, 2])
     raise ValueError(f"method={method!r} is not one of ('auto', 'gram', 'direct')")
@@ -269,24 +299,50 @@ def einsum_dense_squared_norms(inputs, grads, layer, method="auto"):
     return squared + _squared_sum(tf.einsum(f"{out_spec}->{batch}{layer.bias_axes}", grads))
 
 
-def layer_norm_squared_norms(inputs, grads, layer):
+def layer_norm_normalised(inputs, layer):
+    """``xhat = (x - mean) / sqrt(var + eps)`` over ``layer.axis``, as :func:`layer_norm_rule`'s forward uses it."""
+    mean, variance = tf.nn.moments(inputs, layer.axis, keepdims=True)
+    return (inputs - mean) * tf.math.rsqrt(variance + layer.epsilon)
+
+
+def layer_norm_squared_norms(normalised, grads, layer):
     """Per-example squared gradient norm of a ``LayerNormalization`` (``gamma`` and ``beta``).
 
-    ``y = gamma xhat + beta``, ``xhat = (x - mean) / sqrt(var + eps)`` over
-    ``layer.axis``: example ``i``'s gradients are ``sum xhat_i * z_i`` (gamma)
-    and ``sum z_i`` (beta), summed over the axes that are neither the batch's
-    nor normalised.
+    ``y = gamma xhat + beta``, ``xhat`` the ``normalised`` input the forward
+    pass used (:func:`layer_norm_rule`): example ``i``'s gradients are
+    ``sum xhat_i * z_i`` (gamma) and ``sum z_i`` (beta), summed over the axes
+    that are neither the batch's nor normalised.
     """
-    x = tf.cast(inputs, grads.dtype)
-    mean, variance = tf.nn.moments(x, layer.axis, keepdims=True)
-    normalised = (x - mean) * tf.math.rsqrt(variance + layer.epsilon)
     other_axes = [a for a in range(1, grads.shape.rank) if a not in layer.axis]
     per_example = []
     if layer.scale:
-        per_example.append(tf.reduce_sum(normalised * grads, axis=other_axes))
+        per_example.append(tf.reduce_sum(tf.cast(normalised, grads.dtype) * grads, axis=other_axes))
     if layer.center:
         per_example.append(tf.reduce_sum(grads, axis=other_axes))
     return tf.add_n([_squared_sum(g) for g in per_example])
+
+
+def layer_norm_rule(layer, args, kwargs, tape):
+    """The registry entry of ``LayerNormalization``: the layer's function computed here, from one ``xhat``.
+
+    Keras normalises another way (a fused kernel, or ``x inv + (beta - mean
+    inv)``); with inputs far from zero, float32 cancellation made its ``xhat``
+    and a recomputed one differ by far more than the clip margin. Here the
+    output and the norms share the same ``xhat``, so the norm is the one of
+    the gradient this forward pass gives.
+    """
+    inputs = tf.cast(args[0], layer.compute_dtype)
+    normalised = layer_norm_normalised(inputs, layer)
+    shape = [1] * inputs.shape.rank
+    for axis in layer.axis:
+        shape[axis] = inputs.shape[axis]
+    base = normalised
+    if layer.scale:
+        base = base * tf.reshape(tf.cast(layer.gamma, base.dtype), shape)
+    if layer.center:
+        base = base + tf.reshape(tf.cast(layer.beta, base.dtype), shape)
+    tape.watch(base)
+    return base, base, functools.partial(layer_norm_squared_norms, normalised, layer=layer)
 
 
 def embedding_squared_norms(indices, grads, layer):
@@ -396,7 +452,7 @@ def make_layer_registry(method="auto"):
         keras.layers.EinsumDense: _fast_rule(einsum_dense_squared_norms, method=method),
         keras.layers.Conv2D: conv,
         LipschitzConv2D: conv,
-        keras.layers.LayerNormalization: _fast_rule(layer_norm_squared_norms),
+        keras.layers.LayerNormalization: layer_norm_rule,
         keras.layers.Embedding: _fast_rule(embedding_squared_norms),
     }
 
