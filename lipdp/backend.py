@@ -160,8 +160,6 @@ def steps_per_execution(model):
 def check_keras2(objects, what):
     """Refuses Keras 3 objects (a layer, a model, an optimizer, a loss) handed to lipdp, which runs on Keras 2."""
     for item in objects:
-        if isinstance(item, tf.Tensor) or hasattr(item, "_keras_history"):  # a Keras 3 tensor has neither
-            continue
         module = type(item).__module__
         if module.split(".")[0] == "keras" and keras.__name__.split(".")[0] != "keras":
             raise ModelNotSupportedError(

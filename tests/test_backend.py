@@ -32,3 +32,6 @@ def test_a_keras_3_layer_is_refused_with_what_to_do():
         lipdp.DPSequential([keras3.Input((4,)), keras3.layers.Dense(3)])
     with pytest.raises(ModelNotSupportedError, match="Keras 3 object"):
         lipdp.DPSequential([tf.keras.Input((4,)), keras3.layers.Dense(3)])
+    inputs = keras3.Input((4,))
+    with pytest.raises(ModelNotSupportedError, match="model output .* Keras 3 object"):
+        lipdp.DPModel(inputs, keras3.layers.Dense(3)(inputs))
