@@ -161,7 +161,6 @@ class DPModelMixin:
         self._validate_for_privacy()
         releases = tuple(policy_args.pop("releases", ())) + model_releases(self)
         policy = PrivacyPolicy.from_sampler(sampler, releases=releases, **policy_args)
-        check_releases_accounted(self, policy)
         self._check_adaptive_clipping(policy)
         if self.steps_taken > 0:
             wanted = privacy_record(policy, self.mechanism)
@@ -604,14 +603,14 @@ def privacy_record(policy, mechanism):
 
 
 def record_changes(recorded, wanted):
-    """``["key: old -> new", ...]`` between two :func:`privacy_record` JSONs (flattened keys)."""
+    """``["key: old -> new", ...]`` between two records (dicts, as :func:`privacy_record` encodes; flattened keys)."""
 
     def flat(record, prefix=""):
         if not isinstance(record, dict):
             return {prefix: record}
         return {k: v for key, item in record.items() for k, v in flat(item, f"{prefix}{key}.").items()}
 
-    old, new = flat(json.loads(recorded)) if recorded else {}, flat(json.loads(wanted))
+    old, new = flat(recorded), flat(wanted)
     return [
         f"{k.rstrip('.')}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(old.keys() | new.keys())
@@ -628,7 +627,9 @@ def check_same_record(recorded, wanted, steps):
     """Refuses to go on from ``steps`` steps taken under ``recorded`` (``None``: unknown) with another record."""
     if recorded == wanted:
         return
-    changes = ["the earlier policy is unknown"] if recorded is None else record_changes(recorded, wanted)
+    changes = (
+        ["the earlier policy is unknown"] if recorded is None else record_changes(*map(json.loads, (recorded, wanted)))
+    )
     raise ValueError(
         f"these weights already took {steps} private steps under another privacy policy or mechanism; the "
         "accountant would count those steps under the new one. Changed: " + "; ".join(changes) + ". Resume with "

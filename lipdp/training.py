@@ -237,7 +237,7 @@ def _check_resume_record(model, raw, run_dir):
     if not os.path.exists(record_path):
         runs.write_json(run_dir, runs.POLICY, wanted)
         return
-    changes = model_lib.record_changes(json.dumps(runs.read_json(run_dir, runs.POLICY)), json.dumps(wanted))
+    changes = model_lib.record_changes(runs.read_json(run_dir, runs.POLICY), wanted)
     if changes:
         raise config_lib.ConfigError(
             f"{run_dir} holds an interrupted run whose steps were taken under other privacy settings; resuming "
