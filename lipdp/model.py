@@ -12,8 +12,8 @@ The train step never computes a per-sample gradient itself: the model's
 :class:`lipdp.mechanisms.GradientMechanism` returns the batch's gradient
 *sum* and its sensitivity -- clipless, the ordinary gradient of the summed
 per-sample losses and the certified bounds of :mod:`lipdp.sensitivity` for
-the weights in use at this step; with ``clipping=``, a clipping rule of
-:mod:`lipdp.clipping`. The model adds Gaussian noise once (allocation:
+the weights in use at this step; with ``mechanism="flat"`` (or another
+:mod:`lipdp.clipping` rule), per-example clipping. The model adds Gaussian noise once (allocation:
 :meth:`lipdp.mechanisms.Sensitivity.noise_stddevs`) and divides by the
 *expected* batch size ``q N`` (a constant: dividing by the realised Poisson
 batch size would leak it). An empty batch is a valid step (noise only).
@@ -32,11 +32,11 @@ import json
 
 import tensorflow as tf
 
-from lipdp import accounting, backend, distribute, independence, mechanisms, sampling, sensitivity
-from lipdp.accounting import NOISE_ALLOCATIONS, PrivacyPolicy  # noqa: F401  (their home before 0.2)
+from lipdp import backend, distribute, independence, ledger, mechanisms, sampling, sensitivity
 from lipdp.backend import keras
 from lipdp.errors import ModelNotSupportedError, NotPrivateError
 from lipdp.layers import AdaptiveClipGradient
+from lipdp.policy import PrivacyPolicy
 
 
 class DPModelMixin:
@@ -49,10 +49,8 @@ class DPModelMixin:
         mechanism=None,
         accountable=True,
         microbatch_size=None,
-        augmentation=None,
-        **clipping,
     ):
-        self.mechanism = _resolve_mechanism(mechanism, augmentation=augmentation, **clipping)
+        self.mechanism = mechanisms.get(mechanism)
         if microbatch_size is not None and (isinstance(microbatch_size, bool) or int(microbatch_size) < 1):
             raise ValueError(f"microbatch_size must be a positive integer, got {microbatch_size!r}")
         self.microbatch_size = None if microbatch_size is None else int(microbatch_size)
@@ -130,23 +128,6 @@ class DPModelMixin:
         else:
             generator = tf.random.Generator.from_seed(noise_seed)
         object.__setattr__(self, "_noise", generator)
-
-    @property
-    def clipping(self):
-        """The clipping rule's name, ``None`` for clipless training (the ``clipping=`` argument)."""
-        return None if self.mechanism.certifies_layer_bounds else self.mechanism.name
-
-    @property
-    def clip_norm(self):
-        return getattr(self.mechanism, "clip_norm", None)
-
-    @clip_norm.setter
-    def clip_norm(self, value):
-        self.mechanism = mechanisms.from_config({**self.mechanism.get_config(), "clip_norm": value})
-
-    @property
-    def gamma(self):
-        return getattr(self.mechanism, "gamma", None)
 
     # -- set-up --------------------------------------------------------------
     def make_private(self, sampler, **policy_args):
@@ -447,8 +428,8 @@ class DPModelMixin:
             "epsilon": self.privacy.epsilon(steps),
             "steps": steps,
             **self.privacy.to_dict(),
-            "clipping": self.clipping,
-            "ledger": accounting.ledger_to_json(self.privacy.ledger(steps)),
+            "mechanism": self.mechanism.get_config(),
+            "ledger": ledger.ledger_to_json(self.privacy.ledger(steps)),
         }
 
     def privacy_statement(self):
@@ -496,90 +477,50 @@ class DPModelMixin:
         accountable = config.pop("accountable", True)
         mechanism = config.pop("mechanism", None)
         microbatch_size = config.pop("microbatch_size", None)
-        clipping = {key: config.pop(key) for key in _CLIPPING_ARGUMENTS if key in config}  # saved before 0.2
         model = super().from_config(config, custom_objects)
         model._set_privacy(privacy)
         model.microbatch_size = microbatch_size
-        model.mechanism = _resolve_mechanism(mechanism, **clipping)
+        model.mechanism = mechanisms.get(mechanism)
         if not accountable:
             model.allow_unaccounted_steps()
         return model
 
 
-_CLIPPING_ARGUMENTS = ("clipping", "clip_norm", "gamma")
-
-
-def _resolve_mechanism(mechanism=None, clipping=None, clip_norm=1.0, gamma=0.01, augmentation=None):
-    """The model's :class:`lipdp.mechanisms.GradientMechanism`: given, from its config, or from ``clipping=``."""
-    if augmentation is not None and (clipping is not None or mechanism is not None):
-        raise ValueError(
-            "augmentation= is for clipless training (certified bounds); it cannot be combined with clipping= "
-            "(per-example norms would need every view) or mechanism="
-        )
-    if mechanism is None and clipping is None:
-        return mechanisms.from_config({"name": "certified", "augmentation": augmentation})
-    if mechanism is None:
-        return mechanisms.build(clipping, clip_norm, gamma)
-    if clipping is not None:
-        raise ValueError("give a mechanism or clipping=, not both")
-    if isinstance(mechanism, mechanisms.GradientMechanism):
-        return mechanism
-    return mechanisms.from_config(mechanism)
-
-
 @keras.utils.register_keras_serializable("lipdp")
 class DPModel(DPModelMixin, keras.Model):
-    """Functional ``keras.Model`` (DAGs, residual blocks) trained with clipless DP.
+    """Functional ``keras.Model`` (DAGs, residual blocks) trained with DP.
 
-    ``clipping="flat" | "automatic" | "global"`` (with ``clip_norm``, ``gamma``)
-    trains by per-example clipping instead (:mod:`lipdp.clipping`);
-    ``mechanism=`` takes any :class:`lipdp.mechanisms.GradientMechanism`;
-    ``augmentation=`` a :class:`lipdp.augmentation.AugmentationMultiplicity`
-    (clipless training on ``K`` augmented views per example).
+    Takes the arguments of ``keras.Model`` and of :class:`DPSequential`
+    (``privacy``, ``noise_seed``, ``mechanism``, ``microbatch_size``).
     """
 
     def __init__(self, inputs, outputs, name=None, trainable=True, **kwargs):
         # Functional's exact signature, so Keras saves and revives it as a graph.
         backend.check_keras2(tf.nest.flatten(outputs), "model output")
         privacy = {
-            key: kwargs.pop(key)
-            for key in ("privacy", "noise_seed", "mechanism", "microbatch_size", "augmentation")
-            if key in kwargs
+            key: kwargs.pop(key) for key in ("privacy", "noise_seed", "mechanism", "microbatch_size") if key in kwargs
         }
-        clipping = {key: kwargs.pop(key) for key in _CLIPPING_ARGUMENTS if key in kwargs}
         super().__init__(inputs, outputs, name=name, trainable=trainable, **kwargs)
-        self._init_privacy(**privacy, **clipping)
+        self._init_privacy(**privacy)
 
 
 @keras.utils.register_keras_serializable("lipdp")
 class DPSequential(DPModelMixin, keras.Sequential):
-    """``keras.Sequential`` trained with clipless DP (or clipping: see :class:`DPModel`)."""
+    """``keras.Sequential`` trained with DP.
 
-    def __init__(
-        self,
-        layers=None,
-        name=None,
-        privacy=None,
-        noise_seed=None,
-        clipping=None,
-        clip_norm=1.0,
-        gamma=0.01,
-        mechanism=None,
-        microbatch_size=None,
-        augmentation=None,
-    ):
+    ``mechanism``: how a step gets its gradient sum and sensitivity, anything
+    :func:`lipdp.mechanisms.get` takes. The default is clipless training with
+    certified bounds (``"certified"``; ``{"name": "certified", "augmentation":
+    ...}`` trains on augmented views, :mod:`lipdp.augmentation`); ``"flat"``,
+    ``"automatic"`` or ``"global"`` (e.g. ``{"name": "flat", "clip_norm": 1.0}``)
+    train any per-sample Keras network by per-example clipping
+    (:mod:`lipdp.clipping`).
+    """
+
+    def __init__(self, layers=None, name=None, privacy=None, noise_seed=None, mechanism=None, microbatch_size=None):
         backend.check_keras2(layers or [], "layer")
         super().__init__(layers=layers, name=name)
-        self._init_privacy(
-            privacy,
-            noise_seed,
-            mechanism,
-            microbatch_size=microbatch_size,
-            augmentation=augmentation,
-            clipping=clipping,
-            clip_norm=clip_norm,
-            gamma=gamma,
-        )
+        self._init_privacy(privacy, noise_seed, mechanism, microbatch_size=microbatch_size)
 
 
 class _counting:

@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 import lipdp
-from lipdp import accounting, sensitivity
 from lipdp import layers as L
+from lipdp import sensitivity
 
 
 def release_steps(layer, norms_per_step, noise_multiplier, generator):
@@ -39,7 +39,7 @@ def test_gradient_and_count_releases_compose_into_the_accounted_gaussian():
     """1/z^2 = 1/z_g^2 + 1/z_b^2: dp-accounting's epsilon of the two releases equals that of one Gaussian(z)."""
     x = np.zeros((1000, 2), "float32")
     sampler = lipdp.PoissonSampler(x, np.eye(2, dtype="float32")[np.zeros(1000, int)], expected_batch_size=100)
-    policy = accounting.PrivacyPolicy.from_sampler(sampler, noise_multiplier=1.3, delta=1e-5, quantile_noise_share=0.2)
+    policy = lipdp.PrivacyPolicy.from_sampler(sampler, noise_multiplier=1.3, delta=1e-5, quantile_noise_share=0.2)
     z_g, z_b = policy.gradient_noise_multiplier, policy.quantile_noise_multiplier
     assert 1 / z_g**2 + 1 / z_b**2 == pytest.approx(1 / 1.3**2)
     both = dp_accounting.SelfComposedDpEvent(

@@ -119,7 +119,7 @@ def test_audit_command_writes_audit_json(run_dir, capsys):
 
 
 def test_report_of_a_clipping_run_skips_the_bound_sections(tmp_path):
-    out = train_tiny(str(tmp_path / "clip"), "model.clipping=flat", "training.epochs=1")
+    out = train_tiny(str(tmp_path / "clip"), "model.mechanism.name=flat", "training.epochs=1")
     assert cli.main(["report", out, "--no-audit"]) == 0
     markdown = read(os.path.join(out, "report.md"))
     assert "no analytic per-layer bounds" in markdown and "## Bound tightness" not in markdown

@@ -112,7 +112,12 @@ def _args(out, *overrides):
         ),
         (
             ["privacy.noise_multiplier=2.0"],
-            ["privacy.noise_multiplier=2.0", "model.clipping=flat", "model.clip_norm=0.1", DENSE_LAYERS],
+            [
+                "privacy.noise_multiplier=2.0",
+                "model.mechanism.name=flat",
+                "model.mechanism.clip_norm=0.1",
+                DENSE_LAYERS,
+            ],
             "mechanism.name: 'certified' -> 'flat'",
         ),
     ],

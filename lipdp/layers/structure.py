@@ -203,7 +203,7 @@ class AdaptiveClipGradient(ClipGradient):
     released with Gaussian noise: ``b = (count + N(0, z_b^2)) / (q N)``
     (the count has sensitivity 1; ``z_b`` comes from the privacy policy's
     ``quantile_noise_share``, and the accountant composes this release with
-    the gradient's, see :attr:`lipdp.accounting.PrivacyPolicy.gradient_noise_multiplier`).
+    the gradient's, see :attr:`lipdp.policy.PrivacyPolicy.gradient_noise_multiplier`).
     The raw count is kept out of tracking (never saved); the threshold is a
     function of noisy releases only.
 
