@@ -27,16 +27,16 @@ cryptographically secure sampler. Hyper-parameter searches over private data
 are not covered by the guarantee.
 """
 
-import hashlib
-import json
+import contextlib
 
 import tensorflow as tf
 
 from lipdp import backend, distribute, independence, ledger, mechanisms, sampling, sensitivity
 from lipdp.backend import keras
 from lipdp.errors import ModelNotSupportedError, NotPrivateError
-from lipdp.layers import AdaptiveClipGradient
+from lipdp.layers import StepRelease
 from lipdp.policy import PrivacyPolicy
+from lipdp.records import check_releases_accounted, check_same_record, fingerprint, model_releases, privacy_record
 
 
 class DPModelMixin:
@@ -142,7 +142,7 @@ class DPModelMixin:
         self._validate_for_privacy()
         releases = tuple(policy_args.pop("releases", ())) + model_releases(self)
         policy = PrivacyPolicy.from_sampler(sampler, releases=releases, **policy_args)
-        self._check_adaptive_clipping(policy)
+        self._check_step_releases(policy)
         if self.steps_taken > 0:
             wanted = privacy_record(policy, self.mechanism)
             check_same_record(self._recorded(wanted), wanted, self.steps_taken)
@@ -319,38 +319,38 @@ class DPModelMixin:
             ],
             summarize=-1,
         )
-        adaptive = self._adaptive_clip_layers()
+        releasing = self._step_release_layers()
         with tf.control_dependencies([gate, resumed_under_another_policy]):  # nothing runs before the checks pass
-            for layer in adaptive:  # counts from other calls (held-out monitors) must not leak into the release
-                layer.reset_count()
-            with _counting(adaptive):
+            with contextlib.ExitStack() as stack:  # other calls' statistics (held-out monitors) stay out
+                for layer in releasing:
+                    stack.enter_context(layer.gathering())
                 y_pred, per_sample_loss, gradient_sums, sensitivity_ = self.private_gradient_sums(x, y)
             noisy = self.noisy_gradients(gradient_sums, sensitivity_)
             self.optimizer.apply_gradients(zip(noisy, self.trainable_variables))
-            for layer in adaptive:  # after the gradient, whose bound used the threshold in force
-                layer.release_quantile(
-                    self.privacy.quantile_noise_multiplier, self.privacy.expected_batch_size, self._noise
-                )
+            for layer in releasing:  # after the gradient, whose bound used the statistic's state in force
+                layer.release(self.privacy.quantile_noise_multiplier, self.privacy.expected_batch_size, self._noise)
             self.privacy_steps.assign_add(1)
             self.privacy_fingerprint.assign(expected)
             return self._update_metrics(y, y_pred, per_sample_loss)
 
-    def _adaptive_clip_layers(self):
-        return [layer for layer in backend.nested_layers(self) if isinstance(layer, AdaptiveClipGradient)]
+    def _step_release_layers(self):
+        return [layer for layer in backend.nested_layers(self) if isinstance(layer, StepRelease)]
 
-    def _check_adaptive_clipping(self, policy):
-        adaptive = self._adaptive_clip_layers()
-        calls = [node for node in sensitivity.graph_nodes(self) if isinstance(node.layer, AdaptiveClipGradient)]
-        if len(adaptive) > 1 or len(calls) > 1:
+    def _check_step_releases(self, policy):
+        releasing = self._step_release_layers()
+        calls = [node for node in sensitivity.graph_nodes(self) if isinstance(node.layer, StepRelease)]
+        names = ", ".join(sorted({type(layer).__name__ for layer in releasing}))
+        if len(releasing) > 1 or len(calls) > 1:
             raise ModelNotSupportedError(
-                f"{len(adaptive)} AdaptiveClipGradient layer(s) called {len(calls)} times: one call of one such "
-                "layer per model is supported (each call would count every example once more, beyond the count's "
-                "sensitivity of 1)"
+                f"{len(releasing)} per-step release layer(s) ({names}) called {len(calls)} times: one call of one "
+                "such layer per model is supported (each call would count every example once more, beyond the "
+                "release's sensitivity of 1)"
             )
-        if bool(adaptive) != (policy.quantile_noise_share is not None):
+        if bool(releasing) != (policy.quantile_noise_share is not None):
             raise ModelNotSupportedError(
-                "an AdaptiveClipGradient layer needs make_private(..., quantile_noise_share=r) (the share of the "
-                "privacy spent on its threshold), and quantile_noise_share needs such a layer"
+                f"a per-step release layer ({names or 'e.g. AdaptiveClipGradient'}) needs make_private(..., "
+                "quantile_noise_share=r) (the share of the privacy spent on its releases), and "
+                "quantile_noise_share needs such a layer"
             )
 
     def private_gradient_sums(self, x, y):
@@ -521,78 +521,3 @@ class DPSequential(DPModelMixin, keras.Sequential):
         backend.check_keras2(layers or [], "layer")
         super().__init__(layers=layers, name=name)
         self._init_privacy(privacy, noise_seed, mechanism, microbatch_size=microbatch_size)
-
-
-class _counting:
-    """While active, the adaptive clipping layers count the examples under their threshold (trace time)."""
-
-    def __init__(self, layers):
-        self.layers = layers
-
-    def __enter__(self):
-        for layer in self.layers:
-            layer.counting = True
-
-    def __exit__(self, *exc):
-        for layer in self.layers:
-            layer.counting = False
-
-
-def privacy_record(policy, mechanism):
-    """The JSON of what a step was taken under: the privacy policy and the gradient mechanism's settings."""
-    return json.dumps({"policy": policy.to_dict(), "mechanism": mechanism.get_config()}, sort_keys=True)
-
-
-def record_changes(recorded, wanted):
-    """``["key: old -> new", ...]`` between two records (dicts, as :func:`privacy_record` encodes; flattened keys)."""
-
-    def flat(record, prefix=""):
-        if not isinstance(record, dict):
-            return {prefix: record}
-        return {k: v for key, item in record.items() for k, v in flat(item, f"{prefix}{key}.").items()}
-
-    old, new = flat(recorded), flat(wanted)
-    return [
-        f"{k.rstrip('.')}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in sorted(old.keys() | new.keys())
-        if old.get(k) != new.get(k)
-    ]
-
-
-def fingerprint(record):
-    """A 60-bit integer hash of a :func:`privacy_record` (what the model saves beside its step count)."""
-    return int(hashlib.sha256(record.encode()).hexdigest()[:15], 16)
-
-
-def check_same_record(recorded, wanted, steps):
-    """Refuses to go on from ``steps`` steps taken under ``recorded`` (``None``: unknown) with another record."""
-    if recorded == wanted:
-        return
-    changes = (
-        ["the earlier policy is unknown"] if recorded is None else record_changes(*map(json.loads, (recorded, wanted)))
-    )
-    raise ValueError(
-        f"these weights already took {steps} private steps under another privacy policy or mechanism; the "
-        "accountant would count those steps under the new one. Changed: " + "; ".join(changes) + ". Resume with "
-        "the settings that took them, or start from fresh weights (with lipdp train: a new --out folder)"
-    )
-
-
-def check_releases_accounted(model, policy):
-    """Refuses a policy that does not account every release carried by the model's layers (e.g. a model
-    assembled from a head trained on released features without ``releases=``)."""
-    accounted = list(policy.release_noise_multipliers)
-    for release in model_releases(model):
-        if release not in accounted:
-            raise NotPrivateError(
-                f"the model carries a data release (noise multiplier {release:g}, e.g. a released "
-                f"ChannelStandardization) that its privacy policy does not account (releases "
-                f"{list(policy.release_noise_multipliers)}); make the model private with it inside, or pass "
-                "releases=(z,) to make_private"
-            )
-        accounted.remove(release)
-
-
-def model_releases(model):
-    """Noise multipliers of the data releases the model's layers carry (e.g. a released ``ChannelStandardization``)."""
-    return tuple(z for layer in backend.nested_layers(model) for z in getattr(layer, "release_noise_multipliers", ()))

@@ -17,9 +17,8 @@ import warnings
 import numpy as np
 import yaml
 
-from lipdp import callbacks, data, distribute, losses, runs, sampling, sensitivity, statistics
+from lipdp import callbacks, data, distribute, losses, records, runs, sampling, sensitivity, statistics
 from lipdp import config as config_lib
-from lipdp import model as model_lib
 from lipdp.backend import keras
 from lipdp.layers import ChannelStandardization, FrontEnd, InputNormClip, cached_features
 from lipdp.layers.frontends import array_fingerprint
@@ -226,13 +225,13 @@ def _check_resume_record(model, raw, run_dir):
     target, delta, sampling, epochs when they set the calibration, the
     mechanism, the training data) is refused, naming what changed.
     """
-    wanted = json.loads(model_lib.privacy_record(model.privacy, model.mechanism))
+    wanted = json.loads(records.privacy_record(model.privacy, model.mechanism))
     wanted["data"] = array_fingerprint(raw.x_train, hashlib.sha256(np.ascontiguousarray(raw.y_train).tobytes()))
     record_path = runs.path(run_dir, runs.POLICY)
     if not os.path.exists(record_path):
         runs.write_json(run_dir, runs.POLICY, wanted)
         return
-    changes = model_lib.record_changes(runs.read_json(run_dir, runs.POLICY), wanted)
+    changes = records.record_changes(runs.read_json(run_dir, runs.POLICY), wanted)
     if changes:
         raise config_lib.ConfigError(
             f"{run_dir} holds an interrupted run whose steps were taken under other privacy settings; resuming "

@@ -7,22 +7,19 @@ import tensorflow as tf
 
 import lipdp
 from lipdp import layers as L
-from lipdp import sensitivity
+from lipdp import sensitivity, verification
 
 
 def release_steps(layer, norms_per_step, noise_multiplier, generator):
     """Runs the layer's counting backward pass on cotangents of the given norms, then its release."""
     for norms in norms_per_step:
-        layer.reset_count()
         x = tf.zeros((len(norms), 4))
         directions = tf.math.l2_normalize(tf.random.normal((len(norms), 4)), axis=1)
-        layer.counting = True
-        with tf.GradientTape() as tape:
+        with layer.gathering(), tf.GradientTape() as tape:
             tape.watch(x)
             out = layer(x)
-        layer.counting = False
         tape.gradient(out, x, output_gradients=directions * norms[:, None])
-        layer.release_quantile(noise_multiplier, float(len(norms)), generator)
+        layer.release(noise_multiplier, float(len(norms)), generator)
 
 
 @pytest.mark.parametrize("quantile", [0.3, 0.7])
@@ -85,7 +82,7 @@ def test_bounds_follow_the_threshold_in_use():
     model = adaptive_model()
     x, y = data(64)
     model.layers[-1].threshold.assign(0.02)
-    result = sensitivity.verify_bounds(model, x, y, rtol=0)
+    result = verification.verify_bounds(model, x, y, rtol=0)
     assert not result.violations and result.max_ratio > 0.99  # attained: most logit gradients exceed 0.02
     assert float(sensitivity.compute_bounds(model)[model.layers[-2].name + "/kernel"]) < 0.021
 

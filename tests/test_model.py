@@ -498,5 +498,5 @@ def test_a_backup_restored_under_a_recalibrated_target_is_refused(tmp_path):
 def test_a_backup_restored_under_the_same_policy_resumes_and_counts_every_step(tmp_path):
     model, sampler = _crash_then_resume(str(tmp_path / "backup"), {"noise_multiplier": 0.8}, {"noise_multiplier": 0.8})
     assert model.steps_taken == 3 * sampler.steps_per_epoch
-    record = lipdp.model.privacy_record(model.privacy, model.mechanism)
-    assert model.privacy_fingerprint.numpy() == lipdp.model.fingerprint(record)
+    record = lipdp.records.privacy_record(model.privacy, model.mechanism)
+    assert model.privacy_fingerprint.numpy() == lipdp.records.fingerprint(record)
