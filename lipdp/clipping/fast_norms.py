@@ -71,12 +71,11 @@ import typing
 
 import tensorflow as tf
 
-from lipdp import backend
+from lipdp import backend, tf_workarounds
 from lipdp.backend import keras
 from lipdp.clipping.layer_rules import has_fast_rule, make_layer_registry, pre_activation
 from lipdp.errors import ModelNotSupportedError
 from lipdp.layers import ClipGradient, LipschitzConv2D
-from lipdp.layers.base import with_stand_in_for_empty_batch
 from lipdp.losses import LipschitzLoss
 from lipdp.sensitivity import precision_problems, raise_problems
 
@@ -110,8 +109,7 @@ def _has_strided_pointwise_kernel_bug(layer):
     return (
         isinstance(layer, keras.layers.Conv2D)
         and not isinstance(layer, LipschitzConv2D)
-        and tuple(layer.kernel_size) == (1, 1)
-        and layer.strides[0] != layer.strides[1]
+        and tf_workarounds.is_strided_pointwise(layer.kernel_size, layer.strides)
     )
 
 
@@ -152,10 +150,10 @@ def _structural_problems(model):
             )
         if _has_strided_pointwise_kernel_bug(layer):
             yield (
-                f"layer {layer.name!r} is a 1x1 Conv2D with strides {tuple(layer.strides)}: TensorFlow 2.15's "
-                "oneDNN Conv2DBackpropFilter corrupts memory for it on a batch of one, which Poisson sampling "
-                "and micro-batches produce; use lipdp.layers.LipschitzConv2D (which avoids that kernel), equal "
-                "strides, or a subsampling (e.g. a Lambda x[:, ::sh, ::sw]) then an unstrided 1x1 Conv2D"
+                f"layer {layer.name!r} is a 1x1 Conv2D with strides {tuple(layer.strides)}: TensorFlow's "
+                "oneDNN Conv2DBackpropFilter (2.15, 2.21) corrupts memory for it on a batch of one, which Poisson "
+                "sampling and micro-batches produce; use lipdp.layers.LipschitzConv2D (which avoids that kernel), "
+                "equal strides, or a subsampling (e.g. a Lambda x[:, ::sh, ::sw]) then an unstrided 1x1 Conv2D"
             )
         if isinstance(layer, ClipGradient):
             yield (
@@ -379,7 +377,7 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
 def per_example_gradient_norms(model, x, y, registry=None):
     """Whole-model l2 norm of each example's loss gradient (fast rules, fallback where needed)."""
     count = tf.shape(x)[0]  # an empty batch runs one stand-in example (oneDNN convolutions break on none)
-    x, y = with_stand_in_for_empty_batch(x), with_stand_in_for_empty_batch(y)
+    x, y = tf_workarounds.with_stand_in_for_empty_batch(x), tf_workarounds.with_stand_in_for_empty_batch(y)
     return forward_with_norms(model, x, y, registry=registry).norms[:count]
 
 
