@@ -140,7 +140,7 @@ class DPModelMixin:
     def make_private(self, sampler, **policy_args):
         """Validates the compiled model and sets its :class:`PrivacyPolicy` for ``sampler``.
 
-        See ``PrivacyPolicy.from_sampler`` for the arguments. Raises
+        See ``PrivacyPolicy.plan`` for the arguments. Raises
         :class:`lipdp.errors.ModelNotSupportedError` naming any layer,
         loss or setting that has no certified bound. Switches TensorFloat-32
         off process-wide (on GPUs it rounds matmuls to ~1e-3, far above the

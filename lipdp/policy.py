@@ -39,7 +39,7 @@ class PrivacyPolicy:
         object.__setattr__(self, "release_noise_multipliers", tuple(float(z) for z in self.release_noise_multipliers))
         accounting.validate_delta(self.delta, self.dataset_size)
         if self.noise_allocation not in NOISE_ALLOCATIONS:
-            raise ValueError(f"noise_allocation={self.noise_allocation!r} is not one of {NOISE_ALLOCATIONS}")
+            raise PrivacyParameterError(f"noise_allocation={self.noise_allocation!r} is not one of {NOISE_ALLOCATIONS}")
         if self.quantile_noise_share is not None:
             if not 0.0 < self.quantile_noise_share < 1.0:
                 raise PrivacyParameterError(
@@ -106,10 +106,26 @@ class PrivacyPolicy:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_sampler(
+    def from_sampler(cls, sampler, **arguments):
+        """Policy for ``sampler``'s schedule (see :meth:`plan` for the arguments)."""
+        return cls.plan(
+            sampling=sampler.kind,
+            dataset_size=sampler.dataset_size,
+            sampling_rate=sampler.sampling_rate,
+            expected_batch_size=sampler.expected_batch_size,
+            steps_per_epoch=sampler.steps_per_epoch,
+            **arguments,
+        )
+
+    @classmethod
+    def plan(
         cls,
-        sampler,
         *,
+        sampling,
+        dataset_size,
+        sampling_rate,
+        expected_batch_size,
+        steps_per_epoch,
         noise_multiplier=None,
         target_epsilon=None,
         epochs=None,
@@ -119,7 +135,7 @@ class PrivacyPolicy:
         quantile_noise_share=None,
         releases=(),
     ):
-        """Policy for ``sampler``; the noise is given or calibrated to a target epsilon.
+        """Policy for a sampling schedule given by its numbers; the noise is given or calibrated to a target epsilon.
 
         ``delta`` defaults to ``1 / (10 N)``. With ``target_epsilon``, ``epochs``
         is required and the noise multiplier is the smallest whose epsilon after
@@ -128,34 +144,36 @@ class PrivacyPolicy:
         target.
         """
         if (noise_multiplier is None) == (target_epsilon is None):
-            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
-        delta = 0.1 / sampler.dataset_size if delta is None else delta
-        accounting.validate_delta(delta, sampler.dataset_size)
+            raise PrivacyParameterError("give exactly one of noise_multiplier and target_epsilon")
+        delta = 0.1 / dataset_size if delta is None else delta
+        accounting.validate_delta(delta, dataset_size)
         planned_steps = None
         if target_epsilon is not None:
             if not epochs:
-                raise ValueError("target_epsilon needs the number of epochs to calibrate the noise")
-            planned_steps = int(epochs) * sampler.steps_per_epoch
+                raise PrivacyParameterError("target_epsilon needs the number of epochs to calibrate the noise")
+            planned_steps = int(epochs) * steps_per_epoch
             noise_multiplier = accounting.calibrate_noise_multiplier(
                 target_epsilon=target_epsilon,
                 delta=delta,
-                sampling_rate=sampler.sampling_rate,
+                sampling_rate=sampling_rate,
                 steps=planned_steps,
                 accountant=accountant,
-                sampling=sampler.kind,
-                steps_per_epoch=sampler.steps_per_epoch,
+                sampling=sampling,
+                steps_per_epoch=steps_per_epoch,
                 releases=releases,
             )
         elif epochs is not None:
-            raise ValueError("epochs is only used to calibrate a target_epsilon; the noise multiplier is given")
+            raise PrivacyParameterError(
+                "epochs is only used to calibrate a target_epsilon; the noise multiplier is given"
+            )
         return cls(
             noise_multiplier=float(noise_multiplier),
             delta=float(delta),
-            dataset_size=int(sampler.dataset_size),
-            sampling=sampler.kind,
-            sampling_rate=float(sampler.sampling_rate),
-            expected_batch_size=float(sampler.expected_batch_size),
-            steps_per_epoch=int(sampler.steps_per_epoch),
+            dataset_size=int(dataset_size),
+            sampling=sampling,
+            sampling_rate=float(sampling_rate),
+            expected_batch_size=float(expected_batch_size),
+            steps_per_epoch=int(steps_per_epoch),
             accountant=accountant,
             noise_allocation=noise_allocation,
             target_epsilon=None if target_epsilon is None else float(target_epsilon),

@@ -274,9 +274,15 @@ def _released_standardization(cfg, x_train, run_dir):
 
 def _check_budget_before_release(cfg, dataset_size, release):
     """Calibrates the run's policy with the release included: an impossible budget fails before any draw."""
-    placeholder = np.zeros((dataset_size, 1), np.float32)
-    sampler = sampling.make_sampler(cfg.sampling.kind, placeholder, placeholder, batch_size=cfg.sampling.batch_size)
-    PrivacyPolicy.from_sampler(sampler, **_policy_arguments(cfg, (release,)))
+    kind, batch_size = cfg.sampling.kind, cfg.sampling.batch_size
+    PrivacyPolicy.plan(
+        sampling=kind,
+        dataset_size=dataset_size,
+        sampling_rate=batch_size / dataset_size,
+        expected_batch_size=batch_size,
+        steps_per_epoch=sampling.steps_per_epoch(kind, dataset_size, batch_size),
+        **_policy_arguments(cfg, (release,)),
+    )
 
 
 def _policy_arguments(cfg, releases):
