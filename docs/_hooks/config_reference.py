@@ -48,8 +48,8 @@ DESCRIPTIONS = {
     "and `target_epsilon`).",
     "privacy.delta": "Delta of the (epsilon, delta) guarantee; must be below `1/N` (`null`: `0.1 / N`).",
     "privacy.accountant": "dp-accounting accountant: Rényi DP or privacy-loss distributions.",
-    "privacy.noise_allocation": "One noise multiplier for the whole gradient (`global`) or one per layer "
-    "from its bound (`per-layer`).",
+    "privacy.noise_allocation": "Clipless noise per variable: `sigma ‖C‖` on every coordinate (`global`, `C` the "
+    "variables' bounds) or `sigma sqrt(k) C_i` on variable `i` of `k` (`per-layer`); the same accounted event.",
     "privacy.epsilon_budget": "Stop training (`BudgetStop`) once the spent epsilon would exceed this.",
     "privacy.quantile_noise_share": "Share of the accounted noise given to an `AdaptiveClipGradient`'s "
     "per-step count release.",
