@@ -11,7 +11,7 @@ LEGACY_PINS := tensorflow==2.15.1 tf-keras==2.15.1 'numpy<2'
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-slow test-legacy docs lint format clean
+.PHONY: demo test test-slow test-legacy docs test-docs lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ test-legacy: $(LEGACY_STAMP)
 # The documentation site (docs/, mkdocs.yml) into site/; --strict fails on any broken link or reference.
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# The documentation's slower code blocks (guides that train several models); the others run in make test.
+test-docs: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests/test_docs.py
 
 clean:
 	rm -rf $(VENV) $(LEGACY) runs build site *.egg-info

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 PAGES = sorted(glob.glob(os.path.join(DOCS, "**", "*.md"), recursive=True))
 FENCE = re.compile(r"(<!-- not run: [^>]*-->\n)?```(\w*)\n(.*?)```", re.S)
-# Pages whose code trains several models or audits one: over ~20 s on a busy 2-core machine.
+# Pages whose code trains several models or audits one (over ~20 s): `make test-docs` runs them, in CI too.
 SLOW_PAGES = {"guides/reports-audits.md", "guides/tuning.md", "guides/distributed.md", "guides/frontends.md"}
 
 
@@ -106,7 +106,9 @@ def test_documented_commands_check_their_config():
 
 
 def _config_reference():
-    spec = importlib.util.spec_from_file_location("config_reference", os.path.join(DOCS, "_hooks", "config_reference.py"))
+    spec = importlib.util.spec_from_file_location(
+        "config_reference", os.path.join(DOCS, "_hooks", "config_reference.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

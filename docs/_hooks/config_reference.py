@@ -60,13 +60,11 @@ DESCRIPTIONS = {
     "batches and must stay secret.",
     "optimizer.name": "A Keras optimizer (`adam`, `sgd`, `rmsprop`, ...).",
     "optimizer.learning_rate": "Learning rate (peak of the decay, when there is one).",
-    "optimizer.params": "The optimizer's other arguments, e.g. `{momentum: 0.9}` (post-processing, no "
-    "privacy cost).",
+    "optimizer.params": "The optimizer's other arguments, e.g. `{momentum: 0.9}` (post-processing, no privacy cost).",
     "optimizer.decay": "`cosine`: the learning rate falls to 0 along a half cosine over the planned steps.",
     "optimizer.ema_momentum": "Exponential moving average of the weights, swapped in when `fit` ends "
     "(post-processing, no privacy cost).",
-    "training.epochs": "Epochs to train; an epoch is `ceil(N / B)` Poisson steps or `N // B` shuffled "
-    "batches.",
+    "training.epochs": "Epochs to train; an epoch is `ceil(N / B)` Poisson steps or `N // B` shuffled batches.",
     "training.seed": "Seed of the initial weights only (public); the DP noise never uses it.",
     "training.microbatch_size": "Accumulate each step's gradient sums over micro-batches of this size "
     "(flat memory; noise once per step).",
