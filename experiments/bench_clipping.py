@@ -7,7 +7,7 @@ Methods, all through ``model.train_on_batch`` on the same batch (SGD, 28x28x1 in
   separates the cost of the architecture (GroupSort, constraints) from that of the DP step;
 * ``clipless``: lipdp's Lipschitz version of the same CNN (LipschitzConv2D, GroupSort,
   LipschitzDense), noise on certified bounds, no per-example work;
-* ``fast_clipping``: ``lipdp.DPSequential(clipping="flat")`` on the plain CNN (fast per-example
+* ``fast_clipping``: ``lipdp.DPSequential(mechanism="flat")`` on the plain CNN (fast per-example
   norms + weighted second backward pass, :mod:`lipdp.clipping`);
 * ``tfp_dpsgd``: tensorflow_privacy's ``DPKerasSGDOptimizer`` with
   ``num_microbatches = batch size`` (vectorised per-example Jacobians).
@@ -97,7 +97,7 @@ def build(method, batch, dataset_size):
         model.make_private(sampler, noise_multiplier=1.0)
         model.allow_unaccounted_steps()  # timed on a fixed batch: no accounting
     elif method == "fast_clipping":
-        model = lipdp.DPSequential(plain, clipping="flat", clip_norm=1.0)
+        model = lipdp.DPSequential(plain, mechanism={"name": "flat", "clip_norm": 1.0})
         model.compile(keras.optimizers.SGD(0.1), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
         model.make_private(sampler, noise_multiplier=1.0)
         model.allow_unaccounted_steps()  # timed on a fixed batch: no accounting

@@ -4,7 +4,7 @@ Bu et al. (2021) report that DP-SGD with per-example clipping makes models
 over-confident, the more so with a small clipping norm. All runs here are
 ``lipdp.training.run`` of one config with the same noise multiplier (so the
 same epsilon); the clipping runs train the same layers with
-``model.clipping = flat`` (or ``--rules``) at each ``--clip-norms`` value.
+``model.mechanism.name = flat`` (or ``--rules``) at each ``--clip-norms`` value.
 ECE uses 15 equal-width bins on the test set and the probabilities of the
 loss (``softmax(tau * logits)``, :func:`lipdp.calibration.predicted_probabilities`).
 
@@ -24,7 +24,10 @@ import privacy_utility as common  # noqa: E402  (banner, runs, tables shared by 
 def run_methods(args):
     """``[(name, overrides)]``: clipless, then each clipping rule at each norm."""
     return [("clipless", [])] + [
-        (f"{rule} R={norm:g}", common.clipping_overrides(common.config_path(args), rule, f"model.clip_norm={norm}"))
+        (
+            f"{rule} R={norm:g}",
+            common.clipping_overrides(common.config_path(args), rule, f"model.mechanism.clip_norm={norm}"),
+        )
         for rule in args.rules
         for norm in args.clip_norms
     ]

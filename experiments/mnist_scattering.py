@@ -27,8 +27,8 @@ HEAD_WITHOUT_LOGIT_CLIP = "model.layers=[{type: Flatten}, {type: LipschitzDense,
 def methods(clip_norm):
     return {
         "clipless": [],
-        "automatic": ["model.clipping=automatic", HEAD_WITHOUT_LOGIT_CLIP],
-        "flat": ["model.clipping=flat", f"model.clip_norm={clip_norm}", HEAD_WITHOUT_LOGIT_CLIP],
+        "automatic": ["model.mechanism.name=automatic", HEAD_WITHOUT_LOGIT_CLIP],
+        "flat": ["model.mechanism.name=flat", f"model.mechanism.clip_norm={clip_norm}", HEAD_WITHOUT_LOGIT_CLIP],
     }
 
 

@@ -4,7 +4,7 @@ Every private run is a ``lipdp.training.run`` of one config (default
 ``configs/<dataset>.yaml``) with ``--set``-style overrides; its run folder is
 kept under ``--out/runs/``. The noise multiplier for each target epsilon is
 calibrated once and shared by all methods (same sampler, same steps, so the
-same guarantee). Clipping baselines (``model.clipping = flat | automatic |
+same guarantee). Clipping baselines (``model.mechanism.name = flat | automatic |
 global`` of :mod:`lipdp.clipping`) train the *same* layers with per-example
 clipping to ``--clip-norm`` instead of certified bounds: only the gradient
 mechanism differs. The non-private reference trains the same layers with
@@ -27,7 +27,7 @@ import platform
 import sys
 
 from lipdp import keras
-from lipdp.clipping import RULES as CLIPPING_RULES
+from lipdp.clipping import rule_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,12 +149,12 @@ def clipping_overrides(config_file, rule, *extra):
     from lipdp import config
 
     layers = [spec for spec in config.load(config_file).model.layers if spec["type"] != "ClipGradient"]
-    return [f"model.clipping={rule}", f"model.layers={json.dumps(layers)}", *extra]
+    return [f"model.mechanism.name={rule}", f"model.layers={json.dumps(layers)}", *extra]
 
 
 def methods(requested, config_file):
     """``[(name, overrides)]``: clipless, and the requested clipping rules."""
-    rules = [m for m in requested if m in CLIPPING_RULES]
+    rules = [m for m in requested if m in rule_names()]
     return [("clipless", [])] + [(rule, clipping_overrides(config_file, rule)) for rule in rules]
 
 
@@ -182,7 +182,7 @@ def main(argv=None):
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["clipless", *CLIPPING_RULES],
+        default=["clipless", *rule_names()],
         help="clipless and any of flat, automatic, global",
     )
     parser.add_argument("--clip-norm", type=float, default=1.0, help="clipping threshold R of the baselines")
@@ -212,7 +212,7 @@ def main(argv=None):
             noise = [
                 "privacy.target_epsilon=null",
                 f"privacy.noise_multiplier={sigma!r}",
-                f"model.clip_norm={args.clip_norm}",
+                f"model.mechanism.clip_norm={args.clip_norm}",
             ]
             run_dir = os.path.join(args.out, "runs", f"{name}-eps{epsilon:g}")
             metrics, privacy = private_run(config_path(args), overrides + noise + extra, run_dir)

@@ -8,7 +8,7 @@ peak memory against batch size (``speed.png``).
 
 Methods (see ``bench_clipping.py``): ``nonprivate`` (plain CNN), ``clipless``
 (its Lipschitz counterpart, lipdp's clipless DP), ``fast_clipping``
-(``lipdp.DPSequential(clipping="flat")`` on the plain CNN, fast per-example
+(``lipdp.DPSequential(mechanism="flat")`` on the plain CNN, fast per-example
 norms), ``tfp_dpsgd`` (tensorflow_privacy's ``DPKerasSGDOptimizer``, one
 microbatch per example). Memory is the process's peak resident set size on
 CPU (see ``bench_clipping.py`` for what it does and does not measure).

@@ -15,9 +15,9 @@ from lipdp.backend import keras  # first, before anything imports TensorFlow: de
 
 # isort: split
 from lipdp import accounting, callbacks, clipping, data, errors, layers, losses, mechanisms, sensitivity
-from lipdp.accounting import PrivacyPolicy
 from lipdp.errors import LipdpError
 from lipdp.model import DPModel, DPSequential
+from lipdp.policy import PrivacyPolicy
 from lipdp.sampling import PoissonSampler, ShuffleSampler
 
 __version__ = "0.1.0"

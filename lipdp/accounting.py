@@ -4,7 +4,7 @@ Two notions are kept apart:
 
 * **events** (:class:`dp_accounting.DpEvent`) describe *what happened*: which
   mechanism ran, on which sample of the data, how many times. They carry no
-  privacy numbers and can be stored (see :func:`ledger_to_json`).
+  privacy numbers and can be stored (see :func:`lipdp.ledger.ledger_to_json`).
 * **accountants** (:class:`dp_accounting.PrivacyAccountant`) decide *how to
   bound* a composition of events: ``"rdp"`` (Renyi DP, fast, slightly loose)
   or ``"pld"`` (privacy loss distributions, tighter, slower). Both are used
@@ -38,16 +38,12 @@ All public functions take keyword-only arguments and raise
 :class:`PrivacyParameterError` on invalid or impossible requests.
 """
 
-import collections
-import dataclasses
 import functools
 import logging
 import math
 import numbers
-from typing import Optional, Tuple
 
 import dp_accounting
-from dp_accounting import dp_event
 
 from lipdp.errors import PrivacyParameterError
 from lipdp.sampling import SAMPLERS, sampler_class
@@ -426,204 +422,4 @@ def validate_delta(delta, dataset_size):
         raise PrivacyParameterError(
             f"delta={delta!r} must be below 1/dataset_size = {1 / dataset_size:.3g}: with delta >= 1/N, releasing one "
             f"training example outright satisfies (0, delta)-DP; use e.g. delta <= 1/(10 N) = {0.1 / dataset_size:.3g}"
-        )
-
-
-def _named_tuple_to_json(value):
-    if isinstance(value, dp_event.DpEventNamedTuple):
-        return {key: _named_tuple_to_json(item) for key, item in value._asdict().items() if key != "module_name"}
-    if isinstance(value, (list, tuple)):
-        return [_named_tuple_to_json(item) for item in value]
-    return value
-
-
-def _json_to_named_tuple(value):
-    if isinstance(value, dict):
-        name = value.get("class_name")
-        cls = getattr(dp_event, name, None) if isinstance(name, str) else None
-        if not (isinstance(cls, type) and issubclass(cls, dp_event.DpEvent)):
-            raise PrivacyParameterError(f"ledger entry is not a dp_accounting event: {value!r}")
-        fields = {key: _json_to_named_tuple(item) for key, item in value.items() if key != "class_name"}
-        event_tuple = collections.namedtuple(name, ["module_name", "class_name", *fields])
-        return event_tuple(module_name=dp_event.__name__, class_name=name, **fields)
-    if isinstance(value, list):
-        return [_json_to_named_tuple(item) for item in value]
-    return value
-
-
-def ledger_to_json(event):
-    """Converts a ``DpEvent`` into a JSON-compatible dict.
-
-    Uses ``DpEvent.to_named_tuple``, dp_accounting's serialisation format;
-    each event becomes a dict with its ``class_name`` and fields.
-    """
-    return _named_tuple_to_json(event.to_named_tuple())
-
-
-def ledger_from_json(data):
-    """Inverse of :func:`ledger_to_json` (via ``DpEvent.from_named_tuple``).
-
-    Only event classes of ``dp_accounting.dp_event`` are accepted.
-
-    Raises:
-        PrivacyParameterError: ``data`` names something else than an event.
-    """
-    return dp_event.DpEvent.from_named_tuple(_json_to_named_tuple(data))
-
-
-#: How the noise of per-variable sensitivities is spread (see :meth:`lipdp.mechanisms.Sensitivity.noise_stddevs`).
-NOISE_ALLOCATIONS = ("global", "per-layer")
-
-
-@dataclasses.dataclass(frozen=True)
-class PrivacyPolicy:
-    """Everything the accountant needs to know about a training run.
-
-    With a ``target_epsilon``, ``planned_steps`` is the number of steps the
-    noise was calibrated for: training stops there (see
-    :class:`lipdp.callbacks.PrivacyLedger`), so the target is never exceeded.
-    """
-
-    noise_multiplier: float
-    delta: float
-    dataset_size: int
-    sampling: str
-    sampling_rate: float
-    expected_batch_size: float
-    steps_per_epoch: int
-    accountant: str = "rdp"
-    noise_allocation: str = "global"
-    target_epsilon: Optional[float] = None
-    planned_steps: Optional[int] = None
-    quantile_noise_share: Optional[float] = None
-    #: Noise multipliers of the statistics released once before training (see :mod:`lipdp.statistics`).
-    release_noise_multipliers: Tuple[float, ...] = ()
-
-    def __post_init__(self):
-        object.__setattr__(self, "release_noise_multipliers", tuple(float(z) for z in self.release_noise_multipliers))
-        validate_delta(self.delta, self.dataset_size)
-        if self.noise_allocation not in NOISE_ALLOCATIONS:
-            raise ValueError(f"noise_allocation={self.noise_allocation!r} is not one of {NOISE_ALLOCATIONS}")
-        if self.quantile_noise_share is not None:
-            if not 0.0 < self.quantile_noise_share < 1.0:
-                raise PrivacyParameterError(
-                    f"quantile_noise_share must be in (0, 1), got {self.quantile_noise_share!r}"
-                )
-            if self.sampling != "poisson":
-                raise PrivacyParameterError("adaptive clipping (quantile_noise_share) needs Poisson sampling")
-        compute_epsilon(**self._accounting_args(steps=1))  # validates the rest
-
-    @property
-    def gradient_noise_multiplier(self):
-        """The multiplier of the gradient noise: all of ``noise_multiplier``, or its share with the quantile release.
-
-        Each step of adaptive clipping releases two Gaussian mechanisms on the
-        same Poisson batch: the gradient sum (multiplier ``z_g``) and the count
-        of examples under the clipping threshold (sensitivity 1, multiplier
-        ``z_b``). Together they are exactly one Gaussian mechanism of
-        multiplier ``z`` with ``1/z^2 = 1/z_g^2 + 1/z_b^2`` (a Gaussian vector
-        mechanism on the concatenated release), which is the
-        ``PoissonSampled(q, Gaussian(z))`` event the accountant composes.
-        With share ``r``: ``z_g = z / sqrt(1 - r)`` and ``z_b = z / sqrt(r)``.
-        """
-        if self.quantile_noise_share is None:
-            return self.noise_multiplier
-        return self.noise_multiplier / math.sqrt(1.0 - self.quantile_noise_share)
-
-    @property
-    def quantile_noise_multiplier(self):
-        """``z_b``: the noise multiplier (= std, sensitivity 1) of the released count (see above)."""
-        if self.quantile_noise_share is None:
-            raise PrivacyParameterError("this policy has no quantile release (quantile_noise_share is None)")
-        return self.noise_multiplier / math.sqrt(self.quantile_noise_share)
-
-    def _accounting_args(self, steps):
-        return dict(
-            sampling_rate=self.sampling_rate,
-            noise_multiplier=self.noise_multiplier,
-            steps=steps,
-            delta=self.delta,
-            accountant=self.accountant,
-            sampling=self.sampling,
-            steps_per_epoch=self.steps_per_epoch,
-            releases=self.release_noise_multipliers,
-        )
-
-    def epsilon(self, steps):
-        """Epsilon spent after ``steps`` noisy steps."""
-        return compute_epsilon(**self._accounting_args(int(steps)))
-
-    def ledger(self, steps):
-        """The dp-accounting event of the releases and ``steps`` noisy steps (what happened, for any accountant)."""
-        args = self._accounting_args(int(steps))
-        for key in ("delta", "accountant"):
-            args.pop(key)
-        return training_event(**args)
-
-    def max_steps(self, epsilon_budget):
-        """The largest number of steps whose epsilon stays within the budget."""
-        args = self._accounting_args(steps=0)
-        args.pop("steps")
-        return max_steps(epsilon_budget=epsilon_budget, **args)
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_sampler(
-        cls,
-        sampler,
-        *,
-        noise_multiplier=None,
-        target_epsilon=None,
-        epochs=None,
-        delta=None,
-        accountant="rdp",
-        noise_allocation="global",
-        quantile_noise_share=None,
-        releases=(),
-    ):
-        """Policy for ``sampler``; the noise is given or calibrated to a target epsilon.
-
-        ``delta`` defaults to ``1 / (10 N)``. With ``target_epsilon``, ``epochs``
-        is required and the noise multiplier is the smallest whose epsilon after
-        the ``releases`` (noise multipliers of statistics released before
-        training) and ``epochs * steps_per_epoch`` steps does not exceed the
-        target.
-        """
-        if (noise_multiplier is None) == (target_epsilon is None):
-            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
-        delta = 0.1 / sampler.dataset_size if delta is None else delta
-        validate_delta(delta, sampler.dataset_size)
-        planned_steps = None
-        if target_epsilon is not None:
-            if not epochs:
-                raise ValueError("target_epsilon needs the number of epochs to calibrate the noise")
-            planned_steps = int(epochs) * sampler.steps_per_epoch
-            noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=target_epsilon,
-                delta=delta,
-                sampling_rate=sampler.sampling_rate,
-                steps=planned_steps,
-                accountant=accountant,
-                sampling=sampler.kind,
-                steps_per_epoch=sampler.steps_per_epoch,
-                releases=releases,
-            )
-        elif epochs is not None:
-            raise ValueError("epochs is only used to calibrate a target_epsilon; the noise multiplier is given")
-        return cls(
-            noise_multiplier=float(noise_multiplier),
-            delta=float(delta),
-            dataset_size=int(sampler.dataset_size),
-            sampling=sampler.kind,
-            sampling_rate=float(sampler.sampling_rate),
-            expected_batch_size=float(sampler.expected_batch_size),
-            steps_per_epoch=int(sampler.steps_per_epoch),
-            accountant=accountant,
-            noise_allocation=noise_allocation,
-            target_epsilon=None if target_epsilon is None else float(target_epsilon),
-            planned_steps=planned_steps,
-            quantile_noise_share=None if quantile_noise_share is None else float(quantile_noise_share),
-            release_noise_multipliers=tuple(releases),
         )

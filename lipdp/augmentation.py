@@ -26,7 +26,7 @@ import tensorflow as tf
 from lipdp.backend import keras
 from lipdp.errors import ConfigError
 
-#: Keras layers a config may list under ``model.augmentation.layers``.
+#: Keras layers a config may list under ``model.mechanism.augmentation.layers``.
 CONFIG_LAYERS = (
     "RandomFlip",
     "RandomTranslation",
@@ -85,24 +85,26 @@ def plain_forward(model, x, y):
 
 
 def from_spec(spec):
-    """The :class:`AugmentationMultiplicity` of a config's ``model.augmentation`` (``None`` stays ``None``)."""
+    """The :class:`AugmentationMultiplicity` of ``model.mechanism.augmentation`` (``None`` stays ``None``)."""
     if spec is None:
         return None
     spec = dict(spec)
     unknown = set(spec) - {"multiplicity", "layers"}
     if unknown:
-        raise ConfigError(f"model.augmentation: unknown key(s) {sorted(unknown)}; known keys: multiplicity, layers")
+        raise ConfigError(
+            f"model.mechanism.augmentation: unknown key(s) {sorted(unknown)}; known keys: multiplicity, layers"
+        )
     layers = []
     for layer_spec in spec.get("layers") or []:
         arguments = dict(layer_spec)
         name = arguments.pop("type", None)
         if name not in CONFIG_LAYERS:
-            raise ConfigError(f"model.augmentation.layers: {name!r} is not one of {', '.join(CONFIG_LAYERS)}")
+            raise ConfigError(f"model.mechanism.augmentation.layers: {name!r} is not one of {', '.join(CONFIG_LAYERS)}")
         try:
             layers.append(getattr(keras.layers, name)(**arguments))
         except (TypeError, ValueError) as error:
-            raise ConfigError(f"model.augmentation.layers: {name}: {error}") from error
+            raise ConfigError(f"model.mechanism.augmentation.layers: {name}: {error}") from error
     try:
         return AugmentationMultiplicity(spec.get("multiplicity", 1), layers)
     except ValueError as error:
-        raise ConfigError(f"model.augmentation.multiplicity: {error}") from error
+        raise ConfigError(f"model.mechanism.augmentation.multiplicity: {error}") from error

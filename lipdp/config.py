@@ -35,11 +35,11 @@ class ModelConfig:
     # {noise_multiplier: z, clip_norm: R, scale: false}: centre the head's inputs per channel by a DP release of
     # the training data's channel means (lipdp.statistics), composed into the accounting
     feature_statistics: Optional[Dict[str, Any]] = None
-    augmentation: Optional[Dict[str, Any]] = None  # {multiplicity: K, layers: [{type: RandomFlip, ...}]}, clipless
     layers: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
-    clipping: Optional[str] = None
-    clip_norm: float = 1.0
-    gamma: float = 0.01
+    # how a step gets its gradient sum (lipdp.mechanisms): null = {name: certified} (clipless; with
+    # augmentation: {multiplicity: K, layers: [{type: RandomFlip, ...}]}), or a clipping rule such as
+    # {name: flat, clip_norm: 1.0}
+    mechanism: Optional[Dict[str, Any]] = None
 
 
 @dataclasses.dataclass
@@ -191,6 +191,22 @@ def _check_feature_statistics(spec):
         raise ConfigError(f"model.feature_statistics.scale: expected true or false, got {spec['scale']!r}")
 
 
+def build_mechanism(spec):
+    """The :class:`lipdp.mechanisms.GradientMechanism` of ``model.mechanism`` (``None``: clipless)."""
+    from lipdp import augmentation, mechanisms
+    from lipdp.errors import LipdpError
+
+    spec = dict(spec or {"name": "certified"})
+    try:
+        if spec.get("augmentation") is not None:
+            spec["augmentation"] = augmentation.from_spec(spec["augmentation"])
+        return mechanisms.from_config(spec)
+    except ConfigError:
+        raise
+    except (LipdpError, TypeError, ValueError) as error:
+        raise ConfigError(f"model.mechanism: {error}") from error
+
+
 def _check_choice(path, value, choices):
     if value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -205,24 +221,18 @@ def _check_positive(path, value):
 
 def validate_values(config):
     """Checks choices, ranges and the either/or rules before any data is loaded."""
-    from lipdp import accounting, clipping, distribute, losses
+    from lipdp import accounting, distribute, losses, policy
 
-    _check_choice("model.clipping", config.model.clipping, (None,) + tuple(clipping.RULES))
+    build_mechanism(config.model.mechanism)
     _check_choice("training.strategy", config.training.strategy, distribute.STRATEGIES)
-    if config.model.augmentation is not None and config.model.clipping is not None:
-        raise ConfigError(
-            "model.augmentation: augmentation multiplicity is for clipless training; remove model.clipping or it"
-        )
     _check_feature_statistics(config.model.feature_statistics)
     _check_choice("optimizer.decay", config.optimizer.decay, LEARNING_RATE_DECAYS)
     _check_optimizer_params(config.optimizer)
     _check_choice("sampling.kind", config.sampling.kind, accounting.SAMPLINGS)
     _check_choice("privacy.accountant", config.privacy.accountant, accounting.ACCOUNTANTS)
-    _check_choice("privacy.noise_allocation", config.privacy.noise_allocation, accounting.NOISE_ALLOCATIONS)
+    _check_choice("privacy.noise_allocation", config.privacy.noise_allocation, policy.NOISE_ALLOCATIONS)
     for path, value in (
         ("model.input_norm", config.model.input_norm),
-        ("model.clip_norm", config.model.clip_norm),
-        ("model.gamma", config.model.gamma),
         ("sampling.batch_size", config.sampling.batch_size),
         ("training.epochs", config.training.epochs),
         ("training.logical_cpus", config.training.logical_cpus),
@@ -276,7 +286,12 @@ def apply_override(data, override):
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
-        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            if node.get(part) is None:  # a null section (model.mechanism: null) takes keys too
+                node[part] = {}
+            node = node[part]
     last = parts[-1]
     value = yaml.safe_load(raw)
     if isinstance(node, list):

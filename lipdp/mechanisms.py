@@ -19,13 +19,15 @@ to the sums once, calibrated to the sensitivity (see
 """
 
 import dataclasses
+import difflib
+import inspect
 import math
 from typing import List, Optional
 
 import tensorflow as tf
 
-from lipdp.accounting import NOISE_ALLOCATIONS
 from lipdp.errors import ModelNotSupportedError
+from lipdp.policy import NOISE_ALLOCATIONS
 
 
 @dataclasses.dataclass
@@ -109,14 +111,14 @@ _REGISTRY = {}
 
 
 def register(cls):
-    """Class decorator: makes ``cls`` buildable from its ``name`` by :func:`from_config` and :func:`build`."""
+    """Class decorator: makes ``cls`` buildable from its ``name`` (:func:`get`, :func:`from_config`)."""
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def names():
-    """The registered mechanism names."""
-    return tuple(_REGISTRY)
+def registered():
+    """``{name: class}`` of every registered mechanism."""
+    return dict(_REGISTRY)
 
 
 def from_config(config):
@@ -124,15 +126,35 @@ def from_config(config):
     config = dict(config)
     name = config.pop("name", None)
     if name not in _REGISTRY:
-        raise ModelNotSupportedError(f"unknown gradient mechanism {name!r}; registered: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name](**config)
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ModelNotSupportedError(f"unknown gradient mechanism {name!r}{hint}; registered: {', '.join(_REGISTRY)}")
+    cls = _REGISTRY[name]
+    accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
+    unknown = sorted(set(config) - set(accepted))
+    if unknown:
+        raise ModelNotSupportedError(
+            f"gradient mechanism {name!r} takes {', '.join(accepted) or 'no settings'}; unknown: {', '.join(unknown)}"
+        )
+    return cls(**config)
 
 
-def build(clipping=None, clip_norm=1.0, gamma=0.01):
-    """The mechanism of the models' ``clipping=`` argument: ``None`` is clipless (certified bounds)."""
-    if clipping is None:
-        return from_config({"name": "certified"})
-    rules = tuple(name for name, cls in _REGISTRY.items() if not cls.certifies_layer_bounds)
-    if clipping not in rules:
-        raise ValueError(f"clipping={clipping!r} is not one of {(None,) + rules}")
-    return from_config({"name": clipping, "clip_norm": clip_norm, "gamma": gamma})
+def get(identifier=None):
+    """The mechanism ``identifier`` names, as Keras' ``get`` functions do.
+
+    ``None``: clipless training with certified bounds; a name (``"certified"``,
+    ``"flat"``, ``"automatic"``, ``"global"``) with its default settings; a
+    ``get_config()`` dict (``{"name": "flat", "clip_norm": 0.1}``); or a
+    :class:`GradientMechanism`, returned as it is.
+    """
+    if identifier is None:
+        identifier = "certified"
+    if isinstance(identifier, GradientMechanism):
+        return identifier
+    if isinstance(identifier, str):
+        return from_config({"name": identifier})
+    if isinstance(identifier, dict):
+        return from_config(identifier)
+    raise ModelNotSupportedError(
+        f"mechanism={identifier!r}: expected a name, a config dict or a lipdp.mechanisms.GradientMechanism"
+    )

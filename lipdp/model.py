@@ -12,8 +12,8 @@ The train step never computes a per-sample gradient itself: the model's
 :class:`lipdp.mechanisms.GradientMechanism` returns the batch's gradient
 *sum* and its sensitivity -- clipless, the ordinary gradient of the summed
 per-sample losses and the certified bounds of :mod:`lipdp.sensitivity` for
-the weights in use at this step; with ``clipping=``, a clipping rule of
-:mod:`lipdp.clipping`. The model adds Gaussian noise once (allocation:
+the weights in use at this step; with ``mechanism="flat"`` (or another
+:mod:`lipdp.clipping` rule), per-example clipping. The model adds Gaussian noise once (allocation:
 :meth:`lipdp.mechanisms.Sensitivity.noise_stddevs`) and divides by the
 *expected* batch size ``q N`` (a constant: dividing by the realised Poisson
 batch size would leak it). An empty batch is a valid step (noise only).
@@ -27,16 +27,16 @@ cryptographically secure sampler. Hyper-parameter searches over private data
 are not covered by the guarantee.
 """
 
-import hashlib
-import json
+import contextlib
 
 import tensorflow as tf
 
-from lipdp import accounting, backend, distribute, independence, mechanisms, sampling, sensitivity
-from lipdp.accounting import NOISE_ALLOCATIONS, PrivacyPolicy  # noqa: F401  (their home before 0.2)
+from lipdp import backend, distribute, independence, ledger, mechanisms, sampling, sensitivity
 from lipdp.backend import keras
 from lipdp.errors import ModelNotSupportedError, NotPrivateError
-from lipdp.layers import AdaptiveClipGradient
+from lipdp.layers import StepRelease
+from lipdp.policy import PrivacyPolicy
+from lipdp.records import check_releases_accounted, check_same_record, fingerprint, model_releases, privacy_record
 
 
 class DPModelMixin:
@@ -49,10 +49,8 @@ class DPModelMixin:
         mechanism=None,
         accountable=True,
         microbatch_size=None,
-        augmentation=None,
-        **clipping,
     ):
-        self.mechanism = _resolve_mechanism(mechanism, augmentation=augmentation, **clipping)
+        self.mechanism = mechanisms.get(mechanism)
         if microbatch_size is not None and (isinstance(microbatch_size, bool) or int(microbatch_size) < 1):
             raise ValueError(f"microbatch_size must be a positive integer, got {microbatch_size!r}")
         self.microbatch_size = None if microbatch_size is None else int(microbatch_size)
@@ -131,23 +129,6 @@ class DPModelMixin:
             generator = tf.random.Generator.from_seed(noise_seed)
         object.__setattr__(self, "_noise", generator)
 
-    @property
-    def clipping(self):
-        """The clipping rule's name, ``None`` for clipless training (the ``clipping=`` argument)."""
-        return None if self.mechanism.certifies_layer_bounds else self.mechanism.name
-
-    @property
-    def clip_norm(self):
-        return getattr(self.mechanism, "clip_norm", None)
-
-    @clip_norm.setter
-    def clip_norm(self, value):
-        self.mechanism = mechanisms.from_config({**self.mechanism.get_config(), "clip_norm": value})
-
-    @property
-    def gamma(self):
-        return getattr(self.mechanism, "gamma", None)
-
     # -- set-up --------------------------------------------------------------
     def make_private(self, sampler, **policy_args):
         """Validates the compiled model and sets its :class:`PrivacyPolicy` for ``sampler``.
@@ -161,7 +142,7 @@ class DPModelMixin:
         self._validate_for_privacy()
         releases = tuple(policy_args.pop("releases", ())) + model_releases(self)
         policy = PrivacyPolicy.from_sampler(sampler, releases=releases, **policy_args)
-        self._check_adaptive_clipping(policy)
+        self._check_step_releases(policy)
         if self.steps_taken > 0:
             wanted = privacy_record(policy, self.mechanism)
             check_same_record(self._recorded(wanted), wanted, self.steps_taken)
@@ -338,38 +319,38 @@ class DPModelMixin:
             ],
             summarize=-1,
         )
-        adaptive = self._adaptive_clip_layers()
+        releasing = self._step_release_layers()
         with tf.control_dependencies([gate, resumed_under_another_policy]):  # nothing runs before the checks pass
-            for layer in adaptive:  # counts from other calls (held-out monitors) must not leak into the release
-                layer.reset_count()
-            with _counting(adaptive):
+            with contextlib.ExitStack() as stack:  # other calls' statistics (held-out monitors) stay out
+                for layer in releasing:
+                    stack.enter_context(layer.gathering())
                 y_pred, per_sample_loss, gradient_sums, sensitivity_ = self.private_gradient_sums(x, y)
             noisy = self.noisy_gradients(gradient_sums, sensitivity_)
             self.optimizer.apply_gradients(zip(noisy, self.trainable_variables))
-            for layer in adaptive:  # after the gradient, whose bound used the threshold in force
-                layer.release_quantile(
-                    self.privacy.quantile_noise_multiplier, self.privacy.expected_batch_size, self._noise
-                )
+            for layer in releasing:  # after the gradient, whose bound used the statistic's state in force
+                layer.release(self.privacy.quantile_noise_multiplier, self.privacy.expected_batch_size, self._noise)
             self.privacy_steps.assign_add(1)
             self.privacy_fingerprint.assign(expected)
             return self._update_metrics(y, y_pred, per_sample_loss)
 
-    def _adaptive_clip_layers(self):
-        return [layer for layer in backend.nested_layers(self) if isinstance(layer, AdaptiveClipGradient)]
+    def _step_release_layers(self):
+        return [layer for layer in backend.nested_layers(self) if isinstance(layer, StepRelease)]
 
-    def _check_adaptive_clipping(self, policy):
-        adaptive = self._adaptive_clip_layers()
-        calls = [node for node in sensitivity.graph_nodes(self) if isinstance(node.layer, AdaptiveClipGradient)]
-        if len(adaptive) > 1 or len(calls) > 1:
+    def _check_step_releases(self, policy):
+        releasing = self._step_release_layers()
+        calls = [node for node in sensitivity.graph_nodes(self) if isinstance(node.layer, StepRelease)]
+        names = ", ".join(sorted({type(layer).__name__ for layer in releasing}))
+        if len(releasing) > 1 or len(calls) > 1:
             raise ModelNotSupportedError(
-                f"{len(adaptive)} AdaptiveClipGradient layer(s) called {len(calls)} times: one call of one such "
-                "layer per model is supported (each call would count every example once more, beyond the count's "
-                "sensitivity of 1)"
+                f"{len(releasing)} per-step release layer(s) ({names}) called {len(calls)} times: one call of one "
+                "such layer per model is supported (each call would count every example once more, beyond the "
+                "release's sensitivity of 1)"
             )
-        if bool(adaptive) != (policy.quantile_noise_share is not None):
+        if bool(releasing) != (policy.quantile_noise_share is not None):
             raise ModelNotSupportedError(
-                "an AdaptiveClipGradient layer needs make_private(..., quantile_noise_share=r) (the share of the "
-                "privacy spent on its threshold), and quantile_noise_share needs such a layer"
+                f"a per-step release layer ({names or 'e.g. AdaptiveClipGradient'}) needs make_private(..., "
+                "quantile_noise_share=r) (the share of the privacy spent on its releases), and "
+                "quantile_noise_share needs such a layer"
             )
 
     def private_gradient_sums(self, x, y):
@@ -447,8 +428,8 @@ class DPModelMixin:
             "epsilon": self.privacy.epsilon(steps),
             "steps": steps,
             **self.privacy.to_dict(),
-            "clipping": self.clipping,
-            "ledger": accounting.ledger_to_json(self.privacy.ledger(steps)),
+            "mechanism": self.mechanism.get_config(),
+            "ledger": ledger.ledger_to_json(self.privacy.ledger(steps)),
         }
 
     def privacy_statement(self):
@@ -496,162 +477,47 @@ class DPModelMixin:
         accountable = config.pop("accountable", True)
         mechanism = config.pop("mechanism", None)
         microbatch_size = config.pop("microbatch_size", None)
-        clipping = {key: config.pop(key) for key in _CLIPPING_ARGUMENTS if key in config}  # saved before 0.2
         model = super().from_config(config, custom_objects)
         model._set_privacy(privacy)
         model.microbatch_size = microbatch_size
-        model.mechanism = _resolve_mechanism(mechanism, **clipping)
+        model.mechanism = mechanisms.get(mechanism)
         if not accountable:
             model.allow_unaccounted_steps()
         return model
 
 
-_CLIPPING_ARGUMENTS = ("clipping", "clip_norm", "gamma")
-
-
-def _resolve_mechanism(mechanism=None, clipping=None, clip_norm=1.0, gamma=0.01, augmentation=None):
-    """The model's :class:`lipdp.mechanisms.GradientMechanism`: given, from its config, or from ``clipping=``."""
-    if augmentation is not None and (clipping is not None or mechanism is not None):
-        raise ValueError(
-            "augmentation= is for clipless training (certified bounds); it cannot be combined with clipping= "
-            "(per-example norms would need every view) or mechanism="
-        )
-    if mechanism is None and clipping is None:
-        return mechanisms.from_config({"name": "certified", "augmentation": augmentation})
-    if mechanism is None:
-        return mechanisms.build(clipping, clip_norm, gamma)
-    if clipping is not None:
-        raise ValueError("give a mechanism or clipping=, not both")
-    if isinstance(mechanism, mechanisms.GradientMechanism):
-        return mechanism
-    return mechanisms.from_config(mechanism)
-
-
 @keras.utils.register_keras_serializable("lipdp")
 class DPModel(DPModelMixin, keras.Model):
-    """Functional ``keras.Model`` (DAGs, residual blocks) trained with clipless DP.
+    """Functional ``keras.Model`` (DAGs, residual blocks) trained with DP.
 
-    ``clipping="flat" | "automatic" | "global"`` (with ``clip_norm``, ``gamma``)
-    trains by per-example clipping instead (:mod:`lipdp.clipping`);
-    ``mechanism=`` takes any :class:`lipdp.mechanisms.GradientMechanism`;
-    ``augmentation=`` a :class:`lipdp.augmentation.AugmentationMultiplicity`
-    (clipless training on ``K`` augmented views per example).
+    Takes the arguments of ``keras.Model`` and of :class:`DPSequential`
+    (``privacy``, ``noise_seed``, ``mechanism``, ``microbatch_size``).
     """
 
     def __init__(self, inputs, outputs, name=None, trainable=True, **kwargs):
         # Functional's exact signature, so Keras saves and revives it as a graph.
         backend.check_keras2(tf.nest.flatten(outputs), "model output")
         privacy = {
-            key: kwargs.pop(key)
-            for key in ("privacy", "noise_seed", "mechanism", "microbatch_size", "augmentation")
-            if key in kwargs
+            key: kwargs.pop(key) for key in ("privacy", "noise_seed", "mechanism", "microbatch_size") if key in kwargs
         }
-        clipping = {key: kwargs.pop(key) for key in _CLIPPING_ARGUMENTS if key in kwargs}
         super().__init__(inputs, outputs, name=name, trainable=trainable, **kwargs)
-        self._init_privacy(**privacy, **clipping)
+        self._init_privacy(**privacy)
 
 
 @keras.utils.register_keras_serializable("lipdp")
 class DPSequential(DPModelMixin, keras.Sequential):
-    """``keras.Sequential`` trained with clipless DP (or clipping: see :class:`DPModel`)."""
+    """``keras.Sequential`` trained with DP.
 
-    def __init__(
-        self,
-        layers=None,
-        name=None,
-        privacy=None,
-        noise_seed=None,
-        clipping=None,
-        clip_norm=1.0,
-        gamma=0.01,
-        mechanism=None,
-        microbatch_size=None,
-        augmentation=None,
-    ):
+    ``mechanism``: how a step gets its gradient sum and sensitivity, anything
+    :func:`lipdp.mechanisms.get` takes. The default is clipless training with
+    certified bounds (``"certified"``; ``{"name": "certified", "augmentation":
+    ...}`` trains on augmented views, :mod:`lipdp.augmentation`); ``"flat"``,
+    ``"automatic"`` or ``"global"`` (e.g. ``{"name": "flat", "clip_norm": 1.0}``)
+    train any per-sample Keras network by per-example clipping
+    (:mod:`lipdp.clipping`).
+    """
+
+    def __init__(self, layers=None, name=None, privacy=None, noise_seed=None, mechanism=None, microbatch_size=None):
         backend.check_keras2(layers or [], "layer")
         super().__init__(layers=layers, name=name)
-        self._init_privacy(
-            privacy,
-            noise_seed,
-            mechanism,
-            microbatch_size=microbatch_size,
-            augmentation=augmentation,
-            clipping=clipping,
-            clip_norm=clip_norm,
-            gamma=gamma,
-        )
-
-
-class _counting:
-    """While active, the adaptive clipping layers count the examples under their threshold (trace time)."""
-
-    def __init__(self, layers):
-        self.layers = layers
-
-    def __enter__(self):
-        for layer in self.layers:
-            layer.counting = True
-
-    def __exit__(self, *exc):
-        for layer in self.layers:
-            layer.counting = False
-
-
-def privacy_record(policy, mechanism):
-    """The JSON of what a step was taken under: the privacy policy and the gradient mechanism's settings."""
-    return json.dumps({"policy": policy.to_dict(), "mechanism": mechanism.get_config()}, sort_keys=True)
-
-
-def record_changes(recorded, wanted):
-    """``["key: old -> new", ...]`` between two records (dicts, as :func:`privacy_record` encodes; flattened keys)."""
-
-    def flat(record, prefix=""):
-        if not isinstance(record, dict):
-            return {prefix: record}
-        return {k: v for key, item in record.items() for k, v in flat(item, f"{prefix}{key}.").items()}
-
-    old, new = flat(recorded), flat(wanted)
-    return [
-        f"{k.rstrip('.')}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in sorted(old.keys() | new.keys())
-        if old.get(k) != new.get(k)
-    ]
-
-
-def fingerprint(record):
-    """A 60-bit integer hash of a :func:`privacy_record` (what the model saves beside its step count)."""
-    return int(hashlib.sha256(record.encode()).hexdigest()[:15], 16)
-
-
-def check_same_record(recorded, wanted, steps):
-    """Refuses to go on from ``steps`` steps taken under ``recorded`` (``None``: unknown) with another record."""
-    if recorded == wanted:
-        return
-    changes = (
-        ["the earlier policy is unknown"] if recorded is None else record_changes(*map(json.loads, (recorded, wanted)))
-    )
-    raise ValueError(
-        f"these weights already took {steps} private steps under another privacy policy or mechanism; the "
-        "accountant would count those steps under the new one. Changed: " + "; ".join(changes) + ". Resume with "
-        "the settings that took them, or start from fresh weights (with lipdp train: a new --out folder)"
-    )
-
-
-def check_releases_accounted(model, policy):
-    """Refuses a policy that does not account every release carried by the model's layers (e.g. a model
-    assembled from a head trained on released features without ``releases=``)."""
-    accounted = list(policy.release_noise_multipliers)
-    for release in model_releases(model):
-        if release not in accounted:
-            raise NotPrivateError(
-                f"the model carries a data release (noise multiplier {release:g}, e.g. a released "
-                f"ChannelStandardization) that its privacy policy does not account (releases "
-                f"{list(policy.release_noise_multipliers)}); make the model private with it inside, or pass "
-                "releases=(z,) to make_private"
-            )
-        accounted.remove(release)
-
-
-def model_releases(model):
-    """Noise multipliers of the data releases the model's layers carry (e.g. a released ``ChannelStandardization``)."""
-    return tuple(z for layer in backend.nested_layers(model) for z in getattr(layer, "release_noise_multipliers", ()))
+        self._init_privacy(privacy, noise_seed, mechanism, microbatch_size=microbatch_size)

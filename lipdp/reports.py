@@ -13,7 +13,7 @@ files beside it). Sections:
   and the gradient-to-noise ratio logged during training by
   :class:`lipdp.callbacks.GradientNoiseMonitor` on *held-out* data;
 * bound tightness: the largest true / bound ratio of per-sample gradient
-  norms on test samples (as :func:`lipdp.sensitivity.verify_bounds`, per
+  norms on test samples (as :func:`lipdp.verification.verify_bounds`, per
   layer), which must not exceed 1;
 * calibration: expected calibration error (:func:`lipdp.calibration.expected_calibration_error`)
   and a reliability diagram on the test set;
@@ -70,10 +70,10 @@ def sensitivity_header():
 
 
 def bound_tightness(model, x, y, samples=128):
-    """:func:`lipdp.sensitivity.verify_bounds` on the first ``samples`` (held-out) examples."""
-    from lipdp import sensitivity
+    """:func:`lipdp.verification.verify_bounds` on the first ``samples`` (held-out) examples."""
+    from lipdp import verification
 
-    return sensitivity.verify_bounds(model, x[:samples], y[:samples], rtol=TOLERANCE)
+    return verification.verify_bounds(model, x[:samples], y[:samples], rtol=TOLERANCE)
 
 
 # -- figures ----------------------------------------------------------------------------
@@ -359,7 +359,7 @@ def tightness_section(run, samples):
 
 
 def tightness_blocks(result, n):
-    """The bound-tightness section for a :class:`lipdp.sensitivity.Verification` on ``n`` held-out examples."""
+    """The bound-tightness section for a :class:`lipdp.verification.Verification` on ``n`` held-out examples."""
     blocks = [
         heading("Bound tightness"),
         paragraph(

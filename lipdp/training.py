@@ -17,15 +17,13 @@ import warnings
 import numpy as np
 import yaml
 
-from lipdp import augmentation, callbacks, data, distribute, losses, runs, sampling, sensitivity, statistics
+from lipdp import callbacks, data, distribute, losses, records, runs, sampling, sensitivity, statistics
 from lipdp import config as config_lib
-from lipdp import model as model_lib
-from lipdp.accounting import PrivacyPolicy
 from lipdp.backend import keras
-from lipdp.errors import RunExistsError  # noqa: F401  (raised by runs.start; its home before 0.2)
 from lipdp.layers import ChannelStandardization, FrontEnd, InputNormClip, cached_features
 from lipdp.layers.frontends import array_fingerprint
 from lipdp.model import DPSequential
+from lipdp.policy import PrivacyPolicy
 
 
 def build_layers(cfg: config_lib.Config, input_shape):
@@ -85,14 +83,10 @@ def build_model(cfg: config_lib.Config, input_shape, training_steps=None):
     ``training_steps``: the steps the run plans, for a decaying learning rate.
     """
     layers = build_layers(cfg, input_shape)
-    clipping = {}
-    if cfg.model.clipping is not None:
-        clipping = dict(clipping=cfg.model.clipping, clip_norm=cfg.model.clip_norm, gamma=cfg.model.gamma)
     model = DPSequential(
         layers,
+        mechanism=config_lib.build_mechanism(cfg.model.mechanism),
         microbatch_size=cfg.training.microbatch_size,
-        augmentation=augmentation.from_spec(cfg.model.augmentation),
-        **clipping,
     )  # the noise generator is seeded from OS entropy, never from the config
     loss_cls = getattr(losses, cfg.loss.type, None)
     if loss_cls is None or not isinstance(loss_cls, type) or not issubclass(loss_cls, losses.LipschitzLoss):
@@ -231,13 +225,13 @@ def _check_resume_record(model, raw, run_dir):
     target, delta, sampling, epochs when they set the calibration, the
     mechanism, the training data) is refused, naming what changed.
     """
-    wanted = json.loads(model_lib.privacy_record(model.privacy, model.mechanism))
+    wanted = json.loads(records.privacy_record(model.privacy, model.mechanism))
     wanted["data"] = array_fingerprint(raw.x_train, hashlib.sha256(np.ascontiguousarray(raw.y_train).tobytes()))
     record_path = runs.path(run_dir, runs.POLICY)
     if not os.path.exists(record_path):
         runs.write_json(run_dir, runs.POLICY, wanted)
         return
-    changes = model_lib.record_changes(runs.read_json(run_dir, runs.POLICY), wanted)
+    changes = records.record_changes(runs.read_json(run_dir, runs.POLICY), wanted)
     if changes:
         raise config_lib.ConfigError(
             f"{run_dir} holds an interrupted run whose steps were taken under other privacy settings; resuming "

@@ -8,7 +8,8 @@ import pytest
 from scipy import optimize, stats
 
 from lipdp import accounting
-from lipdp.accounting import PrivacyParameterError
+from lipdp.errors import PrivacyParameterError
+from lipdp.ledger import ledger_from_json, ledger_to_json
 
 # (dataset size, batch size, noise multiplier, epochs, delta)
 SETTINGS = [
@@ -285,9 +286,9 @@ def test_ledger_json_round_trip():
         sampling_rate=0.01, noise_multiplier=3.0, steps=250, sampling="shuffle", steps_per_epoch=100
     )
     ledger = dp_accounting.ComposedDpEvent([poisson, dp_accounting.NoOpDpEvent(), shuffle])
-    data = json.loads(json.dumps(accounting.ledger_to_json(ledger)))
+    data = json.loads(json.dumps(ledger_to_json(ledger)))
     assert data["class_name"] == "ComposedDpEvent"
-    restored = accounting.ledger_from_json(data)
+    restored = ledger_from_json(data)
     assert restored == ledger
     assert restored != dp_accounting.ComposedDpEvent([poisson, shuffle])
     assert accounting.make_accountant().compose(restored).get_epsilon(1e-5) == accounting.make_accountant().compose(
@@ -298,7 +299,7 @@ def test_ledger_json_round_trip():
 def test_ledger_from_json_rejects_non_events():
     for bad in ({"class_name": "importlib"}, {"class_name": "Mapping"}, {"noise_multiplier": 1.0}):
         with pytest.raises(PrivacyParameterError, match="not a dp_accounting event"):
-            accounting.ledger_from_json(bad)
+            ledger_from_json(bad)
 
 
 def test_max_steps_with_pld_is_exact_and_never_evaluates_huge_step_counts(monkeypatch):

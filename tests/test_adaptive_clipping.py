@@ -6,23 +6,20 @@ import pytest
 import tensorflow as tf
 
 import lipdp
-from lipdp import accounting, sensitivity
 from lipdp import layers as L
+from lipdp import sensitivity, verification
 
 
 def release_steps(layer, norms_per_step, noise_multiplier, generator):
     """Runs the layer's counting backward pass on cotangents of the given norms, then its release."""
     for norms in norms_per_step:
-        layer.reset_count()
         x = tf.zeros((len(norms), 4))
         directions = tf.math.l2_normalize(tf.random.normal((len(norms), 4)), axis=1)
-        layer.counting = True
-        with tf.GradientTape() as tape:
+        with layer.gathering(), tf.GradientTape() as tape:
             tape.watch(x)
             out = layer(x)
-        layer.counting = False
         tape.gradient(out, x, output_gradients=directions * norms[:, None])
-        layer.release_quantile(noise_multiplier, float(len(norms)), generator)
+        layer.release(noise_multiplier, float(len(norms)), generator)
 
 
 @pytest.mark.parametrize("quantile", [0.3, 0.7])
@@ -39,7 +36,7 @@ def test_gradient_and_count_releases_compose_into_the_accounted_gaussian():
     """1/z^2 = 1/z_g^2 + 1/z_b^2: dp-accounting's epsilon of the two releases equals that of one Gaussian(z)."""
     x = np.zeros((1000, 2), "float32")
     sampler = lipdp.PoissonSampler(x, np.eye(2, dtype="float32")[np.zeros(1000, int)], expected_batch_size=100)
-    policy = accounting.PrivacyPolicy.from_sampler(sampler, noise_multiplier=1.3, delta=1e-5, quantile_noise_share=0.2)
+    policy = lipdp.PrivacyPolicy.from_sampler(sampler, noise_multiplier=1.3, delta=1e-5, quantile_noise_share=0.2)
     z_g, z_b = policy.gradient_noise_multiplier, policy.quantile_noise_multiplier
     assert 1 / z_g**2 + 1 / z_b**2 == pytest.approx(1 / 1.3**2)
     both = dp_accounting.SelfComposedDpEvent(
@@ -85,7 +82,7 @@ def test_bounds_follow_the_threshold_in_use():
     model = adaptive_model()
     x, y = data(64)
     model.layers[-1].threshold.assign(0.02)
-    result = sensitivity.verify_bounds(model, x, y, rtol=0)
+    result = verification.verify_bounds(model, x, y, rtol=0)
     assert not result.violations and result.max_ratio > 0.99  # attained: most logit gradients exceed 0.02
     assert float(sensitivity.compute_bounds(model)[model.layers[-2].name + "/kernel"]) < 0.021
 

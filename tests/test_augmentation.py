@@ -23,7 +23,7 @@ def linear_model(views, clip=CLIP, layers=()):
             L.LipschitzDense(CLASSES, bias_bound=1.0),
             L.ClipGradient(clip),
         ],
-        augmentation=AugmentationMultiplicity(views, layers),
+        mechanism=sensitivity.CertifiedBounds(augmentation=AugmentationMultiplicity(views, layers)),
     )
     model.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy(32.0))
     return model
@@ -98,7 +98,7 @@ def conv_model(views=2):
             L.Flatten(),
             L.LipschitzDense(3),
         ],
-        augmentation=AugmentationMultiplicity(views, layers),
+        mechanism=sensitivity.CertifiedBounds(augmentation=AugmentationMultiplicity(views, layers)),
     )
     model.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy(8.0), metrics=["accuracy"])
     return model
@@ -126,15 +126,16 @@ def test_random_views_differ_and_training_runs_with_empty_batches(tmp_path):
 
 
 def test_refusals():
-    with pytest.raises(ValueError, match="for clipless training"):
+    with pytest.raises(ModelNotSupportedError, match="'flat' takes clip_norm, gamma; unknown: augmentation"):
         lipdp.DPSequential(
-            [tf.keras.Input((3,)), L.InputNormClip(1.0)], clipping="flat", augmentation=AugmentationMultiplicity(2)
+            [tf.keras.Input((3,)), L.InputNormClip(1.0)],
+            mechanism={"name": "flat", "augmentation": AugmentationMultiplicity(2)},
         )
     with pytest.raises(ValueError, match="positive integer"):
         AugmentationMultiplicity(0)
     model = lipdp.DPSequential(
         [tf.keras.Input((8,)), L.InputNormClip(1.0), L.LipschitzDense(3), L.AdaptiveClipGradient(0.1)],
-        augmentation=AugmentationMultiplicity(2),
+        mechanism=sensitivity.CertifiedBounds(augmentation=AugmentationMultiplicity(2)),
     )
     model.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy(8.0))
     x, y = images()
@@ -156,14 +157,19 @@ def test_config_spec():
         augmentation.from_spec({"multiplicity": 2, "layers": [{"type": "RandomFlip", "mood": "horizontal"}]})
     cfg = config.from_dict(
         {
-            "model": {"augmentation": spec, "layers": [{"type": "Flatten"}, {"type": "LipschitzDense", "units": 10}]},
+            "model": {
+                "mechanism": {"name": "certified", "augmentation": spec},
+                "layers": [{"type": "Flatten"}, {"type": "LipschitzDense", "units": 10}],
+            },
             "privacy": {"target_epsilon": 1.0},
         }
     )
     model = training.build_model(cfg, (8, 8, 1))
     assert model.mechanism.views == 3
-    with pytest.raises(ConfigError, match="for clipless training"):
-        config.from_dict({"model": {"augmentation": spec, "clipping": "flat"}, "privacy": {"target_epsilon": 1.0}})
+    with pytest.raises(ConfigError, match="model.mechanism: gradient mechanism 'flat' takes .* unknown: augmentation"):
+        config.from_dict(
+            {"model": {"mechanism": {"name": "flat", "augmentation": spec}}, "privacy": {"target_epsilon": 1.0}}
+        )
 
 
 def test_the_bound_report_shows_the_per_example_bounds_used():

@@ -91,7 +91,15 @@ def test_privacy_calibrates_noise_for_a_target(capsys):
     "override, message",
     [
         ("privacy.noise_multiplier=1.0", "exactly one of target_epsilon and noise_multiplier"),
-        ("model.clipping=flatt", r"model.clipping: 'flatt' is not one of .*did you mean 'flat'"),
+        (
+            "model.mechanism.name=flatt",
+            r"model.mechanism: unknown gradient mechanism 'flatt' \(did you mean 'flat'\?\)",
+        ),
+        (
+            "model.mechanism={name: flat, clip_nrom: 0.1}",
+            "model.mechanism: gradient mechanism 'flat' takes clip_norm, gamma; unknown: clip_nrom",
+        ),
+        ("model.mechanism={name: flat, clip_norm: -1}", "model.mechanism: clip_norm must be a positive finite number"),
         ("sampling.kind=shufle", "sampling.kind: 'shufle'"),
         ("loss.params.taux=3", r"loss.params.taux: unknown key \(did you mean 'tau'"),
         ("sampling.batch_size=0", "sampling.batch_size: must be > 0"),

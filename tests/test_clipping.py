@@ -63,7 +63,7 @@ def dense_model():
     return compiled(
         lipdp.DPSequential(
             [tf.keras.Input((5,)), K.Dense(7, activation="tanh"), K.Dense(6, use_bias=False), K.ReLU(), K.Dense(3)],
-            clipping="flat",
+            mechanism="flat",
         )
     ), vectors()
 
@@ -79,7 +79,7 @@ def conv_model(strides, padding):
                     K.Flatten(),
                     K.Dense(4),
                 ],
-                clipping="flat",
+                mechanism="flat",
             )
         ), images()
 
@@ -98,7 +98,7 @@ def lipschitz_model():
             L.GroupSort(),
             L.LipschitzDense(3),
         ],
-        clipping="flat",
+        mechanism="flat",
     )
     return compiled(model, lipdp.losses.TauCategoricalCrossentropy(4.0)), images(size=8, channels=2, classes=3)
 
@@ -110,7 +110,7 @@ def mixed_functional_model():
     h = K.Add()([K.Conv2D(4, 1)(h), h])
     h = K.LayerNormalization()(K.Flatten()(h))
     out = K.Dense(3)(K.Dense(6, activation="relu")(h))
-    return compiled(lipdp.DPModel(inp, out, clipping="flat")), images(size=8, classes=3)
+    return compiled(lipdp.DPModel(inp, out, mechanism="flat")), images(size=8, classes=3)
 
 
 def sequence_model():
@@ -125,7 +125,7 @@ def sequence_model():
             K.GlobalAveragePooling1D(),
             K.Dense(3),
         ],
-        clipping="flat",
+        mechanism="flat",
     )
     rng = np.random.default_rng(1)
     # repeated tokens inside an example exercise the embedding rule's de-duplication
@@ -139,7 +139,7 @@ def nested_model():
     inp = tf.keras.Input((5,))
     h = K.Dense(6)(inp)
     out = K.Dense(3)(K.Add()([inner(h), h]))
-    return compiled(lipdp.DPModel(inp, out, clipping="flat")), vectors()
+    return compiled(lipdp.DPModel(inp, out, mechanism="flat")), vectors()
 
 
 def fallback_model():
@@ -148,7 +148,7 @@ def fallback_model():
     shared = K.Dense(5, activation="tanh", name="shared_dense")
     h = shared(K.PReLU(name="prelu")(K.Dense(5)(inp)))
     out = K.Dense(3)(shared(h))
-    return compiled(lipdp.DPModel(inp, out, clipping="flat")), vectors()
+    return compiled(lipdp.DPModel(inp, out, mechanism="flat")), vectors()
 
 
 MODELS = {
@@ -188,8 +188,9 @@ def test_clipped_sum_is_the_weighted_sum_of_per_example_gradients(name):
     model, (x, y) = MODELS[name]()
     per_example = per_example_gradients(model, x, y)
     norms = np.sqrt(sum(np.sum(np.square(g).reshape(len(x), -1), axis=1) for g in per_example))
-    model.clip_norm = float(np.median(norms))  # half of the examples are clipped
-    weights = np.minimum(1.0, model.clip_norm * (1 - clip_lib.CLIP_MARGIN) / norms)
+    clip_norm = float(np.median(norms))  # half of the examples are clipped
+    model.mechanism = clip_lib.FlatClipping(clip_norm)
+    weights = np.minimum(1.0, clip_norm * (1 - clip_lib.CLIP_MARGIN) / norms)
     _, _, sums, _ = model.private_gradient_sums(x, y)
     for g, total in zip(per_example, sums):
         expected = np.tensordot(weights, g, axes=1)
@@ -354,7 +355,7 @@ sys.modules["tensorflow_privacy"] = None  # any import of it raises ImportError
 import numpy as np
 import tensorflow as tf
 import lipdp
-model = lipdp.DPSequential([tf.keras.Input((5,)), tf.keras.layers.Dense(3)], clipping="flat")
+model = lipdp.DPSequential([tf.keras.Input((5,)), tf.keras.layers.Dense(3)], mechanism="flat")
 model.compile("sgd", loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True))
 x, y = np.ones((4, 5), "float32"), np.eye(3, dtype="float32")[[0, 1, 2, 0]]
 assert lipdp.clipping.per_example_gradient_norms(model, x, y).shape == (4,)
@@ -388,25 +389,23 @@ def huge_batch(model_input_dim=5, n=8):
     return x, y
 
 
-def small_model(clipping, clip_norm=0.5, gamma=0.01):
+def small_model(rule, clip_norm=0.5, gamma=0.01):
     tf.keras.utils.set_random_seed(4)
     model = lipdp.DPSequential(
         [tf.keras.Input((5,)), K.Dense(6, activation="relu"), K.Dense(3)],
-        clipping=clipping,
-        clip_norm=clip_norm,
-        gamma=gamma,
+        mechanism={"name": rule, "clip_norm": clip_norm, "gamma": gamma},
     )
     return compiled(model)
 
 
-@pytest.mark.parametrize("clipping", tuple(clip_lib.RULES))
+@pytest.mark.parametrize("clipping", clip_lib.rule_names())
 def test_each_example_contributes_at_most_the_sensitivity(clipping):
     """sum(batch) - sum(batch without j) is example j's contribution: its norm is at most S."""
     clip_norm = 5.0
     model = small_model(clipping, clip_norm=clip_norm)
     x, y = huge_batch()
     sensitivity_value = 1.0 if clipping == "automatic" else clip_norm
-    assert clip_lib.RULES[clipping](clip_norm).sensitivity() == sensitivity_value
+    assert lipdp.mechanisms.get({"name": clipping, "clip_norm": clip_norm}).sensitivity() == sensitivity_value
 
     def flat_sums(keep):
         _, _, sums, bounds = model.private_gradient_sums(x[keep], y[keep])
@@ -447,7 +446,9 @@ def test_fallback_layer_with_dropout_contributes_at_most_the_clip_norm():
     tf.keras.utils.set_random_seed(3)
     inp = tf.keras.Input((4, 6))
     attention = K.MultiHeadAttention(num_heads=2, key_dim=3, dropout=0.5)(inp, inp)
-    model = compiled(lipdp.DPModel(inp, K.Dense(3)(K.Flatten()(attention)), clipping="flat", clip_norm=0.01))
+    model = compiled(
+        lipdp.DPModel(inp, K.Dense(3)(K.Flatten()(attention)), mechanism={"name": "flat", "clip_norm": 0.01})
+    )
     x = np.random.default_rng(0).normal(size=(1, 4, 6)).astype("float32") * 5
     y = np.eye(3, dtype="float32")[[1]]
     contributions = []
@@ -458,12 +459,12 @@ def test_fallback_layer_with_dropout_contributes_at_most_the_clip_norm():
     assert min(contributions) > 0.009  # the gradient is far above the clip norm: every trial is clipped
 
 
-@pytest.mark.parametrize("clipping", tuple(clip_lib.RULES))
+@pytest.mark.parametrize("clipping", clip_lib.rule_names())
 def test_noise_std_is_sigma_times_sensitivity_under_both_allocations(clipping):
     x, y = vectors(n=200)
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=20)
     expected = 0.7 * (1.0 if clipping == "automatic" else 2.0)
-    for allocation in lipdp.accounting.NOISE_ALLOCATIONS:
+    for allocation in lipdp.policy.NOISE_ALLOCATIONS:
         model = small_model(clipping, clip_norm=2.0)
         model.make_private(sampler, noise_multiplier=0.7, noise_allocation=allocation)
         stds = [
@@ -481,7 +482,8 @@ def test_epsilon_equals_the_clipless_one():
     clipless.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy(2.0))
     clipped = compiled(
         lipdp.DPSequential(
-            [tf.keras.Input((6,)), K.Dense(8, activation="relu"), K.Dense(3)], clipping="global", clip_norm=1.0
+            [tf.keras.Input((6,)), K.Dense(8, activation="relu"), K.Dense(3)],
+            mechanism={"name": "global", "clip_norm": 1.0},
         )
     )
     policies = [m.make_private(sampler, noise_multiplier=1.1, delta=1e-4) for m in (clipless, clipped)]
@@ -511,7 +513,8 @@ def test_flat_clipping_matches_tensorflow_privacy_dp_sgd(monkeypatch):
     batch, clip_norm, lr = 16, 2.5, 0.5
     x, y = vectors(n=160, dim=5, seed=3)
     ours = lipdp.DPSequential(
-        [tf.keras.Input((5,)), K.Dense(8, activation="tanh"), K.Dense(3)], clipping="flat", clip_norm=clip_norm
+        [tf.keras.Input((5,)), K.Dense(8, activation="tanh"), K.Dense(3)],
+        mechanism={"name": "flat", "clip_norm": clip_norm},
     )
     ours.compile(tf.keras.optimizers.SGD(lr), loss=CE)
     theirs = tf.keras.Sequential([tf.keras.Input((5,)), K.Dense(8, activation="tanh"), K.Dense(3)])
@@ -546,29 +549,31 @@ def test_flat_clipping_matches_tensorflow_privacy_dp_sgd(monkeypatch):
 
 # -- set-up, validation, save/load -------------------------------------------------------
 def test_constructor_and_validation_errors():
-    with pytest.raises(ValueError, match="flat.*automatic.*global"):
-        lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2)], clipping="adaptive")
+    with pytest.raises(
+        sensitivity.ModelNotSupportedError, match="unknown gradient mechanism 'adaptive'.*flat.*automatic.*global"
+    ):
+        lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2)], mechanism="adaptive")
     with pytest.raises(ValueError, match="clip_norm"):
-        lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2)], clipping="flat", clip_norm=0.0)
+        lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2)], mechanism={"name": "flat", "clip_norm": 0.0})
     x, y = vectors(n=50, dim=3, classes=2)
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=10)
     bn = compiled(
-        lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(4), K.BatchNormalization(), K.Dense(2)], clipping="flat")
+        lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(4), K.BatchNormalization(), K.Dense(2)], mechanism="flat")
     )
     with pytest.raises(sensitivity.ModelNotSupportedError, match="BatchNormalization"):
         bn.make_private(sampler, noise_multiplier=1.0)
     string_loss = compiled(
-        lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2)], clipping="flat"), loss="categorical_crossentropy"
+        lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2)], mechanism="flat"), loss="categorical_crossentropy"
     )
     with pytest.raises(sensitivity.ModelNotSupportedError, match="keras.losses.Loss"):
         string_loss.make_private(sampler, noise_multiplier=1.0)
     clip_gradient = compiled(
-        lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2), L.ClipGradient(1.0)], clipping="flat")
+        lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2), L.ClipGradient(1.0)], mechanism="flat")
     )
     with pytest.raises(sensitivity.ModelNotSupportedError, match="custom gradient"):
         clip_gradient.make_private(sampler, noise_multiplier=1.0)
     # an ordinary Keras model is accepted with clipping, refused without (Lipschitz-only check)
-    plain = compiled(lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2)], clipping="automatic"))
+    plain = compiled(lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2)], mechanism="automatic"))
     plain.make_private(sampler, noise_multiplier=1.0)
     clipless = compiled(
         lipdp.DPSequential([tf.keras.Input((3,)), K.Dense(2)]), loss=lipdp.losses.TauCategoricalCrossentropy()
@@ -582,7 +587,7 @@ def test_a_plain_strided_pointwise_conv_is_refused_before_it_can_corrupt_memory(
     """oneDNN's Conv2DBackpropFilter corrupts the heap for a 1x1 kernel with strides (1, 2) on a batch of one."""
     x, y = images(n=20, size=6, channels=2, classes=3)
     layers = [tf.keras.Input((6, 6, 2)), K.Conv2D(3, 1, strides=strides), K.Flatten(), K.Dense(3)]
-    model = compiled(lipdp.DPSequential(layers, clipping="flat"))
+    model = compiled(lipdp.DPSequential(layers, mechanism="flat"))
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=5)
     if refused:
         with pytest.raises(sensitivity.ModelNotSupportedError, match=r"1x1 Conv2D with strides.*LipschitzConv2D"):
@@ -590,7 +595,7 @@ def test_a_plain_strided_pointwise_conv_is_refused_before_it_can_corrupt_memory(
     else:
         model.make_private(sampler, noise_multiplier=1.0)
     lipschitz = [tf.keras.Input((6, 6, 2)), L.LipschitzConv2D(3, 1, strides=strides), K.Flatten(), K.Dense(3)]
-    compiled(lipdp.DPSequential(lipschitz, clipping="flat")).make_private(sampler, noise_multiplier=1.0)
+    compiled(lipdp.DPSequential(lipschitz, mechanism="flat")).make_private(sampler, noise_multiplier=1.0)
 
 
 @pytest.mark.parametrize("functional", [False, True])
@@ -600,12 +605,11 @@ def test_save_and_load_a_clipped_model(tmp_path, functional):
     if functional:
         inp = tf.keras.Input((6, 6, 1))
         h = K.Flatten()(K.Conv2D(3, 3, strides=2, activation="relu")(inp))
-        model = lipdp.DPModel(inp, K.Dense(3)(h), clipping="automatic", gamma=0.05, noise_seed=2)
+        model = lipdp.DPModel(inp, K.Dense(3)(h), mechanism={"name": "automatic", "gamma": 0.05}, noise_seed=2)
     else:
         model = lipdp.DPSequential(
             [tf.keras.Input((6, 6, 1)), K.Conv2D(3, 3, activation="relu"), K.Flatten(), K.Dense(3)],
-            clipping="global",
-            clip_norm=2.5,
+            mechanism={"name": "global", "clip_norm": 2.5},
             noise_seed=2,
         )
     model.compile("adam", loss=CE)
@@ -616,7 +620,7 @@ def test_save_and_load_a_clipped_model(tmp_path, functional):
     model.save(path)
     loaded = tf.keras.models.load_model(path)
     assert type(loaded) is type(model)
-    assert (loaded.clipping, loaded.clip_norm, loaded.gamma) == (model.clipping, model.clip_norm, model.gamma)
+    assert loaded.mechanism.get_config() == model.mechanism.get_config()
     assert loaded.privacy == model.privacy
     assert loaded.epsilon() == pytest.approx(model.epsilon())
     np.testing.assert_allclose(loaded.predict(x[:10], verbose=0), model.predict(x[:10], verbose=0), atol=1e-6)
@@ -641,8 +645,7 @@ def test_layer_norm_far_from_zero_contributes_at_most_the_clip_norm(axis):
     model = compiled(
         lipdp.DPSequential(
             [tf.keras.Input((3, 8)), K.LayerNormalization(axis=axis, center=False), K.Flatten()],
-            clipping="flat",
-            clip_norm=1e-3,
+            mechanism={"name": "flat", "clip_norm": 1e-3},
         ),
         loss=tf.keras.losses.MeanSquaredError(),
     )
@@ -662,7 +665,7 @@ def test_gram_form_with_cancelling_positions_contributes_at_most_the_clip_norm(k
     inputs = tf.keras.Input(shape)
     readout = K.Dense(1, use_bias=False)
     model = compiled(
-        lipdp.DPModel(inputs, readout(K.Flatten()(first(inputs))), clipping="flat", clip_norm=1e-3),
+        lipdp.DPModel(inputs, readout(K.Flatten()(first(inputs))), mechanism={"name": "flat", "clip_norm": 1e-3}),
         loss=tf.keras.losses.MeanSquaredError(),
     )
     first.kernel.assign(1e-4 * rng.normal(size=first.kernel.shape).astype("float32"))
@@ -681,7 +684,7 @@ def test_a_variable_read_by_another_layer_is_refused():
     embedding = K.Embedding(6, 3)
     logits = tf.matmul(K.Dense(3)(embedding(inputs)), embedding.embeddings, transpose_b=True)
     model = compiled(
-        lipdp.DPModel(inputs, logits, clipping="flat", clip_norm=1e-3),
+        lipdp.DPModel(inputs, logits, mechanism={"name": "flat", "clip_norm": 1e-3}),
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     with pytest.raises(sensitivity.ModelNotSupportedError, match="tied weights.*embeddings"):

@@ -215,7 +215,7 @@ def test_shuffle_epochs_split_over_replicas():
 def test_clipping_and_microbatches_train_under_mirrored():
     x, y = make_data()
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=40)
-    for args in ({"clipping": "automatic", "clip_norm": 1.0}, {"microbatch_size": 8}):
+    for args in ({"mechanism": {"name": "automatic", "clip_norm": 1.0}}, {"microbatch_size": 8}):
         model = make_model(mirrored(), **args)
         model.make_private(sampler, noise_multiplier=1.0, delta=1e-3)
         model.fit(sampler, epochs=1, verbose=0)

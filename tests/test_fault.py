@@ -28,8 +28,9 @@ import time
 import pytest
 import tensorflow as tf
 
-from lipdp import accounting, sampling
-from lipdp.accounting import PrivacyPolicy
+from lipdp import sampling
+from lipdp.ledger import ledger_to_json
+from lipdp.policy import PrivacyPolicy
 
 pytestmark = pytest.mark.skipif(
     not all(hasattr(signal, s) for s in ("SIGKILL", "SIGSTOP", "SIGCONT")), reason="needs POSIX signals"
@@ -213,7 +214,7 @@ def test_sigkill_mid_epoch_then_resume_counts_exactly_the_applied_steps(tmp_path
     policy = PrivacyPolicy(**{f.name: privacy[f.name] for f in dataclasses.fields(PrivacyPolicy)})
     assert policy.target_epsilon == TARGET and policy.steps_per_epoch == STEPS_PER_EPOCH
     assert policy.epsilon(PLANNED_STEPS) == privacy["epsilon"] <= TARGET
-    assert json.loads(json.dumps(accounting.ledger_to_json(policy.ledger(PLANNED_STEPS)))) == privacy["ledger"]
+    assert json.loads(json.dumps(ledger_to_json(policy.ledger(PLANNED_STEPS)))) == privacy["ledger"]
     with open(os.path.join(out, "history.csv")) as handle:
         rows = list(csv.DictReader(handle))  # the first run's rows, then the resumed run's
     assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))

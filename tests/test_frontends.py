@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import lipdp
-from lipdp import cli, config, data, sensitivity, training
+from lipdp import cli, config, data, sensitivity, training, verification
 from lipdp import layers as L
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,12 +65,12 @@ def test_bounds_hold_behind_a_front_end():
     model = scattering_model(L.Scattering2D(J=2, L=4, normalize="group", groups=5))
     x, rng = images(n=32), np.random.default_rng(1)
     y = np.eye(4, dtype="float32")[rng.integers(0, 4, 32)]
-    result = sensitivity.verify_bounds(model, x, y, rtol=0)
+    result = verification.verify_bounds(model, x, y, rtol=0)
     assert not result.violations and result.max_ratio > 0.1
     sampler = lipdp.PoissonSampler(x, y, expected_batch_size=8)
     model.make_private(sampler, noise_multiplier=1.0)
     model.fit(sampler, epochs=2, verbose=0)
-    assert not sensitivity.verify_bounds(model, x * 50, y, rtol=0).violations
+    assert not verification.verify_bounds(model, x * 50, y, rtol=0).violations
 
 
 def test_a_front_end_must_precede_the_clip_and_be_fixed():

@@ -7,7 +7,7 @@ Add/Average; gradient clipping; every loss), weights (initial, trained by a few
 SGD steps, or *lattice* weights), inputs and labels (random, at the norm bound,
 lattice, gradient ascent; one-hot, worst-class, soft and arbitrary real
 labels), and compares each variable's bound with the true per-sample gradient
-norm of :func:`lipdp.sensitivity.per_sample_gradient_norms` (one graph per
+norm of :func:`lipdp.verification.per_sample_gradient_norms` (one graph per
 sample, no bound code), with no tolerance beyond the bounds' own rounding
 margin.
 
@@ -27,7 +27,7 @@ import pytest
 import tensorflow as tf
 
 import lipdp.layers as L
-from lipdp import losses, sensitivity
+from lipdp import losses, verification
 from lipdp.layers import activations
 
 INPUT_NORM = 2.0
@@ -170,7 +170,7 @@ def labels(model, x, classes, rng):
 
 
 def check_case(model, x, y, label):
-    result = sensitivity.verify_bounds(model, x, y, rtol=0.0)  # the bounds carry their own rounding margin
+    result = verification.verify_bounds(model, x, y, rtol=0.0)  # the bounds carry their own rounding margin
     assert not result.violations, f"{label}: {result.violations[:3]}"
     return result.max_ratio
 
@@ -197,7 +197,7 @@ def fuzz(seed, cases, samples, ascent_steps, tally):
         if ascent_steps:
             x = batches["random"]
             y = labels(model, x, classes, rng)
-            adversarial = sensitivity.worst_case_inputs(model, x, y, steps=ascent_steps)
+            adversarial = verification.worst_case_inputs(model, x, y, steps=ascent_steps)
             tally.add(samples, check_case(model, adversarial, y, f"{label} gradient ascent"))
 
 
@@ -236,7 +236,7 @@ def test_fuzz_ties_catch_the_old_groupsort_bug(monkeypatch):
             variable.assign(signed_partial_permutation(tuple(variable.shape), rng))
         x = lattice_inputs(model, 64, rng)
         worst = np.eye(3, dtype="float32")[model.predict(x, verbose=0).argmin(axis=1)]
-        result = sensitivity.verify_bounds(model, x, worst, rtol=0.0)
+        result = verification.verify_bounds(model, x, worst, rtol=0.0)
         caught += bool(result.violations)
     assert caught >= 3, caught  # 5 of 12 when written; none with the fixed GroupSort
 
@@ -251,7 +251,7 @@ def test_gradient_ascent_stays_finite_on_a_flat_objective():
     model.layers[-1].kernel.assign(tf.zeros_like(model.layers[-1].kernel))
     rng = np.random.default_rng(0)
     x, y = random_inputs(model, 4, rng), rng.normal(size=(4, 3)).astype("float32")
-    adversarial = sensitivity.worst_case_inputs(model, x, y, steps=3)
+    adversarial = verification.worst_case_inputs(model, x, y, steps=3)
     assert np.isfinite(adversarial).all()
     np.testing.assert_array_equal(adversarial, x)
     check_case(model, adversarial, y, "flat objective")
@@ -270,4 +270,4 @@ def test_per_sample_gradients_survive_onednn_batch_of_one_conv():
     y = np.eye(3, dtype="float32")[rng.integers(0, 3, 4)]
     for _ in range(3):
         check_case(model, x, y, "1x1 strided conv")
-    check_case(model, sensitivity.worst_case_inputs(model, x, y, steps=2), y, "1x1 strided conv, ascent")
+    check_case(model, verification.worst_case_inputs(model, x, y, steps=2), y, "1x1 strided conv, ascent")

@@ -32,7 +32,9 @@ class CentresTheBatch(L.LipschitzDense):
 
 
 def clipping_model(*hidden):
-    return lipdp.DPSequential([tf.keras.Input((6,)), K.Dense(6), *hidden, K.Dense(3)], clipping="flat", clip_norm=0.1)
+    return lipdp.DPSequential(
+        [tf.keras.Input((6,)), K.Dense(6), *hidden, K.Dense(3)], mechanism={"name": "flat", "clip_norm": 0.1}
+    )
 
 
 def data(n=64):

@@ -28,7 +28,7 @@ import pytest
 import tensorflow as tf
 
 import lipdp.layers as L
-from lipdp import losses, sensitivity
+from lipdp import losses, verification
 
 log = logging.getLogger(__name__)
 
@@ -658,7 +658,7 @@ def test_groupsort_tie_does_not_break_the_kernel_bound():
     model.layers[1].kernel.assign(np.eye(2))
     model.layers[3].kernel.assign(np.diag([1.0, -1.0]))
     x = np.array([[0.70710677, 0.70710677]], "float32")
-    result = sensitivity.verify_bounds(model, x, np.array([[0.0, 1.0]], "float32"), rtol=0)
+    result = verification.verify_bounds(model, x, np.array([[0.0, 1.0]], "float32"), rtol=0)
     assert not result.violations
     assert result.max_ratio > 0.999  # attained up to the rounding margins: the check is not vacuous
 

@@ -7,6 +7,7 @@ import tensorflow as tf
 import lipdp
 from lipdp import layers as L
 from lipdp import sensitivity
+from lipdp.ledger import ledger_from_json
 
 N, BATCH, SIGMA = 400, 40, 0.8
 
@@ -160,8 +161,8 @@ HALF_PRECISION_CASES = [("global policy", p) for p in ("float16", "bfloat16", "m
 
 
 @pytest.mark.parametrize("where, half", HALF_PRECISION_CASES)
-@pytest.mark.parametrize("clipping", [None, "flat"])
-def test_half_precision_is_refused(where, half, clipping):
+@pytest.mark.parametrize("mechanism", [None, "flat"])
+def test_half_precision_is_refused(where, half, mechanism):
     """A float16 InputNormClip let clipped norms reach 1.0006 of the bound, and noise was drawn in float16."""
     x, y = make_data()
     previous = tf.keras.mixed_precision.global_policy()
@@ -176,7 +177,7 @@ def test_half_precision_is_refused(where, half, clipping):
                     L.InputNormClip(2.0, **(layer_dtype if where == "input clip" else {})),
                     L.LipschitzDense(3, **(layer_dtype if where == "dense" else {})),
                 ],
-                clipping=clipping,
+                mechanism=mechanism,
             )
             model.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy())
             model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=BATCH), noise_multiplier=1.0)
@@ -378,23 +379,23 @@ def test_privacy_state_carries_the_dp_accounting_ledger():
     policy = model.make_private(sampler, noise_multiplier=1.3)
     model.fit(sampler, epochs=1, verbose=0)
     state = model.privacy_state()
-    event = lipdp.accounting.ledger_from_json(state["ledger"])
+    event = ledger_from_json(state["ledger"])
     accountant = lipdp.accounting.make_accountant("rdp")
     accountant.compose(event)
     assert accountant.get_epsilon(policy.delta) == pytest.approx(state["epsilon"])
-    assert state["steps"] == sampler.steps_per_epoch and state["clipping"] is None
+    assert state["steps"] == sampler.steps_per_epoch and state["mechanism"] == {"name": "certified"}
 
 
-@pytest.mark.parametrize("clipping", [None, "flat"])
+@pytest.mark.parametrize("mechanism", [None, "flat"])
 @pytest.mark.parametrize("batch", [0, 7, 50])
-def test_microbatched_sums_equal_the_whole_batch(clipping, batch):
+def test_microbatched_sums_equal_the_whole_batch(mechanism, batch):
     """One logical step: the same sums, predictions, losses and sensitivity, whatever the micro-batch size."""
     x, y = make_data()
     whole = make_model()
     parts = lipdp.DPSequential.from_config({**whole.get_config(), "microbatch_size": 16})
     parts.set_weights(whole.get_weights())
     for model in (whole, parts):
-        model.mechanism = lipdp.mechanisms.build(clipping)
+        model.mechanism = lipdp.mechanisms.get(mechanism)
         model.compile(tf.keras.optimizers.SGD(1.0), loss=lipdp.losses.TauCategoricalCrossentropy(2.0))
 
     def flat(result):
@@ -497,5 +498,5 @@ def test_a_backup_restored_under_a_recalibrated_target_is_refused(tmp_path):
 def test_a_backup_restored_under_the_same_policy_resumes_and_counts_every_step(tmp_path):
     model, sampler = _crash_then_resume(str(tmp_path / "backup"), {"noise_multiplier": 0.8}, {"noise_multiplier": 0.8})
     assert model.steps_taken == 3 * sampler.steps_per_epoch
-    record = lipdp.model.privacy_record(model.privacy, model.mechanism)
-    assert model.privacy_fingerprint.numpy() == lipdp.model.fingerprint(record)
+    record = lipdp.records.privacy_record(model.privacy, model.mechanism)
+    assert model.privacy_fingerprint.numpy() == lipdp.records.fingerprint(record)

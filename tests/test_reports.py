@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import lipdp
-from lipdp import cli, reports, runs, sensitivity
+from lipdp import cli, reports, runs, verification
 from lipdp import layers as L
 from lipdp.callbacks import GradientNoiseMonitor
 
@@ -119,7 +119,7 @@ def test_audit_command_writes_audit_json(run_dir, capsys):
 
 
 def test_report_of_a_clipping_run_skips_the_bound_sections(tmp_path):
-    out = train_tiny(str(tmp_path / "clip"), "model.clipping=flat", "training.epochs=1")
+    out = train_tiny(str(tmp_path / "clip"), "model.mechanism.name=flat", "training.epochs=1")
     assert cli.main(["report", out, "--no-audit"]) == 0
     markdown = read(os.path.join(out, "report.md"))
     assert "no analytic per-layer bounds" in markdown and "## Bound tightness" not in markdown
@@ -132,8 +132,8 @@ def test_report_refuses_a_folder_without_a_run(tmp_path, capsys):
 
 
 def test_violated_bounds_and_audits_beyond_the_bound_are_flagged():
-    fine = sensitivity.Verification(0.8, {"dense/kernel": 0.8}, [])
-    broken = sensitivity.Verification(1.2, {"dense/kernel": 1.2}, [("dense/kernel", 3, 1.2, 1.0)])
+    fine = verification.Verification(0.8, {"dense/kernel": 0.8}, [])
+    broken = verification.Verification(1.2, {"dense/kernel": 1.2}, [("dense/kernel", 3, 1.2, 1.0)])
     assert not any(b.kind == "warning" for b in reports.tightness_blocks(fine, 10))
     assert "BOUND VIOLATED" in reports.render_markdown(reports.tightness_blocks(broken, 10), "t")
     result = {

@@ -14,7 +14,7 @@ import tensorflow as tf
 from deel.lip.losses import HKR
 
 import lipdp.layers as L
-from lipdp import losses, sensitivity
+from lipdp import losses, sensitivity, verification
 from lipdp.layers.base import ROUNDING_MARGIN
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def at_norm_bound(x):
 
 
 def check(model, x, y, label):
-    result = sensitivity.verify_bounds(model, x, y, rtol=RTOL)
+    result = verification.verify_bounds(model, x, y, rtol=RTOL)
     log.warning("tightness %-40s max_ratio=%.4f", label, result.max_ratio)
     assert result.max_ratio > 0
     assert not result.violations, f"{label}: bound violations {result.violations[:5]}"
@@ -132,7 +132,7 @@ def test_no_violation_random_scaled_and_adversarial(name):
     x, y = data(model)
     check(model, x, y, f"{name}/random")
     check(model, at_norm_bound(x), y, f"{name}/at norm bound")
-    adversarial = sensitivity.worst_case_inputs(model, x, y, steps=8)
+    adversarial = verification.worst_case_inputs(model, x, y, steps=8)
     check(model, adversarial, y, f"{name}/gradient ascent")
 
 
@@ -145,7 +145,7 @@ def test_no_violation_after_training_steps(name):
     moved = [not np.allclose(b, v.numpy()) for b, v in zip(before, model.trainable_variables)]
     assert any(moved), "training did not move the weights"
     check(model, x, y, f"{name}/trained")
-    check(model, sensitivity.worst_case_inputs(model, x, y, steps=8), y, f"{name}/trained adversarial")
+    check(model, verification.worst_case_inputs(model, x, y, steps=8), y, f"{name}/trained adversarial")
 
 
 def test_bounds_follow_weights_that_break_their_constraint():
@@ -160,7 +160,7 @@ def test_bounds_follow_weights_that_break_their_constraint():
     output_kernel = sensitivity.variable_names(model)[-2]
     assert after[output_kernel] > before[output_kernel] * 1.1
     check(model, x, y, "deep_dense/kernel 1.5x")
-    check(model, sensitivity.worst_case_inputs(model, x, y, steps=8), y, "deep_dense/kernel 1.5x adversarial")
+    check(model, verification.worst_case_inputs(model, x, y, steps=8), y, "deep_dense/kernel 1.5x adversarial")
 
 
 def test_every_variable_is_bounded_and_named():
@@ -182,7 +182,7 @@ def test_shared_layer_gets_the_sum_of_its_calls():
     shared.bias.assign(shared.bias_constraint(tf.ones(6)))
     x, y = data(model)
     check(model, x, y, "shared layer")
-    check(model, sensitivity.worst_case_inputs(model, x, y, steps=8), y, "shared layer adversarial")
+    check(model, verification.worst_case_inputs(model, x, y, steps=8), y, "shared layer adversarial")
 
 
 def test_gradient_clip_rule_is_min_of_loss_lipschitz_and_clip():
@@ -315,6 +315,6 @@ def test_bounds_cover_float32_rounding_without_a_spectral_factor():
     model.compile(loss=losses.TauCategoricalCrossentropy(1e4))
     x = (np.random.default_rng(0).normal(size=(400, 16)) * 1e3).astype("float32")
     wrong = (model.predict(x, verbose=0).argmax(axis=1) + 1) % 4
-    result = sensitivity.verify_bounds(model, x, np.eye(4, dtype="float32")[wrong], rtol=0)
+    result = verification.verify_bounds(model, x, np.eye(4, dtype="float32")[wrong], rtol=0)
     assert not result.violations, result.violations[:3]
     assert result.max_ratio > 1 - 5 * ROUNDING_MARGIN

@@ -6,7 +6,7 @@ import os
 import pytest
 from test_sensitivity import ARCHITECTURES, build, check, data, train_a_few_steps
 
-from lipdp import cli, sensitivity
+from lipdp import cli, verification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ def test_long_adversarial_search_finds_no_violation(name, seed):
     model = build(name, seed=seed)
     x, y = data(model, n=24, seed=seed)
     train_a_few_steps(model, x, y, steps=20)
-    check(model, sensitivity.worst_case_inputs(model, x, y, steps=100, step_size=0.3), y, f"{name}/long ascent")
+    check(model, verification.worst_case_inputs(model, x, y, steps=100, step_size=0.3), y, f"{name}/long ascent")
 
 
 def test_default_job_learns(tmp_path):

@@ -13,6 +13,7 @@ import tensorflow as tf
 from lipdp import accounting, cli, config, data, statistics
 from lipdp.layers import ChannelStandardization
 from lipdp.layers.frontends import array_fingerprint, cached_features
+from lipdp.ledger import ledger_from_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
@@ -131,7 +132,7 @@ def test_training_run_releases_once_records_it_and_saves_a_raw_input_model(tmp_p
     privacy = json.load(open(os.path.join(out, "privacy.json")))
     assert privacy["release_noise_multipliers"] == [20.0]
     assert [e["class_name"] for e in privacy["ledger"]["events"]] == ["GaussianDpEvent", "SelfComposedDpEvent"]
-    ledger = accounting.ledger_from_json(privacy["ledger"])
+    ledger = ledger_from_json(privacy["ledger"])
     assert privacy["epsilon"] == pytest.approx(
         dp_accounting.rdp.RdpAccountant().compose(ledger).get_epsilon(privacy["delta"])
     )

@@ -5,7 +5,7 @@ import os
 import pytest
 import tensorflow as tf
 
-from lipdp import cli, config, data, sensitivity, training
+from lipdp import cli, config, data, training, verification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
@@ -26,7 +26,7 @@ def test_weight_averaging_is_applied_at_the_end_and_the_bounds_hold(tmp_path):
     model = tf.keras.models.load_model(os.path.join(out, "model.keras"))
     assert model.optimizer.use_ema and model.optimizer.ema_momentum == 0.9
     digits = data.load("digits")
-    assert not sensitivity.verify_bounds(model, digits.x_test[:32], digits.y_test[:32], rtol=0).violations
+    assert not verification.verify_bounds(model, digits.x_test[:32], digits.y_test[:32], rtol=0).violations
     with pytest.raises(config.ConfigError, match="ema_momentum"):
         training.build_model(config.load(DIGITS, ["optimizer.ema_momentum=1.5"]), (8, 8, 1))
 
@@ -112,7 +112,12 @@ def _args(out, *overrides):
         ),
         (
             ["privacy.noise_multiplier=2.0"],
-            ["privacy.noise_multiplier=2.0", "model.clipping=flat", "model.clip_norm=0.1", DENSE_LAYERS],
+            [
+                "privacy.noise_multiplier=2.0",
+                "model.mechanism.name=flat",
+                "model.mechanism.clip_norm=0.1",
+                DENSE_LAYERS,
+            ],
             "mechanism.name: 'certified' -> 'flat'",
         ),
     ],

@@ -1,6 +1,6 @@
 """Clipping-based DP-SGD in the same framework: rules (:mod:`.rules`) and fast per-example norms (:mod:`.fast_norms`).
 
-``DPSequential(..., clipping="flat" | "automatic" | "global", clip_norm=R)``
+``DPSequential(..., mechanism={"name": "flat" | "automatic" | "global", "clip_norm": R})``
 builds the rule of that name; each is a :class:`lipdp.mechanisms.GradientMechanism`
 sharing the models' noise, sampling and accounting with clipless training.
 """
@@ -15,17 +15,15 @@ from lipdp.clipping.fast_norms import (
 )
 from lipdp.clipping.rules import (
     CLIP_MARGIN,
-    RULES,
     AutomaticClipping,
     ClippingRule,
     FlatClipping,
     GlobalClipping,
-    register_rule,
+    rule_names,
 )
 
 __all__ = [
     "CLIP_MARGIN",
-    "RULES",
     "AutomaticClipping",
     "ClippingRule",
     "FlatClipping",
@@ -35,6 +33,6 @@ __all__ = [
     "make_layer_registry",
     "per_example_gradient_norms",
     "per_sample_losses",
-    "register_rule",
+    "rule_names",
     "validate",
 ]

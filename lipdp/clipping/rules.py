@@ -1,10 +1,10 @@
 """Clipping rules: per-example gradient clipping as a :class:`lipdp.mechanisms.GradientMechanism`.
 
-A DP model built with ``clipping="flat" | "automatic" | "global"`` trains
+A DP model built with ``mechanism="flat" | "automatic" | "global"`` trains
 ordinary Keras networks by per-example gradient clipping instead of certified
 Lipschitz bounds::
 
-    model = lipdp.DPSequential([...any per-sample Keras layers...], clipping="global", clip_norm=1.0)
+    model = lipdp.DPSequential([...any per-sample Keras layers...], mechanism={"name": "global", "clip_norm": 1.0})
     model.compile(optimizer="sgd", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     model.make_private(sampler, target_epsilon=3.0, epochs=20)
     model.fit(sampler, epochs=20)
@@ -30,7 +30,7 @@ coordinate, under either noise allocation):
 Each rule aims :data:`CLIP_MARGIN` below its sensitivity (float32 norms). A
 new rule is a subclass here with a ``name``, :meth:`ClippingRule.weights`,
 :meth:`ClippingRule.sensitivity` and :meth:`ClippingRule.describe`, and the
-``@register_rule`` decorator; configs, the CLI and saved models pick it up.
+``@mechanisms.register`` decorator; configs, the CLI and saved models pick it up.
 Only one whole-model threshold is supported (no per-layer thresholds).
 """
 
@@ -46,15 +46,6 @@ from lipdp.layers.base import with_stand_in_for_empty_batch
 #: float32 arithmetic (fast norms agree with exact per-example gradients to
 #: ~1e-5 relative), so a contribution computed at exactly ``S`` could exceed it.
 CLIP_MARGIN = 1e-4
-
-#: ``{name: rule class}`` of every registered clipping rule.
-RULES = {}
-
-
-def register_rule(cls):
-    """Registers a rule as a gradient mechanism and as a ``clipping=`` value."""
-    RULES[cls.name] = mechanisms.register(cls)
-    return cls
 
 
 def _positive_finite(name, value):
@@ -106,6 +97,11 @@ class ClippingRule(mechanisms.GradientMechanism):
         return (1.0 - CLIP_MARGIN) * self.sensitivity()
 
 
+def rule_names():
+    """The names of the registered clipping rules."""
+    return tuple(name for name, cls in mechanisms.registered().items() if issubclass(cls, ClippingRule))
+
+
 @fast_norms.no_autograph
 def _clipped_gradient_sums(rule, model, x, y, registry):
     count = tf.shape(x)[0]
@@ -129,7 +125,7 @@ def _clipped_gradient_sums(rule, model, x, y, registry):
     )
 
 
-@register_rule
+@mechanisms.register
 class FlatClipping(ClippingRule):
     """Abadi et al. 2016: ``w_i = min(1, R / ||g_i||)``, ``S = R``."""
 
@@ -146,7 +142,7 @@ class FlatClipping(ClippingRule):
         return f"flat per-example clipping to l2 norm R={self.clip_norm:.4g} (sensitivity {self.clip_norm:.4g})"
 
 
-@register_rule
+@mechanisms.register
 class AutomaticClipping(ClippingRule):
     """Bu et al. 2022 (AUTO-S): ``w_i = 1 / (||g_i|| + gamma)``, ``S = 1``; ``clip_norm`` unused."""
 
@@ -162,7 +158,7 @@ class AutomaticClipping(ClippingRule):
         return f"automatic per-example normalisation g/(||g|| + {self.gamma:.3g}) (sensitivity 1)"
 
 
-@register_rule
+@mechanisms.register
 class GlobalClipping(ClippingRule):
     """Bu et al. 2021: keep an example (``w_i = 1``) if ``||g_i|| <= R``, else drop it; ``S = R``."""
 

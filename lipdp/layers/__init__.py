@@ -1,7 +1,7 @@
 """Lipschitz layers that state their privacy bounds (see :mod:`lipdp.layers.base`)."""
 
 from lipdp.layers.activations import Abs, FullSort, GroupSort, ReLU
-from lipdp.layers.base import DPLayer, certified_spectral_norm, window_overlap
+from lipdp.layers.base import DPLayer, StepRelease, certified_spectral_norm, window_overlap
 from lipdp.layers.frontends import ChannelStandardization, FrontEnd, Scattering2D, cached_features
 from lipdp.layers.linear import (
     LipschitzConv2D,
@@ -32,6 +32,7 @@ __all__ = [
     "Average",
     "ClipGradient",
     "DPLayer",
+    "StepRelease",
     "Flatten",
     "FullSort",
     "GlobalL2NormPooling2D",

@@ -153,3 +153,22 @@ class DPLayer:
         """List of ``(variable, bound)`` for every variable of the layer."""
         del input_bound, cotangent_bound
         return []
+
+
+class StepRelease:
+    """Mixin of a layer that releases a noisy statistic of each private batch (e.g. :class:`AdaptiveClipGradient`).
+
+    The model's train step gathers the statistic while it computes the step's
+    gradient (:meth:`gathering`), then, after the update, calls
+    :meth:`release` with the policy's ``quantile_noise_multiplier``: the
+    statistic has sensitivity 1 and the accountant composes its release with
+    the gradient's. So one call of one such layer per model is supported.
+    """
+
+    def gathering(self):
+        """A context inside which the layer gathers this step's statistic (from zero)."""
+        raise NotImplementedError
+
+    def release(self, noise_multiplier, expected_batch_size, generator):
+        """Releases the statistic with Gaussian noise ``noise_multiplier`` and forgets the raw value."""
+        raise NotImplementedError

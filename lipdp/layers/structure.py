@@ -1,11 +1,13 @@
 """Parameter-free layers: input norm clipping, reshaping, centering, merges and
 backward-pass gradient clipping."""
 
+import contextlib
+
 import tensorflow as tf
 
 from lipdp import distribute
 from lipdp.backend import keras
-from lipdp.layers.base import DPLayer, as_bound
+from lipdp.layers.base import DPLayer, StepRelease, as_bound
 
 
 def _per_sample_norms(tensor, keepdims=False):
@@ -193,7 +195,7 @@ class ClipGradient(DPLayer, keras.layers.Layer):
 
 
 @keras.utils.register_keras_serializable("lipdp")
-class AdaptiveClipGradient(ClipGradient):
+class AdaptiveClipGradient(StepRelease, ClipGradient):
     """:class:`ClipGradient` whose threshold follows a quantile of the per-sample cotangent norms.
 
     Andrew et al. (2021), "Differentially private learning with adaptive
@@ -203,7 +205,7 @@ class AdaptiveClipGradient(ClipGradient):
     released with Gaussian noise: ``b = (count + N(0, z_b^2)) / (q N)``
     (the count has sensitivity 1; ``z_b`` comes from the privacy policy's
     ``quantile_noise_share``, and the accountant composes this release with
-    the gradient's, see :attr:`lipdp.accounting.PrivacyPolicy.gradient_noise_multiplier`).
+    the gradient's, see :attr:`lipdp.policy.PrivacyPolicy.gradient_noise_multiplier`).
     The raw count is kept out of tracking (never saved); the threshold is a
     function of noisy releases only.
 
@@ -254,10 +256,17 @@ class AdaptiveClipGradient(ClipGradient):
     def input_cotangent_bound(self, cotangent_bound):
         return tf.minimum(cotangent_bound, tf.cast(self.threshold, tf.float64))
 
-    def reset_count(self):
-        return self._count.assign(0.0)
+    @contextlib.contextmanager
+    def gathering(self):
+        """Counts, from zero, the examples whose cotangent norm is under the threshold (other calls do not count)."""
+        self._count.assign(0.0)
+        self.counting = True
+        try:
+            yield
+        finally:
+            self.counting = False
 
-    def release_quantile(self, noise_multiplier, expected_batch_size, generator):
+    def release(self, noise_multiplier, expected_batch_size, generator):
         """The noisy fraction under the threshold, then the threshold update (after the step's gradient).
 
         Under a ``tf.distribute`` strategy, the replicas' counts are summed

@@ -1,0 +1,75 @@
+"""What a model's private steps were taken under: the privacy record, its fingerprint, and the refusals they drive.
+
+The model saves :func:`fingerprint` of :func:`privacy_record` beside its step
+count, so a checkpoint, backup or saved model cannot pair earlier steps with
+another policy or mechanism (:func:`check_same_record`); the CLI keeps the
+record itself in ``policy.json``. A data release carried by a layer (a
+released ``ChannelStandardization``) must be in the policy
+(:func:`check_releases_accounted`).
+"""
+
+import hashlib
+import json
+
+from lipdp import backend
+from lipdp.errors import NotPrivateError
+
+
+def privacy_record(policy, mechanism):
+    """The JSON of what a step was taken under: the privacy policy and the gradient mechanism's settings."""
+    return json.dumps({"policy": policy.to_dict(), "mechanism": mechanism.get_config()}, sort_keys=True)
+
+
+def record_changes(recorded, wanted):
+    """``["key: old -> new", ...]`` between two records (dicts, as :func:`privacy_record` encodes; flattened keys)."""
+
+    def flat(record, prefix=""):
+        if not isinstance(record, dict):
+            return {prefix: record}
+        return {k: v for key, item in record.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+
+    old, new = flat(recorded), flat(wanted)
+    return [
+        f"{k.rstrip('.')}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    ]
+
+
+def fingerprint(record):
+    """A 60-bit integer hash of a :func:`privacy_record` (what the model saves beside its step count)."""
+    return int(hashlib.sha256(record.encode()).hexdigest()[:15], 16)
+
+
+def check_same_record(recorded, wanted, steps):
+    """Refuses to go on from ``steps`` steps taken under ``recorded`` (``None``: unknown) with another record."""
+    if recorded == wanted:
+        return
+    changes = (
+        ["the earlier policy is unknown"] if recorded is None else record_changes(*map(json.loads, (recorded, wanted)))
+    )
+    raise ValueError(
+        f"these weights already took {steps} private steps under another privacy policy or mechanism; the "
+        "accountant would count those steps under the new one. Changed: " + "; ".join(changes) + ". Resume with "
+        "the settings that took them, or start from fresh weights (with lipdp train: a new --out folder)"
+    )
+
+
+def check_releases_accounted(model, policy):
+    """Refuses a policy that does not account every release carried by the model's layers (e.g. a model
+    assembled from a head trained on released features without ``releases=``)."""
+    accounted = list(policy.release_noise_multipliers)
+    for release in model_releases(model):
+        if release not in accounted:
+            raise NotPrivateError(
+                f"the model carries a data release (noise multiplier {release:g}, e.g. a released "
+                f"ChannelStandardization) that its privacy policy does not account (releases "
+                f"{list(policy.release_noise_multipliers)}); make the model private with it inside, or pass "
+                "releases=(z,) to make_private"
+            )
+        accounted.remove(release)
+
+
+def model_releases(model):
+    """Noise multipliers of the data releases the model's layers carry (e.g. a released ``ChannelStandardization``)."""
+    return tuple(z for layer in backend.nested_layers(model) for z in getattr(layer, "release_noise_multipliers", ()))
