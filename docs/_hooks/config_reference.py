@@ -33,13 +33,12 @@ DESCRIPTIONS = {
     "model.feature_statistics": "`{noise_multiplier: z, clip_norm: R, scale: false}`: centre (and with "
     "`scale: true` scale) the head's inputs per channel by one DP release of the training split's channel "
     "statistics (`lipdp.statistics`), composed into the accounting.",
-    "model.augmentation": "`{multiplicity: K, layers: [{type: RandomFlip, ...}]}`: augmentation multiplicity, "
-    "`K` views per example, losses averaged (clipless only).",
     "model.layers": "The network after the input clip: a list of `{type: LayerName, **arguments}`, lipdp "
     "layers first, then Keras'.",
-    "model.clipping": "The clipping rule (`null`: clipless certified bounds).",
-    "model.clip_norm": "Clipping threshold `R` of the clipping rule.",
-    "model.gamma": "Stability constant of automatic clipping (`g / (‖g‖ + gamma)`).",
+    "model.mechanism": "How a step gets its gradient sum and its sensitivity (`lipdp.mechanisms`): `null` is "
+    "`{name: certified}`, clipless certified bounds (with augmentation multiplicity: `{name: certified, "
+    "augmentation: {multiplicity: K, layers: [{type: RandomFlip, ...}]}}`); a clipping rule with its settings, "
+    "e.g. `{name: flat, clip_norm: 1.0}`, `{name: automatic, gamma: 0.01}`, `{name: global, clip_norm: 0.1}`.",
     "loss.type": "A `lipdp.losses` loss (each states its Lipschitz constant in the logits).",
     "loss.params": "Arguments of the loss, e.g. `{tau: 64.0}`.",
     "privacy.target_epsilon": "Epsilon to reach after all epochs; the noise multiplier is calibrated to it "
@@ -77,7 +76,7 @@ DESCRIPTIONS = {
 
 def _choices():
     """The accepted values of the keys ``lipdp.config`` checks against a list, read from the same registries."""
-    from lipdp import accounting, clipping, config, data, distribute, losses
+    from lipdp import accounting, config, data, distribute, losses, mechanisms, policy
 
     loss_names = [
         name
@@ -86,10 +85,10 @@ def _choices():
     ]
     return {
         "dataset.name": tuple(data.DATASETS),
-        "model.clipping": (None,) + tuple(clipping.RULES),
+        "model.mechanism": tuple(mechanisms.registered()),
         "loss.type": tuple(loss_names),
         "privacy.accountant": accounting.ACCOUNTANTS,
-        "privacy.noise_allocation": accounting.NOISE_ALLOCATIONS,
+        "privacy.noise_allocation": policy.NOISE_ALLOCATIONS,
         "sampling.kind": accounting.SAMPLINGS,
         "optimizer.decay": config.LEARNING_RATE_DECAYS,
         "training.strategy": distribute.STRATEGIES,
@@ -151,7 +150,11 @@ def generate():
             key = f"{section.name}.{field.name}"
             description = DESCRIPTIONS.get(key, "")
             if key in choices:
-                description += " One of: " + ", ".join(f"`{_yaml_value(c)}`" for c in choices[key]) + "."
+                description += (
+                    (" Names: " if key == "model.mechanism" else " One of: ")
+                    + ", ".join(f"`{_yaml_value(c)}`" for c in choices[key])
+                    + "."
+                )
             lines.append(
                 f"| `{field.name}` | {_type_name(field_hints[field.name])} | `{_default(field)}` | {description} |"
             )
