@@ -83,6 +83,43 @@ class PrivateGradient:
     sensitivity: Sensitivity
 
 
+def microbatched_gradient_sums(mechanism, model, x, y, size) -> PrivateGradient:
+    """``mechanism``'s sums, accumulated over micro-batches of ``size`` examples (memory flat in the batch).
+
+    One logical Poisson step: the sums of all micro-batches are added
+    before the noise (added once, by the caller) and the division by the
+    expected batch size. The sensitivity comes from an empty micro-batch
+    (it does not depend on the data), so an empty batch works too. The
+    loop runs one micro-batch at a time (``parallel_iterations=1``).
+    """
+    empty = mechanism.gradient_sums(model, x[:0], y[:0])
+    count = (tf.shape(x)[0] + size - 1) // size
+
+    def step(i, sums, predictions, losses):
+        part = mechanism.gradient_sums(model, x[i * size : (i + 1) * size], y[i * size : (i + 1) * size])
+        sums = [total + tf.convert_to_tensor(g) for total, g in zip(sums, part.sums)]
+        return i + 1, sums, predictions.write(i + 1, part.y_pred), losses.write(i + 1, part.per_sample_loss)
+
+    def collector(tensor):
+        array = tf.TensorArray(
+            tensor.dtype,
+            size=1,
+            dynamic_size=True,
+            infer_shape=False,
+            element_shape=tf.TensorShape([None]).concatenate(tensor.shape[1:]),
+        )
+        return array.write(0, tensor)
+
+    initial = (
+        tf.constant(0),
+        [tf.convert_to_tensor(g) for g in empty.sums],
+        collector(empty.y_pred),
+        collector(empty.per_sample_loss),
+    )
+    _, sums, predictions, losses = tf.while_loop(lambda i, *_: i < count, step, initial, parallel_iterations=1)
+    return PrivateGradient(predictions.concat(), losses.concat(), sums, empty.sensitivity)
+
+
 class GradientMechanism:
     """The protocol (see the module docstring). Subclasses set ``name`` and register themselves."""
 

@@ -36,7 +36,14 @@ from lipdp.backend import keras
 from lipdp.errors import ModelNotSupportedError, NotPrivateError
 from lipdp.layers import StepRelease
 from lipdp.policy import PrivacyPolicy
-from lipdp.records import check_releases_accounted, check_same_record, fingerprint, model_releases, privacy_record
+from lipdp.records import (
+    check_releases_accounted,
+    check_same_record,
+    fingerprint,
+    model_releases,
+    privacy_record,
+    statement,
+)
 
 
 class DPModelMixin:
@@ -363,45 +370,9 @@ class DPModelMixin:
         """
         if self.microbatch_size is None:
             result = self.mechanism.gradient_sums(self, x, y)
-            return result.y_pred, result.per_sample_loss, result.sums, result.sensitivity
-        return self._microbatched_gradient_sums(x, y)
-
-    def _microbatched_gradient_sums(self, x, y):
-        """The same sums, accumulated over micro-batches of ``microbatch_size`` examples (memory flat in the batch).
-
-        One logical Poisson step: the sums of all micro-batches are added
-        before the noise (added once, by the caller) and the division by the
-        expected batch size. The sensitivity comes from an empty micro-batch
-        (it does not depend on the data), so an empty batch works too. The
-        loop runs one micro-batch at a time (``parallel_iterations=1``).
-        """
-        empty = self.mechanism.gradient_sums(self, x[:0], y[:0])
-        size = self.microbatch_size
-        count = (tf.shape(x)[0] + size - 1) // size
-
-        def step(i, sums, predictions, losses):
-            part = self.mechanism.gradient_sums(self, x[i * size : (i + 1) * size], y[i * size : (i + 1) * size])
-            sums = [total + tf.convert_to_tensor(g) for total, g in zip(sums, part.sums)]
-            return i + 1, sums, predictions.write(i + 1, part.y_pred), losses.write(i + 1, part.per_sample_loss)
-
-        def collector(tensor):
-            array = tf.TensorArray(
-                tensor.dtype,
-                size=1,
-                dynamic_size=True,
-                infer_shape=False,
-                element_shape=tf.TensorShape([None]).concatenate(tensor.shape[1:]),
-            )
-            return array.write(0, tensor)
-
-        initial = (
-            tf.constant(0),
-            [tf.convert_to_tensor(g) for g in empty.sums],
-            collector(empty.y_pred),
-            collector(empty.per_sample_loss),
-        )
-        _, sums, predictions, losses = tf.while_loop(lambda i, *_: i < count, step, initial, parallel_iterations=1)
-        return predictions.concat(), losses.concat(), sums, empty.sensitivity
+        else:
+            result = mechanisms.microbatched_gradient_sums(self.mechanism, self, x, y, self.microbatch_size)
+        return result.y_pred, result.per_sample_loss, result.sums, result.sensitivity
 
     def test_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -434,31 +405,7 @@ class DPModelMixin:
 
     def privacy_statement(self):
         """A one-paragraph, human-readable statement of the guarantee."""
-        state = self.privacy_state()
-        mechanism = self.mechanism.describe()
-        share = state.get("quantile_noise_share")
-        if share is not None:
-            mechanism += (
-                f", with an adaptive logit clipping threshold released as a noisy quantile each step (share "
-                f"{share:.3g} of the privacy: gradient multiplier {self.privacy.gradient_noise_multiplier:.4g}, "
-                f"count multiplier {self.privacy.quantile_noise_multiplier:.4g}, composed exactly)"
-            )
-        releases = state["release_noise_multipliers"]
-        if releases:
-            mechanism += (
-                f", after {len(releases)} Gaussian release(s) of training-data statistics before training (noise "
-                f"multiplier(s) {', '.join(f'{z:.4g}' for z in releases)}, composed exactly)"
-            )
-        adjacency = sampling.sampler_class(state["sampling"]).adjacency
-        return (
-            f"The trained weights are ({state['epsilon']:.4g}, {state['delta']:.3g})-differentially private "
-            f"with respect to {adjacency}, over {state['steps']} noisy steps on N={state['dataset_size']} examples "
-            f"({state['sampling']} sampling, rate q={state['sampling_rate']:.4g}, expected batch "
-            f"{state['expected_batch_size']:.1f}), Gaussian noise multiplier {state['noise_multiplier']:.4g} "
-            f"({state['noise_allocation']} allocation) on {mechanism}, accounted with "
-            f"dp-accounting's {state['accountant'].upper()} accountant. Training losses and metrics shown during "
-            "fit are computed on private data and are not covered; hyper-parameter selection is not covered."
-        )
+        return statement(self.privacy_state(), self.mechanism.describe(), self.privacy)
 
     def get_config(self):
         privacy = None if self.privacy is None else self.privacy.to_dict()

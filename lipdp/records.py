@@ -11,7 +11,7 @@ released ``ChannelStandardization``) must be in the policy
 import hashlib
 import json
 
-from lipdp import backend
+from lipdp import backend, sampling
 from lipdp.errors import NotPrivateError
 
 
@@ -73,3 +73,34 @@ def check_releases_accounted(model, policy):
 def model_releases(model):
     """Noise multipliers of the data releases the model's layers carry (e.g. a released ``ChannelStandardization``)."""
     return tuple(z for layer in backend.nested_layers(model) for z in getattr(layer, "release_noise_multipliers", ()))
+
+
+def statement(state, description, policy):
+    """A one-paragraph, human-readable statement of the guarantee ``state`` (:meth:`privacy_state`) records.
+
+    ``description``: the gradient mechanism's :meth:`describe`; ``policy``: the :class:`lipdp.policy.PrivacyPolicy`.
+    """
+    mechanism = description
+    share = state.get("quantile_noise_share")
+    if share is not None:
+        mechanism += (
+            f", with an adaptive logit clipping threshold released as a noisy quantile each step (share "
+            f"{share:.3g} of the privacy: gradient multiplier {policy.gradient_noise_multiplier:.4g}, "
+            f"count multiplier {policy.quantile_noise_multiplier:.4g}, composed exactly)"
+        )
+    releases = state["release_noise_multipliers"]
+    if releases:
+        mechanism += (
+            f", after {len(releases)} Gaussian release(s) of training-data statistics before training (noise "
+            f"multiplier(s) {', '.join(f'{z:.4g}' for z in releases)}, composed exactly)"
+        )
+    adjacency = sampling.sampler_class(state["sampling"]).adjacency
+    return (
+        f"The trained weights are ({state['epsilon']:.4g}, {state['delta']:.3g})-differentially private "
+        f"with respect to {adjacency}, over {state['steps']} noisy steps on N={state['dataset_size']} examples "
+        f"({state['sampling']} sampling, rate q={state['sampling_rate']:.4g}, expected batch "
+        f"{state['expected_batch_size']:.1f}), Gaussian noise multiplier {state['noise_multiplier']:.4g} "
+        f"({state['noise_allocation']} allocation) on {mechanism}, accounted with "
+        f"dp-accounting's {state['accountant'].upper()} accountant. Training losses and metrics shown during "
+        "fit are computed on private data and are not covered; hyper-parameter selection is not covered."
+    )

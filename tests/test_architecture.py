@@ -66,3 +66,12 @@ def test_no_import_cycle_between_lipdp_modules():
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+MAX_MODULE_LINES = 480
+
+
+def test_no_module_holds_several_rooms():
+    """A module over ~450 lines holds several concepts: split it (one module per concept)."""
+    sizes = {name: sum(1 for _ in open(path)) for name, path in module_names().items()}
+    assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}

@@ -177,7 +177,7 @@ def test_fast_norms_match_per_example_gradients(name):
 @pytest.mark.parametrize("name", [n for n in MODELS if n.startswith("conv")] + ["lipschitz", "mixed"])
 def test_conv_norms_with_tf_image_extract_patches(name, monkeypatch):
     """The im2col of deep patches (every patch here is shallow enough for the identity convolution)."""
-    monkeypatch.setattr(clip_lib.fast_norms, "CONV_PATCHES_MAX_DEPTH", 0)
+    monkeypatch.setattr(clip_lib.layer_rules, "CONV_PATCHES_MAX_DEPTH", 0)
     test_fast_norms_match_per_example_gradients(name)
 
 
@@ -239,7 +239,7 @@ def test_every_trainable_layer_of_these_models_gets_a_fast_rule(name):
     model, _ = MODELS[name]()
     registry = clip_lib.make_layer_registry()
     layers = [layer for layer, _ in lipdp.backend.leaf_layer_calls(model) if layer.trainable_variables]
-    assert [layer.name for layer in layers if not clip_lib.fast_norms.has_fast_rule(layer, registry)] == []
+    assert [layer.name for layer in layers if not clip_lib.layer_rules.has_fast_rule(layer, registry)] == []
 
 
 # -- lipdp's fast rules, layer by layer ---------------------------------------------------
@@ -674,7 +674,7 @@ def test_gram_form_with_cancelling_positions_contributes_at_most_the_clip_norm(k
     h = rng.normal(size=(8, 1, 64)).astype("float32") * 100
     x = np.concatenate([h, h + 1e-3 * rng.normal(size=h.shape).astype("float32")], axis=1).reshape((8,) + shape)
     y = rng.normal(size=(8, 1)).astype("float32")
-    assert clip_lib.fast_norms._cheaper_form(2, 64, 64) == "gram"
+    assert clip_lib.layer_rules._cheaper_form(2, 64, 64) == "gram"
     assert single_contributions(model, tf.constant(x), tf.constant(y)).max() <= 1e-3
 
 

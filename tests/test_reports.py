@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import lipdp
-from lipdp import cli, reports, runs, verification
+from lipdp import cli, report_blocks, reports, runs, verification
 from lipdp import layers as L
 from lipdp.callbacks import GradientNoiseMonitor
 
@@ -135,7 +135,7 @@ def test_violated_bounds_and_audits_beyond_the_bound_are_flagged():
     fine = verification.Verification(0.8, {"dense/kernel": 0.8}, [])
     broken = verification.Verification(1.2, {"dense/kernel": 1.2}, [("dense/kernel", 3, 1.2, 1.0)])
     assert not any(b.kind == "warning" for b in reports.tightness_blocks(fine, 10))
-    assert "BOUND VIOLATED" in reports.render_markdown(reports.tightness_blocks(broken, 10), "t")
+    assert "BOUND VIOLATED" in report_blocks.render_markdown(reports.tightness_blocks(broken, 10), "t")
     result = {
         "backend": "x",
         "members": 5,
@@ -148,7 +148,7 @@ def test_violated_bounds_and_audits_beyond_the_bound_are_flagged():
         "exceeds_bound": True,
         "attacks": {"threshold": {"auc": 0.99, "advantage": 0.9, "exceeds_bound": True}},
     }
-    page = reports.render_html(reports.audit_section(result), "t")
+    page = report_blocks.render_html(reports.audit_section(result), "t")
     assert "class='warning'" in page and "<td>YES</td>" in page
 
 
