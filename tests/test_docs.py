@@ -136,3 +136,17 @@ def test_readme_links_resolve():
     for link in links:
         if not re.match(r"\w+://", link):
             assert os.path.exists(os.path.join(ROOT, link)), f"README links to a missing file: {link}"
+
+
+def test_api_reference_covers_every_module():
+    """A module added to lipdp (or split out of another) gets its page in the API reference, or the build lacks it."""
+    pages = "".join(open(p).read() for p in glob.glob(os.path.join(DOCS, "reference", "api", "*.md")))
+    documented = set(re.findall(r"^::: (lipdp[\w.]*)$", pages, re.M))
+    package = os.path.join(ROOT, "lipdp")
+    modules = {
+        "lipdp." + os.path.relpath(path, package)[: -len(".py")].replace(os.sep, ".")
+        for path in glob.glob(os.path.join(package, "**", "*.py"), recursive=True)
+        if os.path.basename(path) != "__init__.py"
+    }
+    assert modules - documented == set(), "add these modules to a page of docs/reference/api/"
+    assert documented - modules <= {"lipdp"}, "these documented modules no longer exist"
