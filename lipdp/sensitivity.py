@@ -94,51 +94,73 @@ def model_loss(model):
     )
 
 
-def check_precision(model):
-    """Refuses float16 / bfloat16 anywhere: the global policy, a layer's policy, a variable.
+def precision_problems(model):
+    """Every use of float16 / bfloat16: the global policy, a layer's policy, a variable.
 
     Bounds and clipping thresholds hold up to float32 rounding; in half
     precision the noise itself would also be drawn in half precision.
     """
     global_policy = keras.mixed_precision.global_policy()
     if {global_policy.compute_dtype, global_policy.variable_dtype} & set(HALF_PRECISION):
-        raise ModelNotSupportedError(
+        yield (
             f"the global Keras dtype policy is {global_policy.name!r}; DP bounds need float32 or float64: "
             "call keras.mixed_precision.set_global_policy('float32') before building the model"
         )
     for layer in backend.nested_layers(model, include_self=True):
-        refuse_half_precision(layer)
+        try:
+            refuse_half_precision(layer)
+        except ModelNotSupportedError as error:
+            yield str(error)
     for variable in model.variables:
         if variable.dtype.base_dtype.name in HALF_PRECISION:
-            raise ModelNotSupportedError(
-                f"variable {variable.name} is {variable.dtype.name}; DP bounds need float32 or float64"
-            )
+            yield f"variable {variable.name} is {variable.dtype.name}; DP bounds need float32 or float64"
 
 
-def validate(model):
-    """Raises :class:`ModelNotSupportedError` naming the first problem found."""
-    nodes = graph_nodes(model)
-    check_precision(model)
-    if len(model.outputs) != 1:
-        raise ModelNotSupportedError(f"the model has {len(model.outputs)} outputs; exactly one is supported")
-    model_loss(model)
-    for node in nodes:
-        layer = node.layer
-        if node.is_input:
-            continue
-        if not isinstance(layer, DPLayer):
-            raise ModelNotSupportedError(
-                f"layer {layer.name!r} ({type(layer).__name__}) has no privacy bound; use {_replacement_hint(layer)}"
-            )
-    if model.outputs[0].shape.rank != 2:
+def check_precision(model):
+    """Raises :class:`ModelNotSupportedError` naming every half-precision use (:func:`precision_problems`)."""
+    raise_problems(list(precision_problems(model)))
+
+
+def raise_problems(problems):
+    """One :class:`ModelNotSupportedError` naming every problem found, so a user fixes them all in one pass."""
+    if len(problems) == 1:
+        raise ModelNotSupportedError(problems[0])
+    if problems:
         raise ModelNotSupportedError(
+            f"{len(problems)} problems: " + " ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        )
+
+
+def model_problems(model):
+    """Everything that keeps the certified bounds from applying to ``model``, one message each."""
+    nodes = graph_nodes(model)
+    yield from precision_problems(model)
+    if len(model.outputs) != 1:
+        yield f"the model has {len(model.outputs)} outputs; exactly one is supported"
+    try:
+        model_loss(model)
+    except ModelNotSupportedError as error:
+        yield str(error)
+    for node in nodes:
+        if not node.is_input and not isinstance(node.layer, DPLayer):
+            yield (
+                f"layer {node.layer.name!r} ({type(node.layer).__name__}) has no privacy bound; use "
+                f"{_replacement_hint(node.layer)}"
+            )
+    if model.outputs and model.outputs[0].shape.rank != 2:
+        yield (
             f"the model output has shape {model.outputs[0].shape}; the loss bounds assume one logit vector "
             "per sample, shape (batch, classes): add lipdp.layers.Flatten or a global pooling before the last layer"
         )
-    _check_clipped_input(model, nodes)
+    yield from _unclipped_input_problems(model, nodes)
 
 
-def _check_clipped_input(model, nodes):
+def validate(model):
+    """Raises :class:`ModelNotSupportedError` naming every problem of :func:`model_problems` at once."""
+    raise_problems(list(model_problems(model)))
+
+
+def _unclipped_input_problems(model, nodes):
     """Only front-ends (fixed per-example maps) may come before the input clip, and only the clip after them."""
     unclipped = {str(id(t)) for t in model.inputs}  # the model input and front-end outputs
     for node in nodes:
@@ -147,13 +169,13 @@ def _check_clipped_input(model, nodes):
         reads_unclipped = bool(unclipped.intersection(node.input_ids))
         if isinstance(node.layer, FrontEnd):
             if not reads_unclipped or node.layer.trainable_weights:
-                raise ModelNotSupportedError(
+                yield (
                     f"front-end {node.layer.name!r} must come before lipdp.layers.InputNormClip and have no "
                     "trainable variables (a fixed per-example map)"
                 )
             unclipped.update(node.output_ids)
         elif reads_unclipped:
-            raise ModelNotSupportedError(
+            yield (
                 f"layer {node.layer.name!r} reads the model input directly; put "
                 "lipdp.layers.InputNormClip(norm) first so the input norm is bounded"
             )

@@ -548,6 +548,14 @@ def test_flat_clipping_matches_tensorflow_privacy_dp_sgd(monkeypatch):
 
 
 # -- set-up, validation, save/load -------------------------------------------------------
+def test_validation_reports_every_problem_at_once():
+    layers = [tf.keras.Input((3,)), K.Dense(4), K.BatchNormalization(), L.ClipGradient(0.1), K.Dense(2)]
+    with pytest.raises(
+        sensitivity.ModelNotSupportedError, match=r"2 problems: \(1\) .*batch statistics.*\(2\) .*clips"
+    ):
+        clip_lib.validate(compiled(lipdp.DPSequential(layers, mechanism="flat")))
+
+
 def test_constructor_and_validation_errors():
     with pytest.raises(
         sensitivity.ModelNotSupportedError, match="unknown gradient mechanism 'adaptive'.*flat.*automatic.*global"

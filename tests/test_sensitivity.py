@@ -238,6 +238,24 @@ def test_non_lipschitz_layers_are_refused_with_a_hint(bad_layer, expected):
         sensitivity.compute_bounds(model)
 
 
+def test_every_problem_is_reported_at_once():
+    """No input clip, a non-Lipschitz layer, a plain loss and a 3-d output: one error names all four."""
+    inp = tf.keras.Input((4, 8))
+    model = tf.keras.Model(inp, L.LipschitzDense(2)(tf.keras.layers.Dense(8)(inp)))
+    model.compile(loss="categorical_crossentropy")
+    with pytest.raises(sensitivity.ModelNotSupportedError) as error:
+        sensitivity.validate(model)
+    message = str(error.value)
+    assert message.startswith("4 problems: (1) ")
+    for expected in (
+        "Lipschitz constant",
+        "use lipdp.layers.LipschitzDense",
+        "shape (batch, classes)",
+        "InputNormClip",
+    ):
+        assert expected in message
+
+
 def test_deel_lip_reparameterised_layer_is_refused():
     from deel.lip.layers import SpectralDense
 

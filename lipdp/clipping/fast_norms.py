@@ -71,14 +71,13 @@ import typing
 
 import tensorflow as tf
 
-from lipdp import backend
+from lipdp import backend, tf_workarounds
 from lipdp.backend import keras
 from lipdp.clipping.layer_rules import has_fast_rule, make_layer_registry, pre_activation
 from lipdp.errors import ModelNotSupportedError
 from lipdp.layers import ClipGradient, LipschitzConv2D
-from lipdp.layers.base import with_stand_in_for_empty_batch
 from lipdp.losses import LipschitzLoss
-from lipdp.sensitivity import check_precision
+from lipdp.sensitivity import precision_problems, raise_problems
 
 logger = logging.getLogger(__name__)
 
@@ -110,54 +109,69 @@ def _has_strided_pointwise_kernel_bug(layer):
     return (
         isinstance(layer, keras.layers.Conv2D)
         and not isinstance(layer, LipschitzConv2D)
-        and tuple(layer.kernel_size) == (1, 1)
-        and layer.strides[0] != layer.strides[1]
+        and tf_workarounds.is_strided_pointwise(layer.kernel_size, layer.strides)
     )
 
 
 def validate(model):
-    """Raises :class:`ModelNotSupportedError` if the model cannot be trained with clipping."""
+    """Raises :class:`ModelNotSupportedError` naming every reason the model cannot be trained with clipping."""
     if not backend.is_graph_model(model):
         raise ModelNotSupportedError(
             "the model has no layer graph yet: give it an input shape (keras.Input(...) as first layer)"
         )
+    raise_problems(_problems(model))
+
+
+def _problems(model):
+    problems = list(_structural_problems(model))
+    if not problems:  # the tied-weights check runs the model, which only a model without them may do
+        try:
+            _check_calls_read_their_own_variables(model)
+        except ModelNotSupportedError as error:
+            problems.append(str(error))
+    return problems
+
+
+def _structural_problems(model):
     if len(model.outputs) != 1:
-        raise ModelNotSupportedError(f"the model has {len(model.outputs)} outputs; exactly one is supported")
-    check_precision(model)
-    per_example_loss(model)
+        yield f"the model has {len(model.outputs)} outputs; exactly one is supported"
+    yield from precision_problems(model)
+    try:
+        per_example_loss(model)
+    except ModelNotSupportedError as error:
+        yield str(error)
     calls = backend.leaf_layer_calls(model)
     owners = {}
     for layer, _ in calls:
         if _is_batch_normalization(layer):
-            raise ModelNotSupportedError(
+            yield (
                 f"layer {layer.name!r} ({type(layer).__name__}) normalises with batch statistics, so one "
                 "example's gradient depends on the others: remove it or use LayerNormalization / GroupNormalization"
             )
         if _has_strided_pointwise_kernel_bug(layer):
-            raise ModelNotSupportedError(
-                f"layer {layer.name!r} is a 1x1 Conv2D with strides {tuple(layer.strides)}: TensorFlow 2.15's "
-                "oneDNN Conv2DBackpropFilter corrupts memory for it on a batch of one, which Poisson sampling "
-                "and micro-batches produce; use lipdp.layers.LipschitzConv2D (which avoids that kernel), equal "
-                "strides, or a subsampling (e.g. a Lambda x[:, ::sh, ::sw]) then an unstrided 1x1 Conv2D"
+            yield (
+                f"layer {layer.name!r} is a 1x1 Conv2D with strides {tuple(layer.strides)}: TensorFlow's "
+                "oneDNN Conv2DBackpropFilter (2.15, 2.21) corrupts memory for it on a batch of one, which Poisson "
+                "sampling and micro-batches produce; use lipdp.layers.LipschitzConv2D (which avoids that kernel), "
+                "equal strides, or a subsampling (e.g. a Lambda x[:, ::sh, ::sw]) then an unstrided 1x1 Conv2D"
             )
         if isinstance(layer, ClipGradient):
-            raise ModelNotSupportedError(
+            yield (
                 f"layer {layer.name!r} clips cotangents in its custom gradient, which is not linear in the "
                 "cotangent: the weighted second backward pass of clipped training would be wrong; remove it"
             )
         for variable in layer.trainable_variables:
             owner = owners.setdefault(variable.ref(), layer)
             if owner is not layer:
-                raise ModelNotSupportedError(
+                yield (
                     f"variable {variable.name} is shared by layers {owner.name!r} and {layer.name!r}; "
                     "per-example norms are computed per layer"
                 )
-    _check_calls_read_their_own_variables(model)
     missing = [v.name for v in model.trainable_variables if v.ref() not in owners]
     if missing:
-        raise ModelNotSupportedError(f"trainable variable(s) {missing} are not used by any layer of the graph")
+        yield f"trainable variable(s) {missing} are not used by any layer of the graph"
     if not model.trainable_variables:
-        raise ModelNotSupportedError("the model has no trainable variables")
+        yield "the model has no trainable variables"
 
 
 def _check_calls_read_their_own_variables(model):
@@ -363,7 +377,7 @@ def forward_with_norms(model, x, y, registry=None, outer_tape=None):
 def per_example_gradient_norms(model, x, y, registry=None):
     """Whole-model l2 norm of each example's loss gradient (fast rules, fallback where needed)."""
     count = tf.shape(x)[0]  # an empty batch runs one stand-in example (oneDNN convolutions break on none)
-    x, y = with_stand_in_for_empty_batch(x), with_stand_in_for_empty_batch(y)
+    x, y = tf_workarounds.with_stand_in_for_empty_batch(x), tf_workarounds.with_stand_in_for_empty_batch(y)
     return forward_with_norms(model, x, y, registry=registry).norms[:count]
 
 

@@ -40,7 +40,7 @@ import tensorflow as tf
 
 from lipdp import mechanisms
 from lipdp.clipping import fast_norms
-from lipdp.layers.base import with_stand_in_for_empty_batch
+from lipdp.tf_workarounds import with_stand_in_for_empty_batch
 
 #: The weights aim ``CLIP_MARGIN`` below the sensitivity: the norms come from
 #: float32 arithmetic (fast norms agree with exact per-example gradients to

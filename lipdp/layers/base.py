@@ -58,40 +58,6 @@ def refuse_half_precision(layer):
         )
 
 
-def with_stand_in_for_empty_batch(tensor):
-    """``tensor`` with one all-zero example appended when its batch is empty, unchanged otherwise.
-
-    Empty Poisson batches are valid steps (noise only), but TensorFlow 2.15's
-    oneDNN CPU convolution returns a ``(0, H, W, C)`` input unchanged instead
-    of ``(0, H', W', filters)``. Callers run the stand-in and drop what it
-    gives (:func:`without_stand_in`, or weight it 0). No control flow, so
-    per-example ``vectorized_map`` works. A concatenation, not a ``tf.pad``
-    (which would copy nothing): oneDNN fuses a pad into a following VALID
-    convolution, batch axis included, and the fused kernel has the same
-    empty-batch bug.
-    """
-    tensor = tf.convert_to_tensor(tensor)
-    missing = tf.maximum(1 - tf.shape(tensor)[0], 0)
-    zeros = tf.zeros(tf.concat([[missing], tf.shape(tensor)[1:]], axis=0), tensor.dtype)
-    return tf.concat([tensor, zeros], axis=0)
-
-
-def without_stand_in(tensor, count):
-    """The first ``count`` examples of ``tensor``: drops what a stand-in example gave.
-
-    ``tf.slice``, not ``tensor[:count]``: slicing everything passes the
-    tensor through, and the gradient of a slice is a zero padding, which does
-    too; the gradient of a strided slice copied the whole tensor (13 % of a
-    step of the ``configs/mnist_conv.yaml`` CNN at batch 1,024).
-    """
-    shape = tf.shape(tensor)
-    size = tf.concat([[count], -tf.ones_like(shape[1:])], axis=0)
-    result = tf.slice(tensor, tf.zeros_like(shape), size)
-    if tensor.shape.rank is not None:  # the static example shape, lost through the dynamic size
-        result.set_shape(tf.TensorShape([None]).concatenate(tensor.shape[1:]))
-    return result
-
-
 def as_bound(value):
     """Converts a python number or tensor into a float64 scalar bound."""
     return tf.cast(value, tf.float64)

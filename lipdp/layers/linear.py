@@ -20,9 +20,8 @@ from lipdp.layers.base import (
     l2_norm,
     refuse_half_precision,
     window_overlap,
-    with_stand_in_for_empty_batch,
-    without_stand_in,
 )
+from lipdp.tf_workarounds import subsampled_pointwise, with_stand_in_for_empty_batch, without_stand_in
 
 WEIGHT_CONSTRAINTS = ("orthogonal", "spectral", "frobenius")
 
@@ -330,24 +329,12 @@ class LipschitzConv2D(_LipschitzLinear, keras.layers.Conv2D):
         """The convolution; an empty batch gives an empty output of the right shape.
 
         An empty batch runs as one zero stand-in example, dropped after the
-        convolution (:func:`lipdp.layers.base.with_stand_in_for_empty_batch`,
-        a concatenation that copies the input; :func:`lipdp.layers.base.without_stand_in`,
+        convolution (:func:`lipdp.tf_workarounds.with_stand_in_for_empty_batch`,
+        a concatenation that copies the input; :func:`lipdp.tf_workarounds.without_stand_in`,
         a slice that passes the output and its gradient through without a copy).
         """
         batch = tf.shape(inputs)[0]
         inputs = with_stand_in_for_empty_batch(inputs)
         if tuple(self.kernel_size) == (1, 1) and tuple(self.strides) != (1, 1):
-            return without_stand_in(self._subsampled_pointwise(inputs, kernel), batch)
+            return without_stand_in(subsampled_pointwise(inputs, kernel, self.strides), batch)
         return without_stand_in(super().convolution_op(inputs, kernel), batch)
-
-    def _subsampled_pointwise(self, inputs, kernel):
-        """A strided 1x1 convolution as a subsampling then an unstrided 1x1 convolution (the same map).
-
-        TensorFlow 2.15's oneDNN ``Conv2DBackpropFilter`` corrupts the heap
-        for a 1x1 kernel with strides (1, 2) or (2, 1) on a batch of one (a
-        Poisson batch of one, a micro-batch of one); the unstrided form avoids
-        that kernel. With a 1x1 window neither padding adds anything: output
-        position ``(i, j)`` reads input ``(i sh, j sw)`` in both.
-        """
-        rows, cols = self.strides
-        return tf.nn.convolution(inputs[:, ::rows, ::cols, :], kernel, strides=1, padding="VALID")
