@@ -150,3 +150,14 @@ def test_api_reference_covers_every_module():
     }
     assert modules - documented == set(), "add these modules to a page of docs/reference/api/"
     assert documented - modules <= {"lipdp"}, "these documented modules no longer exist"
+
+
+def test_paths_named_in_the_docs_exist():
+    """A file the docs name (a config, a script, a result, a test) exists: a rename or a split shows here."""
+    named = set()
+    for document in DOCUMENTS + [os.path.join(ROOT, "experiments", "results", "README.md")]:
+        text = open(document).read()
+        named.update(re.findall(r"(?<![\w/.:-])((?:configs|experiments|lipdp|tests|docs)/[\w./-]*[\w/])", text))
+    assert any(p.startswith("tests/") for p in named) and any(p.startswith("experiments/results/") for p in named)
+    missing = sorted(p for p in named if not os.path.exists(os.path.join(ROOT, p)))
+    assert missing == [], "the docs name files that do not exist"
