@@ -175,8 +175,7 @@ def compute_epsilon(
     """Epsilon spent by a training run, at the given delta.
 
     Args:
-        sampling_rate, noise_multiplier, steps, sampling, steps_per_epoch,
-            releases: As in :func:`training_event`.
+        sampling_rate, noise_multiplier, steps, sampling, steps_per_epoch, releases: As in :func:`training_event`.
         delta: Target delta in (0, 1).
         accountant: ``"rdp"`` or ``"pld"``.
 
