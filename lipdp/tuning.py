@@ -56,7 +56,8 @@ Assumptions and limits:
   before the first trial (a mismatch aborts the search, releasing nothing).
   Searching over noise, epochs or batch size would need the worst trial's
   RDP curve, which dp-accounting's events do not express.
-* Poisson sampling only: the hash carve keeps add-or-remove-one adjacency on
+* Poisson sampling only, without ``sampling.seed`` (the trials must be
+  independent runs, each drawing its batches afresh): the hash carve keeps add-or-remove-one adjacency on
   each part, but turns a replacement into a removal from one part and an
   addition to the other, which the shuffle sampler's replace-one accounting
   does not cover.
@@ -334,6 +335,11 @@ def _check_searchable(cfg, out_dir):
         raise ConfigError(
             f"sampling.kind={cfg.sampling.kind!r}: a private search needs Poisson sampling (the hash carve keeps "
             "add-or-remove-one adjacency, which the shuffle sampler's replace-one accounting does not cover)"
+        )
+    if cfg.sampling.seed is not None:
+        raise ConfigError(
+            "sampling.seed: a private search needs each trial's batches drawn from fresh randomness (trials "
+            "sharing a seed are not the independent runs the bound assumes); set it to null"
         )
     if cfg.dataset.validation_fraction is not None:
         raise ConfigError(

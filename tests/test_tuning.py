@@ -210,6 +210,21 @@ def tune_args(tmp_path, *extra):
     return args + [a for s in TINY for a in ("--set", s)]
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("sampling.kind=shuffle", "needs Poisson sampling"),
+        ("sampling.seed=3", "fresh randomness"),
+        ("dataset.validation_fraction=0.1", "carves its own validation part"),
+    ],
+)
+def test_tune_refuses_settings_outside_the_bound(tmp_path, override, message):
+    cfg = config.load(DIGITS, [override])
+    with pytest.raises(ConfigError, match=message):
+        tuning.tune(cfg, tuning.SearchSpace({}), tuning.TrialCount(3), str(tmp_path / "tune"), verbose=0)
+    assert not os.path.exists(tmp_path / "tune")
+
+
 def test_tune_without_private_refuses(tmp_path, capsys):
     assert cli.main(tune_args(tmp_path, "--mean-trials", "3")) == 2
     assert "needs --private" in capsys.readouterr().err
