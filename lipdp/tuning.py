@@ -66,7 +66,8 @@ Assumptions and limits:
 * A random ``K`` is accounted with the RDP accountant whatever the config's
   accountant (only it implements the theorem). ``shape="fixed"`` runs exactly
   ``mean`` trials and composes them (``SelfComposedDpEvent``, the config's
-  accountant): one fixed trial costs exactly one trial.
+  accountant); a single fixed trial releases no score (there is nothing to
+  select) and costs exactly one run.
 * Nothing about the trials may be published: a published ``K``, seed or
   trial count turns the search into a fixed-``K`` search, which this bound
   does not cover.
@@ -142,6 +143,11 @@ class TrialCount:
         return self.shape == FIXED
 
     @property
+    def selects(self):
+        """Whether there is a selection to make (a single fixed trial needs no score: it costs one run)."""
+        return not (self.fixed and self.mean == 1)
+
+    @property
     def shape_parameter(self):
         """dp-accounting's ``shape``: inf for Poisson, else the truncated negative binomial's ``eta``."""
         return SHAPES.get(self.shape, self.shape)
@@ -213,7 +219,9 @@ def score_event(score_noise):
 
 
 def trial_event(run_event, score_noise):
-    """A trial: the training run's event (every release it makes), then its noisy score."""
+    """A trial: the training run's event (every release it makes), then its noisy score (none if ``None``)."""
+    if score_noise is None:
+        return run_event
     return dp_accounting.ComposedDpEvent([run_event, score_event(score_noise)])
 
 
@@ -399,7 +407,8 @@ def tune(cfg, space, count, out_dir, *, score_noise=5.0, validation_fraction=0.2
         count: A :class:`TrialCount`, the distribution of the number of trials.
         out_dir: The tune folder (refused if it holds a search).
         score_noise: Standard deviation of the Gaussian noise on each trial's
-            count of correct validation predictions (sensitivity 1).
+            count of correct validation predictions (sensitivity 1); unused
+            (no score released) when ``count`` is a single fixed trial.
         validation_fraction: Expected share of the training examples in the
             validation part.
         seed: Seeds the draws of ``K`` and of the configurations; ``None``
@@ -411,6 +420,7 @@ def tune(cfg, space, count, out_dir, *, score_noise=5.0, validation_fraction=0.2
     _check_searchable(cfg, out_dir)
     configure(cfg, space.first())  # a key or value error, before any data is read
     carve = validation_carve(data.load(cfg.dataset.name, data_dir=cfg.dataset.data_dir), validation_fraction)
+    score_noise = score_noise if count.selects else None
     policy, event = declared_trial_event(cfg, len(carve.x_train), score_noise)
     epsilon = search_epsilon(event, count, policy.delta, policy.accountant)
     if not math.isfinite(epsilon):
@@ -433,7 +443,7 @@ def tune(cfg, space, count, out_dir, *, score_noise=5.0, validation_fraction=0.2
             trial_dir = os.path.join(work_dir, f"trial{number}")
             trial_cfg, model, correct = _run_trial(cfg, values, carve_path, trial_dir)
             _check_trial_policy(trial_dir, trial_cfg, policy)
-            score = correct + float(noise.normal(0.0, score_noise))
+            score = None if score_noise is None else correct + float(noise.normal(0.0, score_noise))
             if best is None or score > best[0]:
                 best = (score, values, trial_dir, model)
         record = _record(cfg, space, count, policy, event, epsilon, score_noise, carve, best)
@@ -456,7 +466,9 @@ def _record(cfg, space, count, policy, event, epsilon, score_noise, carve, best)
         "validation_examples": validation_size,
         "trial_count": {"mean": float(count.mean), "shape": count.shape, "description": count.describe()},
         "trial_epsilon": float(accounting.make_accountant(policy.accountant).compose(event).get_epsilon(policy.delta)),
-        "score": {
+        "score": None
+        if score_noise is None
+        else {
             "released": "count of correct validation predictions + N(0, noise^2), divided by validation_examples",
             "noise": float(score_noise),
             "selected_noisy_accuracy": None if best is None else best[0] / validation_size,
@@ -465,8 +477,9 @@ def _record(cfg, space, count, policy, event, epsilon, score_noise, carve, best)
         "selected": None if best is None else best[1],
         "trial_event": accounting.ledger_to_json(event),
         "search_event": accounting.ledger_to_json(count.search_event(event)),
-        "not_released": "the number of trials, which trial was selected, the other trials' models and scores, "
-        "exact validation accuracies, training curves, the search's running time",
+        "not_released": ("" if count.fixed else "the number of trials, which trial was selected, ")
+        + "the other trials' models and scores, exact validation accuracies, training curves, the search's running "
+        "time",
     }
 
 
@@ -482,22 +495,27 @@ def _write_folder(cfg, out_dir, record, best):
 def statement(record):
     """The search's guarantee in words, from its ``tune.json`` record."""
     score = record["score"]
-    released = (
-        "No trial ran (K = 0), so no model is released"
-        if record["selected"] is None
-        else f"The released model (model.keras), its configuration (config.yaml: values {record['selected']}) and "
-        f"its noisy validation accuracy ({score['selected_noisy_accuracy']:.4f})"
-    )
+    parts = ["model (model.keras)", f"configuration (config.yaml: values {record['selected']})"]
+    scoring = "; there was nothing to select, so no score was released"
+    if score is not None and record["selected"] is not None:
+        parts.append(f"noisy validation accuracy ({score['selected_noisy_accuracy']:.4f})")
+    released = "The released " + ", its ".join(parts[:-1]) + " and its " + parts[-1]
+    if record["selected"] is None:
+        released = "No trial ran (K = 0), so no model is released"
+    if score is not None:
+        scoring = (
+            f" and released its count of correct predictions on the validation part ({record['validation_examples']} "
+            f"examples) plus Gaussian noise of standard deviation {score['noise']:g}; the trial with the highest "
+            "noisy score was released"
+        )
     return (
         f"{released}: ({record['epsilon']:.4g}, {record['delta']:.3g})-differentially private with respect to adding "
         f"or removing one of the {record['training_examples']} training examples of {record['dataset']}, for the "
         f"whole hyper-parameter search that chose them. The search ran {record['trial_count']['description']}; "
         "each trial drew a configuration from the space independently of the data, trained "
-        f"one DP run on the fit part ({record['fit_examples']} examples, carved by a hash of each example) and "
-        f"released its count of correct predictions on the validation part ({record['validation_examples']} "
-        f"examples) plus Gaussian noise of standard deviation {score['noise']:g}; one trial alone is "
-        f"({record['trial_epsilon']:.4g}, {record['delta']:.3g})-DP. The trial with the highest noisy score was "
-        f"released. Bound: {record['bound']} ({record['accountant'].upper()} accountant). Not released and not "
+        f"one DP run on the fit part ({record['fit_examples']} examples, carved by a hash of each example)"
+        f"{scoring}; one trial alone is ({record['trial_epsilon']:.4g}, {record['delta']:.3g})-DP. "
+        f"Bound: {record['bound']} ({record['accountant'].upper()} accountant). Not released and not "
         "covered: "
         f"{record['not_released']}. The privacy statement stored in model.keras is one trial's, not the search's."
     )

@@ -180,6 +180,16 @@ def test_carve_places_each_example_by_itself():
             assert np.array_equal(after, kept), (index, part)
 
 
+def test_a_trial_is_its_planned_run_then_its_noisy_score():
+    cfg = config.load(DIGITS, ["training.epochs=2", "model.feature_statistics={noise_multiplier: 20, clip_norm: 8}"])
+    policy, event = tuning.declared_trial_event(cfg, 1000, 5.0)
+    assert policy == training.planned_policy(cfg, 1000, (20.0,))
+    assert event == dp_accounting.ComposedDpEvent(
+        [policy.ledger(2 * policy.steps_per_epoch), dp_accounting.GaussianDpEvent(5.0)]
+    )
+    assert tuning.declared_trial_event(cfg, 1000, None)[1] == policy.ledger(2 * policy.steps_per_epoch)
+
+
 def test_a_trial_under_another_policy_aborts_the_search(tmp_path):
     cfg = config.load(DIGITS, ["training.epochs=2"])
     policy = training.planned_policy(cfg, 1000)
@@ -237,14 +247,12 @@ def test_tune_one_fixed_trial_end_to_end(tmp_path, capsys):
     out = tmp_path / "tune"
     assert sorted(os.listdir(out)) == ["config.yaml", "model.keras", "statement.txt", "tune.json"]
     record = json.loads((out / "tune.json").read_text())
-    assert record["epsilon"] == record["trial_epsilon"]  # one trial costs exactly one trial
     model = keras.models.load_model(str(out / "model.keras"))
-    run_event, score = record["trial_event"]["events"]
+    assert record["epsilon"] == record["trial_epsilon"] == model.epsilon()  # one fixed trial costs exactly one run
+    assert record["score"] is None  # nothing to select, nothing scored
+    run_event = record["trial_event"]
     assert run_event == accounting.ledger_to_json(model.privacy.ledger(model.steps_taken))  # every release of the run
     assert run_event["events"][0] == {"class_name": "GaussianDpEvent", "noise_multiplier": 20.0}
-    assert score == {"class_name": "GaussianDpEvent", "noise_multiplier": 5.0}
-    alone = accounting.make_accountant().compose(accounting.ledger_from_json(record["trial_event"]))
-    assert record["trial_epsilon"] == alone.get_epsilon(record["delta"])
     selected = config.load(str(out / "config.yaml"))
     assert selected.optimizer.learning_rate == record["selected"]["optimizer.learning_rate"]
     assert selected.dataset.name == "digits"
@@ -263,6 +271,7 @@ def test_tune_random_trials_through_the_api(tmp_path):
     trial = accounting.ledger_from_json(record["trial_event"])
     assert result.epsilon == tuning.search_epsilon(trial, count, record["delta"]) > record["trial_epsilon"]
     assert record["search_event"]["class_name"] == "RepeatAndSelectDpEvent"
+    assert record["trial_event"]["events"][1] == {"class_name": "GaussianDpEvent", "noise_multiplier": 5.0}
     assert "trials" not in record and record["selected"] is not None  # K is never written
     digits = data.load("digits")
     assert result.model.evaluate(digits.x_test, digits.y_test, verbose=0)[1] > 0.1
