@@ -414,8 +414,8 @@ def tune(cfg, space, count, out_dir, *, score_noise=5.0, validation_fraction=0.2
         seed: Seeds the draws of ``K`` and of the configurations; ``None``
             (OS entropy) unless it stays secret. The score noise and the
             training noise never use it.
-        verbose: 0 silent, 1 a line per step of the search (no score, no
-            count of trials).
+        verbose: 0 silent, 1 one line with the search's cost before it
+            starts (nothing per trial: that would reveal K).
     """
     _check_searchable(cfg, out_dir)
     configure(cfg, space.first())  # a key or value error, before any data is read

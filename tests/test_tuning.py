@@ -21,6 +21,7 @@ DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
 SIGMA, DELTA = 2.0, 1e-5
 GAUSSIAN = dp_accounting.GaussianDpEvent(SIGMA)
 ORDERS = (2.0, 4.0, 8.0, 16.0, 32.0)
+GIVEN_NOISE = ["privacy.target_epsilon=null", "privacy.noise_multiplier=3.0"]  # no calibration: seconds saved
 
 
 def gaussian_rdp(order):
@@ -181,7 +182,8 @@ def test_carve_places_each_example_by_itself():
 
 
 def test_a_trial_is_its_planned_run_then_its_noisy_score():
-    cfg = config.load(DIGITS, ["training.epochs=2", "model.feature_statistics={noise_multiplier: 20, clip_norm: 8}"])
+    statistics = "model.feature_statistics={noise_multiplier: 20, clip_norm: 8}"
+    cfg = config.load(DIGITS, ["training.epochs=2", statistics, *GIVEN_NOISE])
     policy, event = tuning.declared_trial_event(cfg, 1000, 5.0)
     assert policy == training.planned_policy(cfg, 1000, (20.0,))
     assert event == dp_accounting.ComposedDpEvent(
@@ -191,7 +193,7 @@ def test_a_trial_is_its_planned_run_then_its_noisy_score():
 
 
 def test_a_trial_under_another_policy_aborts_the_search(tmp_path):
-    cfg = config.load(DIGITS, ["training.epochs=2"])
+    cfg = config.load(DIGITS, ["training.epochs=2", *GIVEN_NOISE])
     policy = training.planned_policy(cfg, 1000)
     state = {**json.loads(json.dumps(policy.to_dict())), "steps": 2 * policy.steps_per_epoch}
     trial_dir = str(tmp_path)
@@ -210,6 +212,7 @@ TINY = [
     "model.layers=[{type: Flatten}, {type: LipschitzDense, units: 16}, {type: GroupSort},"
     " {type: LipschitzDense, units: 10}, {type: ClipGradient, clip_value: 0.001}]",
     "training.epochs=1",
+    *GIVEN_NOISE,
 ]
 
 
