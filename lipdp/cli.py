@@ -13,6 +13,9 @@
 ``lipdp audit RUN_DIR [--seed S] [--data-dir DIR]``
     runs the membership-inference audit and writes ``audit.json`` (see
     :mod:`lipdp.audit`).
+``lipdp tune CONFIG --space SPACE.yaml --private [--mean-trials K] [--shape S] [--score-noise SIGMA] [--out DIR]``
+    a private hyper-parameter search: a random number of DP trials, the best
+    one released with the search's (epsilon, delta) (see :mod:`lipdp.tuning`).
 """
 
 import argparse
@@ -95,6 +98,34 @@ def _audit(args):
     print(f"written to {runs.path(args.run_dir, runs.AUDIT)}")
 
 
+def _tune(args):
+    from lipdp import config, tuning
+    from lipdp.errors import NotPrivateError
+
+    if not args.private:
+        raise NotPrivateError(
+            "lipdp tune searches on the private training data and needs --private: it then runs a random number of "
+            "DP trials, scores each with noise and accounts the whole search (lipdp.tuning). A search without that "
+            "accounting is outside the guarantee; lipdp does not offer one (experiments/tune.py does, on a carve, "
+            "for development only)"
+        )
+    cfg = config.load(args.config, args.set or [])
+    if args.data_dir:
+        cfg.dataset.data_dir = args.data_dir  # a path, not a YAML value
+    out = args.out or os.path.join("runs", "tune-" + os.path.splitext(os.path.basename(args.config))[0])
+    result = tuning.tune(
+        cfg,
+        tuning.SearchSpace.load(args.space),
+        tuning.TrialCount(args.mean_trials, args.shape),
+        out,
+        score_noise=args.score_noise,
+        validation_fraction=args.validation_fraction,
+        seed=args.seed,
+    )
+    print(result.statement())
+    print(f"written to {out}/")
+
+
 def parser():
     main = argparse.ArgumentParser(prog="lipdp", description="Differentially private Lipschitz networks")
     commands = main.add_subparsers(dest="command", required=True)
@@ -140,6 +171,27 @@ def parser():
     audit.add_argument("--seed", type=int, default=0, help="seed of the member / non-member balancing")
     audit.add_argument("--data-dir", help="local folder with the dataset files (overrides the run's config)")
     audit.set_defaults(func=_audit)
+
+    tune = commands.add_parser("tune", help="private hyper-parameter search (a random number of DP trials)")
+    tune.add_argument("config")
+    tune.add_argument("--space", required=True, help="YAML: config keys and their values or ranges")
+    tune.add_argument("--private", action="store_true", help="required: account the search (lipdp.tuning)")
+    tune.add_argument("--mean-trials", type=float, default=10.0, help="mean number of trials K")
+    tune.add_argument(
+        "--shape",
+        default="geometric",
+        help="distribution of K: geometric, logarithmic, poisson, a truncated negative binomial shape >= 0, "
+        "or fixed (exactly --mean-trials trials, composed)",
+    )
+    tune.add_argument(
+        "--score-noise", type=float, default=5.0, help="noise std on each trial's count of correct validation answers"
+    )
+    tune.add_argument("--validation-fraction", type=float, default=0.2, help="share of training examples scored on")
+    tune.add_argument("--seed", type=int, help="seeds K and the configurations; must stay secret (default: OS entropy)")
+    tune.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    tune.add_argument("--out", help="tune folder (default runs/tune-<config name>)")
+    tune.add_argument("--data-dir", help="local folder with the dataset files")
+    tune.set_defaults(func=_tune)
     return main
 
 

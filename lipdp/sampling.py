@@ -238,6 +238,18 @@ class PoissonSampler(Sampler):
     def with_batch_size(cls, x, y, batch_size, seed=None):
         return cls(x, y, expected_batch_size=batch_size, seed=seed)
 
+    @classmethod
+    def schedule(cls, dataset_size, batch_size):
+        """What :meth:`lipdp.policy.PrivacyPolicy.plan` needs of a sampler with this expected batch size."""
+        rate = batch_size / dataset_size
+        return dict(
+            sampling=cls.kind,
+            dataset_size=dataset_size,
+            sampling_rate=rate,
+            expected_batch_size=rate * dataset_size,
+            steps_per_epoch=cls.epoch_length(dataset_size, rate * dataset_size),
+        )
+
     def __init__(self, x, y, *, sampling_rate=None, expected_batch_size=None, seed=None):
         self.x, self.y = check_data(x, y)
         self.dataset_size = len(self.x)
@@ -329,6 +341,17 @@ class ShuffleSampler(Sampler):
     @classmethod
     def with_batch_size(cls, x, y, batch_size, seed=None):
         return cls(x, y, batch_size=batch_size, seed=seed)
+
+    @classmethod
+    def schedule(cls, dataset_size, batch_size):
+        """What :meth:`lipdp.policy.PrivacyPolicy.plan` needs of a sampler with this batch size."""
+        return dict(
+            sampling=cls.kind,
+            dataset_size=dataset_size,
+            sampling_rate=batch_size / dataset_size,
+            expected_batch_size=batch_size,
+            steps_per_epoch=cls.epoch_length(dataset_size, batch_size),
+        )
 
     def __init__(self, x, y, *, batch_size, seed=None):
         self.x, self.y = check_data(x, y)

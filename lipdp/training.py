@@ -155,7 +155,7 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
         x_train, x_test = (cached_features(standardization, x) for x in (dataset.x_train, dataset.x_test))
         dataset = dataclasses.replace(dataset, x_train=x_train, x_test=x_test)
         frontends.append(standardization)
-        releases = (float(cfg.model.feature_statistics["noise_multiplier"]),)
+        releases = configured_releases(cfg)
 
     seed = cfg.sampling.seed
     if seed is not None:
@@ -207,14 +207,19 @@ def _check_resume_releases(cfg, run_dir):
     if not os.path.exists(runs.path(run_dir, runs.POLICY)):
         return
     recorded = runs.read_json(run_dir, runs.POLICY)["policy"]["release_noise_multipliers"]
-    spec = cfg.model.feature_statistics
-    wanted = [] if spec is None else [float(spec["noise_multiplier"])]
+    wanted = list(configured_releases(cfg))
     if recorded != wanted:
         raise config_lib.ConfigError(
             f"{run_dir} holds an interrupted run whose steps were taken after the releases {recorded}, but the "
             f"config asks for {wanted} (model.feature_statistics); resume with the config of the first start, or "
             "start afresh in a new run folder (--out)"
         )
+
+
+def configured_releases(cfg):
+    """The noise multipliers of what a run of ``cfg`` releases before training (``model.feature_statistics``)."""
+    spec = cfg.model.feature_statistics
+    return () if spec is None else (float(spec["noise_multiplier"]),)
 
 
 def _check_resume_record(model, raw, run_dir):
@@ -274,15 +279,17 @@ def _released_standardization(cfg, x_train, run_dir):
 
 def _check_budget_before_release(cfg, dataset_size, release):
     """Calibrates the run's policy with the release included: an impossible budget fails before any draw."""
-    kind, batch_size = cfg.sampling.kind, cfg.sampling.batch_size
-    PrivacyPolicy.plan(
-        sampling=kind,
-        dataset_size=dataset_size,
-        sampling_rate=batch_size / dataset_size,
-        expected_batch_size=batch_size,
-        steps_per_epoch=sampling.steps_per_epoch(kind, dataset_size, batch_size),
-        **_policy_arguments(cfg, (release,)),
-    )
+    planned_policy(cfg, dataset_size, (release,))
+
+
+def planned_policy(cfg, dataset_size, releases=()):
+    """The :class:`PrivacyPolicy` a run of ``cfg`` on ``dataset_size`` training examples takes its steps under.
+
+    Computed from the config and the size alone (no data): what a run will
+    spend is known before it starts.
+    """
+    schedule = sampling.sampler_class(cfg.sampling.kind).schedule(dataset_size, cfg.sampling.batch_size)
+    return PrivacyPolicy.plan(**schedule, **_policy_arguments(cfg, releases))
 
 
 def _policy_arguments(cfg, releases):

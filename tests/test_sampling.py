@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from lipdp import sampling
+from lipdp.policy import PrivacyPolicy
 from lipdp.sampling import SAMPLERS as SAMPLINGS
 from lipdp.sampling import PoissonSampler, ShuffleSampler, make_sampler
 
@@ -146,3 +147,21 @@ def test_make_sampler():
     assert {poisson.kind, shuffle.kind} == set(SAMPLINGS)
     with pytest.raises(ValueError, match="poisson, shuffle"):
         make_sampler("uniform", x, y, batch_size=20)
+
+
+@pytest.mark.parametrize("kind", ["poisson", "shuffle"])
+@pytest.mark.parametrize("n, batch", [(60000, 256), (1437, 100), (10, 3), (7, 7)])
+def test_schedule_from_numbers_is_the_samplers_own(kind, n, batch):
+    """PrivacyPolicy.plan on a schedule's numbers gives the policy a sampler of that size gives (no data needed)."""
+    x = np.zeros((n, 1), np.float32)
+    sampler = make_sampler(kind, x, x, batch_size=batch)
+    schedule = sampling.sampler_class(kind).schedule(n, batch)
+    assert schedule == dict(
+        sampling=sampler.kind,
+        dataset_size=sampler.dataset_size,
+        sampling_rate=sampler.sampling_rate,
+        expected_batch_size=sampler.expected_batch_size,
+        steps_per_epoch=sampler.steps_per_epoch,
+    )
+    arguments = dict(noise_multiplier=2.0, delta=0.01 / n)
+    assert PrivacyPolicy.plan(**schedule, **arguments) == PrivacyPolicy.from_sampler(sampler, **arguments)
