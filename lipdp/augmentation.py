@@ -66,8 +66,12 @@ class AugmentationMultiplicity:
         return tf.reduce_mean(tf.reshape(values, shape), axis=1)
 
     def get_config(self):
+        """The settings only: a layer's ``build_config`` (present once it ran) would change the privacy record."""
         layers = [keras.layers.serialize(layer) for layer in self.layers]
-        return {"multiplicity": self.multiplicity, "layers": layers}
+        return {
+            "multiplicity": self.multiplicity,
+            "layers": [{k: v for k, v in layer.items() if k != "build_config"} for layer in layers],
+        }
 
     @classmethod
     def from_config(cls, config):

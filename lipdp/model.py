@@ -395,6 +395,13 @@ class DPModelMixin:
         self._check_accountable()
         check_releases_accounted(self, self.privacy)
         steps = self.steps_taken
+        stated = privacy_record(self.privacy, self.mechanism)
+        if steps and self._recorded(stated) is None:
+            raise NotPrivateError(
+                f"these weights took {steps} private steps under another privacy policy or mechanism than the "
+                f"model states now ({stated}); a statement of them would be wrong: set back the policy and "
+                "mechanism that took them"
+            )
         return {
             "epsilon": self.privacy.epsilon(steps),
             "steps": steps,

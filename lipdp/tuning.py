@@ -92,6 +92,8 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from lipdp import accounting, data, runs, training
 from lipdp import config as config_lib
 from lipdp.errors import ConfigError, NotPrivateError, PrivacyParameterError, RunExistsError
+from lipdp.ledger import ledger_to_json
+from lipdp.policy import PrivacyPolicy
 
 #: Named distributions of the number of trials and their dp-accounting shapes (a number >= 0 is a truncated
 #: negative binomial of that shape; "fixed" runs exactly ``mean`` trials).
@@ -365,7 +367,7 @@ def declared_trial_event(cfg, fit_size, score_noise):
 def _check_trial_policy(trial_dir, trial_cfg, policy):
     """A trial ran under the declared policy and took at most the planned steps."""
     state = runs.read_json(trial_dir, runs.PRIVACY)
-    recorded = {field.name: state[field.name] for field in dataclasses.fields(accounting.PrivacyPolicy)}
+    recorded = {field.name: state[field.name] for field in dataclasses.fields(PrivacyPolicy)}
     if recorded != json.loads(json.dumps(policy.to_dict())) or state["steps"] > trial_cfg.training.epochs * (
         policy.steps_per_epoch
     ):
@@ -475,8 +477,8 @@ def _record(cfg, space, count, policy, event, epsilon, score_noise, carve, best)
         },
         "space": space.dimensions,
         "selected": None if best is None else best[1],
-        "trial_event": accounting.ledger_to_json(event),
-        "search_event": accounting.ledger_to_json(count.search_event(event)),
+        "trial_event": ledger_to_json(event),
+        "search_event": ledger_to_json(count.search_event(event)),
         "not_released": ("" if count.fixed else "the number of trials, which trial was selected, ")
         + "the other trials' models and scores, exact validation accuracies, training curves, the search's running "
         "time",

@@ -2,13 +2,16 @@
 
 import math
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
 import lipdp
+from lipdp import layers as L
 from lipdp import mechanisms
+from lipdp.augmentation import AugmentationMultiplicity
 from lipdp.clipping import AutomaticClipping, FlatClipping, GlobalClipping, rule_names
-from lipdp.errors import ModelNotSupportedError
+from lipdp.errors import ModelNotSupportedError, NotPrivateError
 from lipdp.sensitivity import CertifiedBounds
 
 
@@ -64,3 +67,40 @@ def test_noise_allocation():
     assert [float(s) for s in whole.noise_stddevs(2.0, "per-layer", 3)] == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="noise_allocation"):
         whole.noise_stddevs(1.0, "per-variable", 1)
+
+
+def _trained(mechanism, tmp_path=None):
+    x = np.random.default_rng(0).normal(size=(60, 4)).astype("float32")
+    y = np.eye(2, dtype="float32")[np.arange(60) % 2]
+    model = lipdp.DPSequential(
+        [tf.keras.Input((4,)), L.InputNormClip(1.0), L.LipschitzDense(2)], mechanism=mechanism, noise_seed=0
+    )
+    model.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy(4.0))
+    sampler = lipdp.PoissonSampler(x, y, expected_batch_size=20, seed=0)
+    model.make_private(sampler, noise_multiplier=1.0, delta=1e-3)
+    model.fit(sampler, epochs=1, verbose=0)
+    return model, sampler
+
+
+def test_a_statement_is_refused_for_steps_another_mechanism_took():
+    """Swapping the mechanism after fit (or reviving weights under another one) must not restate their steps."""
+    model, _ = _trained({"name": "flat", "clip_norm": 0.5})
+    assert "flat per-example clipping" in model.privacy_statement()
+    model.mechanism = mechanisms.get("certified")
+    with pytest.raises(NotPrivateError, match="another privacy policy or mechanism than the model states"):
+        model.privacy_statement()
+    model.mechanism = mechanisms.get({"name": "flat", "clip_norm": 0.5})
+    assert model.privacy_state()["steps"] == model.steps_taken
+
+
+def test_an_augmented_model_states_and_resumes_after_save_and_load(tmp_path):
+    """The augmentation layers' build_config (present once they ran) stays out of the privacy record."""
+    mechanism = CertifiedBounds(augmentation=AugmentationMultiplicity(2, [tf.keras.layers.GaussianNoise(0.1)]))
+    model, sampler = _trained(mechanism)
+    state = model.privacy_state()
+    model.save(tmp_path / "model.keras")
+    loaded = tf.keras.models.load_model(tmp_path / "model.keras")
+    assert loaded.privacy_state()["epsilon"] == pytest.approx(state["epsilon"])
+    loaded.make_private(sampler, noise_multiplier=1.0, delta=1e-3)
+    loaded.fit(sampler, epochs=1, verbose=0)
+    assert loaded.steps_taken == 2 * sampler.steps_per_epoch

@@ -15,6 +15,7 @@ from scipy import optimize
 from lipdp import accounting, cli, config, data, training, tuning
 from lipdp.backend import keras
 from lipdp.errors import ConfigError, NotPrivateError, PrivacyParameterError
+from lipdp.ledger import ledger_from_json, ledger_to_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
@@ -254,7 +255,7 @@ def test_tune_one_fixed_trial_end_to_end(tmp_path, capsys):
     assert record["epsilon"] == record["trial_epsilon"] == model.epsilon()  # one fixed trial costs exactly one run
     assert record["score"] is None  # nothing to select, nothing scored
     run_event = record["trial_event"]
-    assert run_event == accounting.ledger_to_json(model.privacy.ledger(model.steps_taken))  # every release of the run
+    assert run_event == ledger_to_json(model.privacy.ledger(model.steps_taken))  # every release of the run
     assert run_event["events"][0] == {"class_name": "GaussianDpEvent", "noise_multiplier": 20.0}
     selected = config.load(str(out / "config.yaml"))
     assert selected.optimizer.learning_rate == record["selected"]["optimizer.learning_rate"]
@@ -271,7 +272,7 @@ def test_tune_random_trials_through_the_api(tmp_path):
     result = tuning.tune(cfg, space, count, str(tmp_path / "tune"), verbose=0)
     record = json.loads((tmp_path / "tune" / "tune.json").read_text())
     assert record == json.loads(json.dumps(result.record))
-    trial = accounting.ledger_from_json(record["trial_event"])
+    trial = ledger_from_json(record["trial_event"])
     assert result.epsilon == tuning.search_epsilon(trial, count, record["delta"]) > record["trial_epsilon"]
     assert record["search_event"]["class_name"] == "RepeatAndSelectDpEvent"
     assert record["trial_event"]["events"][1] == {"class_name": "GaussianDpEvent", "noise_multiplier": 5.0}
