@@ -148,6 +148,15 @@ def test_cli_writes_the_audit_of_a_config(tmp_path, capsys):
         cli.main(cli_args("audit-canaries", out) + ["--canaries", "200", "--kind", "nope"])
 
 
+def test_input_canaries_run_end_to_end_and_gradient_canaries_refuse_what_they_cannot_audit(tmp_path):
+    assert cli.main(cli_args("audit-canaries", tmp_path / "in") + ["--canaries", "100", "--kind", "input"]) == 0
+    result = json.loads((tmp_path / "in" / "canary_audit.json").read_text())
+    assert result["kind"] == "input" and result["canaries"] == 100 and result["guesses"] == 20
+    assert result["epsilon_lower_bound"] < result["epsilon_claimed"]
+    assert cli.main(cli_args("audit-canaries", tmp_path / "sh", "sampling.kind=shuffle") + ["--canaries", "10"]) == 2
+    assert cli.main(cli_args("audit-canaries", tmp_path / "big") + ["--canaries", "100000"]) == 2  # > parameters
+
+
 def test_report_section_states_the_bound_and_flags_an_exceeded_claim():
     result = {"canaries": 1000, "kind": "gradient", "correct": 190, "guesses": 200, "epsilon_lower_bound": 3.2}
     result.update(confidence=0.95, delta=1e-5, epsilon_claimed=1.0, epsilon_ceiling=4.17, exceeds_claim=True)
