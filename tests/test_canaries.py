@@ -65,6 +65,27 @@ def test_guesses_take_the_top_and_bottom_scores():
         canaries.guess(scores, included, 8)
 
 
+# -- gradient canaries: insertion and scores ------------------------------------------------
+def test_drawn_included_canaries_add_their_norm_on_their_coordinate_and_score_one():
+    import tensorflow as tf
+
+    from lipdp.mechanisms import Sensitivity
+
+    variables = [tf.zeros((3, 2)), tf.zeros((4,))]
+    included = np.array([True, False, True, True, False])
+    gradient = canaries.GradientCanaries(variables, included, np.array([0, 7, 5, 9, 2]), seed=0)
+    sensitivity = Sensitivity.of_variables([tf.constant(3.0, tf.float64), tf.constant(4.0, tf.float64)])
+    assert [float(n) for n in gradient.norms(sensitivity, "global")] == [5.0, 5.0]
+    norms = gradient.norms(sensitivity, "per-layer")  # each variable's own bound
+    assert [float(n) for n in norms] == [3.0, 4.0]
+    sums = gradient.insert(variables, norms, rate=1.0)  # every included canary drawn
+    flat = np.concatenate([np.ravel(s) for s in sums])
+    assert flat.tolist() == [3, 0, 0, 0, 0, 3, 0, 0, 0, 4]  # canaries 0, 2 (first variable) and 3 (second)
+    gradient.record(sums, norms)
+    assert gradient.scores.numpy().tolist() == included.astype(float).tolist()
+    assert np.all(np.ravel(gradient.insert(variables, norms, rate=0.0)[0]) == 0)  # none drawn
+
+
 # -- gradient canaries on a small model ------------------------------------------------------
 DIGITS = lipdp_data.load_digits()
 
