@@ -16,6 +16,10 @@
 ``lipdp tune CONFIG --space SPACE.yaml --private [--mean-trials K] [--shape S] [--score-noise SIGMA] [--out DIR]``
     a private hyper-parameter search: a random number of DP trials, the best
     one released with the search's (epsilon, delta) (see :mod:`lipdp.tuning`).
+``lipdp audit-canaries CONFIG --canaries M [--kind gradient|input] [--guesses R] [--seed S] [--set key=value ...]
+[--out DIR] [--data-dir DIR]``
+    trains the config's model with canaries and writes the one-run epsilon
+    lower bound to ``canary_audit.json`` (see :mod:`lipdp.canaries`).
 """
 
 import argparse
@@ -126,6 +130,20 @@ def _tune(args):
     print(f"written to {out}/")
 
 
+def _audit_canaries(args):
+    from lipdp import canaries, config
+
+    cfg = config.load(args.config, args.set or [])
+    if args.data_dir:
+        cfg.dataset.data_dir = args.data_dir
+    out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    result = canaries.audit_config(
+        cfg, out, args.canaries, kind=args.kind, guesses=args.guesses, seed=args.seed, verbose=args.verbose
+    )
+    print(canaries.summary(result))
+    print(f"written to {os.path.join(out, canaries.RESULT)}")
+
+
 def parser():
     main = argparse.ArgumentParser(prog="lipdp", description="Differentially private Lipschitz networks")
     commands = main.add_subparsers(dest="command", required=True)
@@ -192,6 +210,19 @@ def parser():
     tune.add_argument("--out", help="tune folder (default runs/tune-<config name>)")
     tune.add_argument("--data-dir", help="local folder with the dataset files")
     tune.set_defaults(func=_tune)
+    canary = commands.add_parser(
+        "audit-canaries", help="one-run epsilon lower bound from canaries (writes canary_audit.json)"
+    )
+    canary.add_argument("config")
+    canary.add_argument("--canaries", type=int, required=True, help="number of canaries m, each included w.p. 1/2")
+    canary.add_argument("--kind", default="gradient", choices=("gradient", "input"))
+    canary.add_argument("--guesses", type=int, help="guesses r, fixed in advance (default: m/5, half each way)")
+    canary.add_argument("--seed", type=int, help="seed of the canaries (coins, coordinates, draws)")
+    canary.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    canary.add_argument("--out", help="folder for canary_audit.json (default runs/<config name>)")
+    canary.add_argument("--data-dir", help="local folder with the dataset files")
+    canary.add_argument("--verbose", type=int, default=0, help="Keras verbosity of the canary run")
+    canary.set_defaults(func=_audit_canaries)
     return main
 
 

@@ -18,7 +18,10 @@ files beside it). Sections:
 * calibration: expected calibration error (:func:`lipdp.calibration.expected_calibration_error`)
   and a reliability diagram on the test set;
 * the membership-inference audit (:mod:`lipdp.audit`), read from
-  ``audit.json`` or computed.
+  ``audit.json`` or computed;
+* the one-run canary audit (:mod:`lipdp.canaries`), when
+  ``canary_audit.json`` is present (``lipdp audit-canaries``); left out of
+  public reports (a run on the private data, not covered).
 
 Everything computed here from data uses the test split (held out, not
 private), except two sections that are **not covered by the guarantee** and
@@ -342,6 +345,26 @@ def audit_section(result):
     return blocks
 
 
+def canary_section(result):
+    """The one-run canary audit (:mod:`lipdp.canaries`), from ``canary_audit.json``."""
+    blocks = [
+        heading("Empirical privacy audit (one-run canaries)"),
+        not_covered(),
+        paragraph(
+            f"A separate training run of this config with {result['canaries']} {result['kind']} canaries, each "
+            f"included with probability 1/2 (Steinke, Nasr & Jagielski 2023): {result['correct']} of "
+            f"{result['guesses']} membership guesses were right, which proves epsilon >= "
+            f"{result['epsilon_lower_bound']:.4g} at {result['confidence']:.0%} confidence (delta = "
+            f"{result['delta']:.3g}), against the claimed {result['epsilon_claimed']:.4g} (all guesses right would "
+            f"have shown {result['epsilon_ceiling']:.4g}). A lower bound below the claim proves no privacy; one above "
+            "it shows a bug."
+        ),
+    ]
+    if result["exceeds_claim"]:
+        blocks.insert(2, warning("The canary lower bound exceeds the claimed epsilon: the claim is wrong."))
+    return blocks
+
+
 def _audit_result(run, audit):
     from lipdp import audit as audit_lib
 
@@ -357,6 +380,8 @@ def report_blocks(run, audit=True, tightness_samples=128, public=False):
     result = None if public else _audit_result(run, audit)
     if result is not None:
         blocks += audit_section(result)
+    if not public and os.path.exists(runs.path(run.path, runs.CANARY_AUDIT)):
+        blocks += canary_section(runs.read_json(run.path, runs.CANARY_AUDIT))
     if public:
         for block in blocks:
             if block.kind == "figure":

@@ -14,7 +14,9 @@ A completed run folder holds (names below, never spelled elsewhere):
 * ``policy.json`` (:data:`POLICY`): the privacy policy, mechanism and
   training-data fingerprint the steps were taken under (written before the
   first step; a resumed run must match it);
-* ``audit.json`` (:data:`AUDIT`): the membership-inference audit, if run.
+* ``audit.json`` (:data:`AUDIT`): the membership-inference audit, if run;
+* ``canary_audit.json`` (:data:`CANARY_AUDIT`): the one-run canary audit of
+  the run's config (:mod:`lipdp.canaries`), if run.
 
 While training: ``backup/`` (:data:`BACKUP`, Keras' BackupAndRestore, removed
 once complete) and ``attempts`` (:data:`ATTEMPTS`, the number of starts, so a
@@ -37,7 +39,7 @@ from lipdp.backend import keras
 from lipdp.errors import IncompleteRunError, RunExistsError
 
 CONFIG, HISTORY, MODEL, SENSITIVITY = "config.yaml", "history.csv", "model.keras", "sensitivity.txt"
-PRIVACY, METRICS, AUDIT = "privacy.json", "metrics.json", "audit.json"
+PRIVACY, METRICS, AUDIT, CANARY_AUDIT = "privacy.json", "metrics.json", "audit.json", "canary_audit.json"
 BACKUP, ATTEMPTS, STATISTICS, POLICY = "backup", "attempts", "feature_statistics.json", "policy.json"
 
 

@@ -172,7 +172,7 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     )
     with distribute.scope(strategy):
         model = build_model(cfg, dataset.input_shape, training_steps=cfg.training.epochs * sampler.steps_per_epoch)
-    model.make_private(sampler, **_policy_arguments(cfg, releases))
+    model.make_private(sampler, **policy_arguments(cfg, releases))
     _check_resume_record(model, raw, work_dir)
     extra = [
         callbacks.PrivacyLedger(),
@@ -289,10 +289,10 @@ def planned_policy(cfg, dataset_size, releases=()):
     spend is known before it starts.
     """
     schedule = sampling.sampler_class(cfg.sampling.kind).schedule(dataset_size, cfg.sampling.batch_size)
-    return PrivacyPolicy.plan(**schedule, **_policy_arguments(cfg, releases))
+    return PrivacyPolicy.plan(**schedule, **policy_arguments(cfg, releases))
 
 
-def _policy_arguments(cfg, releases):
+def policy_arguments(cfg, releases):
     """``PrivacyPolicy.from_sampler``'s arguments from ``cfg.privacy``, with the statistics ``releases``."""
     privacy = cfg.privacy
     return dict(
