@@ -13,6 +13,9 @@
 ``lipdp audit RUN_DIR [--seed S] [--data-dir DIR]``
     runs the membership-inference audit and writes ``audit.json`` (see
     :mod:`lipdp.audit`).
+``lipdp certify RUN_DIR [--radii R ...] [--data-dir DIR]``
+    prints the model's certified l2 Lipschitz constant and its certified
+    accuracy on the test split at each radius (see :mod:`lipdp.robustness`).
 """
 
 import argparse
@@ -95,6 +98,15 @@ def _audit(args):
     print(f"written to {runs.path(args.run_dir, runs.AUDIT)}")
 
 
+def _certify(args):
+    from lipdp import config, robustness, runs
+
+    run = runs.load_run(args.run_dir, data_dir=args.data_dir)
+    radii = args.radii if args.radii is not None else config.certified_radii(run.config)
+    dataset = run.dataset()
+    print(robustness.certified_accuracy(run.model, dataset.x_test, dataset.y_test, radii).summary())
+
+
 def parser():
     main = argparse.ArgumentParser(prog="lipdp", description="Differentially private Lipschitz networks")
     commands = main.add_subparsers(dest="command", required=True)
@@ -140,6 +152,14 @@ def parser():
     audit.add_argument("--seed", type=int, default=0, help="seed of the member / non-member balancing")
     audit.add_argument("--data-dir", help="local folder with the dataset files (overrides the run's config)")
     audit.set_defaults(func=_audit)
+
+    certify = commands.add_parser("certify", help="certified l2 accuracy of a run's model on its test split")
+    certify.add_argument("run_dir")
+    certify.add_argument(
+        "--radii", type=float, nargs="+", help="l2 radii in model input units (default: evaluation.certified_radii)"
+    )
+    certify.add_argument("--data-dir", help="local folder with the dataset files (overrides the run's config)")
+    certify.set_defaults(func=_certify)
     return main
 
 

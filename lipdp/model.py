@@ -32,7 +32,7 @@ import json
 
 import tensorflow as tf
 
-from lipdp import accounting, backend, distribute, independence, mechanisms, sampling, sensitivity
+from lipdp import accounting, backend, distribute, independence, mechanisms, robustness, sampling, sensitivity
 from lipdp.accounting import NOISE_ALLOCATIONS, PrivacyPolicy  # noqa: F401  (their home before 0.2)
 from lipdp.backend import keras
 from lipdp.errors import ModelNotSupportedError, NotPrivateError
@@ -149,6 +149,16 @@ class DPModelMixin:
         return getattr(self.mechanism, "gamma", None)
 
     # -- set-up --------------------------------------------------------------
+    def make_train_function(self, force=False):
+        """Keras' train function, once the compiled :class:`lipdp.robustness.CertifiedAccuracy` metrics are bound."""
+        robustness.bind_metrics(self, backend.compiled_user_metrics(self))
+        return super().make_train_function(force)
+
+    def make_test_function(self, force=False):
+        """Keras' test function, once the compiled :class:`lipdp.robustness.CertifiedAccuracy` metrics are bound."""
+        robustness.bind_metrics(self, backend.compiled_user_metrics(self))
+        return super().make_test_function(force)
+
     def make_private(self, sampler, **policy_args):
         """Validates the compiled model and sets its :class:`PrivacyPolicy` for ``sampler``.
 
