@@ -149,7 +149,7 @@ def certify(model):
 
 def _labels(y):
     y = np.asarray(y)
-    return y.argmax(axis=-1) if y.ndim == 2 else y.astype(int).reshape(-1)
+    return y.argmax(axis=-1) if y.ndim == 2 and y.shape[-1] > 1 else y.astype(int).reshape(-1)
 
 
 def _margins(logits, labels):
@@ -262,7 +262,8 @@ class CertifiedAccuracy(keras.metrics.Mean):
                 f"{self.name}: no model bound; pass model= or use it in a lipdp DPSequential / DPModel"
             )
         bound = tf.cast(SQRT2 * _constant_tensor(model) * self.radius, y_pred.dtype)
-        labels = tf.argmax(y_true, axis=-1) if y_true.shape.rank == 2 else tf.reshape(y_true, [-1])
+        one_hot = y_true.shape.rank == 2 and y_true.shape[-1] != 1
+        labels = tf.argmax(y_true, axis=-1) if one_hot else tf.reshape(y_true, [-1])
         certified = tf.cast(_margins(y_pred, labels) > bound, self.dtype)
         return super().update_state(certified, sample_weight)
 

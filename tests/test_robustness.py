@@ -164,6 +164,12 @@ def test_certified_accuracy_counts_margins_above_sqrt2_l_r():
     radii = robustness.certified_radii(logits, labels, lipschitz=0.5)
     np.testing.assert_allclose(radii, [2 / (np.sqrt(2) * 0.5), 0.1 / (np.sqrt(2) * 0.5), 0, 0], rtol=1e-5)
     assert robustness.fraction_certified(radii, [0.0, 0.5, 2.0, 3.0]) == [0.5, 0.25, 0.25, 0.0]
+    model = orthogonal_model()  # the metric holds it weakly
+    for same_labels in (np.eye(3)[labels], labels[:, None]):  # one-hot rows, or sparse labels of shape (n, 1)
+        np.testing.assert_allclose(robustness.certified_radii(logits, same_labels, lipschitz=0.5), radii)
+        metric = robustness.CertifiedAccuracy(0.5, model=model)
+        metric.update_state(tf.constant(same_labels), tf.constant(logits))
+        assert float(metric.result()) == pytest.approx(0.25)
 
 
 def test_metric_matches_the_function_and_follows_the_weights():
@@ -232,6 +238,25 @@ def test_scattering_bound_is_above_its_measured_gain(max_order):
     measured = max(largest_ratio(model, x, steps=10), pair_ratio(model, x, scale=1.0))
     assert 0.1 < measured <= bound
     assert robustness.lipschitz_constant(model) == pytest.approx(bound, rel=1e-3)
+
+
+def test_scattering_padding_factor_is_the_gain_of_kymatios_padding():
+    from lipdp.layers.frontends import _padding_copies
+
+    scattering = L.Scattering2D(J=2, L=2)
+    scattering.build((None, 8, 8, 1))
+    pad = scattering._scattering.pad
+    top, bottom, left, right = pad.pad_size
+    copies = _padding_copies(top, bottom, 8) * _padding_copies(left, right, 8)
+    x = tf.random.normal((1, 8, 8))
+    for _ in range(30):  # power iteration on P^T P (diagonal: the copies of each pixel)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            padded = pad(x)
+        x = tape.gradient(padded, x, output_gradients=padded)
+        x = x / tf.norm(x)
+    assert copies == 9  # 4 reflected pixels on each side of an 8-pixel axis: the middle two appear 3 times
+    assert float(tf.norm(pad(x))) ** 2 == pytest.approx(copies, rel=1e-3)
 
 
 def test_channel_standardization_constant_is_the_largest_inverse_scale():

@@ -31,7 +31,10 @@ class FrontEnd(DPLayer):
 
     Bounds: output unknown (``None``: only :class:`InputNormClip` may follow
     it), no variables; the cotangent flowing back into the model input feeds
-    no variable, so it is reported as unbounded.
+    no variable, so it is reported as unbounded. ``lipschitz_constant`` is
+    ``inf`` unless the front-end states one (:class:`Scattering2D` without
+    normalisation, :class:`ChannelStandardization`); only the robustness
+    certificates of :mod:`lipdp.robustness` use it, never the privacy bounds.
     """
 
     def output_bound(self, input_bound):
