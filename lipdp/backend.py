@@ -151,6 +151,11 @@ def update_compiled_metrics(model, y, y_pred):
     model.compiled_metrics.update_state(y, y_pred)
 
 
+def compiled_user_metrics(model):
+    """The metrics given to ``compile``, as given (``None`` before ``compile``)."""
+    return getattr(getattr(model, "compiled_metrics", None), "_user_metrics", None)
+
+
 def steps_per_execution(model):
     """The ``steps_per_execution`` given to ``compile`` (1 when not compiled)."""
     variable = getattr(model, "_steps_per_execution", None)

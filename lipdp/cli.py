@@ -20,6 +20,9 @@
 [--out DIR] [--data-dir DIR]``
     trains the config's model with canaries and writes the one-run epsilon
     lower bound to ``canary_audit.json`` (see :mod:`lipdp.canaries`).
+``lipdp certify RUN_DIR [--radii R ...] [--data-dir DIR]``
+    prints the model's certified l2 Lipschitz constant and its certified
+    accuracy on the test split at each radius (see :mod:`lipdp.robustness`).
 """
 
 import argparse
@@ -103,7 +106,7 @@ def _audit(args):
 
 
 def _tune(args):
-    from lipdp import config, tuning
+    from lipdp import config, search_cost, tuning
     from lipdp.errors import NotPrivateError
 
     if not args.private:
@@ -120,7 +123,7 @@ def _tune(args):
     result = tuning.tune(
         cfg,
         tuning.SearchSpace.load(args.space),
-        tuning.TrialCount(args.mean_trials, args.shape),
+        search_cost.TrialCount(args.mean_trials, args.shape),
         out,
         score_noise=args.score_noise,
         validation_fraction=args.validation_fraction,
@@ -131,7 +134,7 @@ def _tune(args):
 
 
 def _audit_canaries(args):
-    from lipdp import canaries, config
+    from lipdp import canaries, config, one_run_test
 
     cfg = config.load(args.config, args.set or [])
     if args.data_dir:
@@ -140,8 +143,17 @@ def _audit_canaries(args):
     result = canaries.audit_config(
         cfg, out, args.canaries, kind=args.kind, guesses=args.guesses, seed=args.seed, verbose=args.verbose
     )
-    print(canaries.summary(result))
+    print(one_run_test.summary(result))
     print(f"written to {os.path.join(out, canaries.RESULT)}")
+
+
+def _certify(args):
+    from lipdp import config, robustness, runs
+
+    run = runs.load_run(args.run_dir, data_dir=args.data_dir)
+    radii = args.radii if args.radii is not None else config.certified_radii(run.config)
+    dataset = run.dataset()
+    print(robustness.certified_accuracy(run.model, dataset.x_test, dataset.y_test, radii).summary())
 
 
 def parser():
@@ -223,6 +235,13 @@ def parser():
     canary.add_argument("--data-dir", help="local folder with the dataset files")
     canary.add_argument("--verbose", type=int, default=0, help="Keras verbosity of the canary run")
     canary.set_defaults(func=_audit_canaries)
+    certify = commands.add_parser("certify", help="certified l2 accuracy of a run's model on its test split")
+    certify.add_argument("run_dir")
+    certify.add_argument(
+        "--radii", type=float, nargs="+", help="l2 radii in model input units (default: evaluation.certified_radii)"
+    )
+    certify.add_argument("--data-dir", help="local folder with the dataset files (overrides the run's config)")
+    certify.set_defaults(func=_certify)
     return main
 
 

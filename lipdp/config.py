@@ -1,7 +1,7 @@
 """Experiment configs: YAML files validated against a typed schema.
 
 A config has the sections ``dataset``, ``model``, ``loss``, ``privacy``,
-``sampling``, ``optimizer`` and ``training`` (see ``configs/digits.yaml``).
+``sampling``, ``optimizer``, ``training`` and ``evaluation`` (see ``configs/digits.yaml``).
 Unknown keys and wrong types are errors that name the key (with a
 suggestion for typos); nothing is silently ignored. ``--set a.b=value``
 overrides are parsed as YAML scalars and validated the same way.
@@ -87,6 +87,13 @@ class TrainingConfig:
 
 
 @dataclasses.dataclass
+class EvaluationConfig:
+    # l2 radii, in the units of the raw model input, at which metrics.json and the report give the certified
+    # accuracy (lipdp.robustness); null: 0, 1/32, 1/16, 1/8 and 1/4 of model.input_norm
+    certified_radii: Optional[List[float]] = None
+
+
+@dataclasses.dataclass
 class Config:
     dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -95,6 +102,7 @@ class Config:
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -219,6 +227,21 @@ def _check_positive(path, value):
         raise ConfigError(f"{path}: must be > 0, got {value!r}")
 
 
+def _check_radii(radii):
+    """``evaluation.certified_radii``: finite numbers >= 0."""
+    for index, radius in enumerate(radii or ()):
+        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 <= radius < math.inf:
+            raise ConfigError(f"evaluation.certified_radii.{index}: a finite number >= 0 is required, got {radius!r}")
+
+
+def certified_radii(config):
+    """The radii of ``evaluation.certified_radii``, or the defaults scaled to ``model.input_norm``."""
+    from lipdp import robustness
+
+    radii = config.evaluation.certified_radii
+    return [float(r) for r in radii] if radii is not None else robustness.default_radii(config.model.input_norm)
+
+
 def validate_values(config):
     """Checks choices, ranges and the either/or rules before any data is loaded."""
     from lipdp import accounting, distribute, losses, policy
@@ -242,6 +265,7 @@ def validate_values(config):
         ("privacy.epsilon_budget", config.privacy.epsilon_budget),
     ):
         _check_positive(path, value)
+    _check_radii(config.evaluation.certified_radii)
     if config.training.strategy == "multi_worker" and config.model.feature_statistics is not None:
         raise ConfigError(
             "model.feature_statistics: not supported with training.strategy=multi_worker (each worker would "

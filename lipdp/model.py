@@ -31,18 +31,19 @@ import contextlib
 
 import tensorflow as tf
 
-from lipdp import backend, distribute, independence, ledger, mechanisms, sampling, sensitivity
+from lipdp import backend, distribute, independence, ledger, mechanisms, robustness, sampling
 from lipdp.backend import keras
 from lipdp.errors import ModelNotSupportedError, NotPrivateError
-from lipdp.layers import StepRelease
 from lipdp.policy import PrivacyPolicy
 from lipdp.records import (
     check_releases_accounted,
     check_same_record,
+    check_step_releases,
     fingerprint,
     model_releases,
     privacy_record,
     statement,
+    step_release_layers,
 )
 
 
@@ -137,6 +138,16 @@ class DPModelMixin:
         object.__setattr__(self, "_noise", generator)
 
     # -- set-up --------------------------------------------------------------
+    def make_train_function(self, force=False):
+        """Keras' train function, once the compiled :class:`lipdp.robustness.CertifiedAccuracy` metrics are bound."""
+        robustness.bind_metrics(self, backend.compiled_user_metrics(self))
+        return super().make_train_function(force)
+
+    def make_test_function(self, force=False):
+        """Keras' test function, once the compiled :class:`lipdp.robustness.CertifiedAccuracy` metrics are bound."""
+        robustness.bind_metrics(self, backend.compiled_user_metrics(self))
+        return super().make_test_function(force)
+
     def make_private(self, sampler, **policy_args):
         """Validates the compiled model and sets its :class:`PrivacyPolicy` for ``sampler``.
 
@@ -149,7 +160,7 @@ class DPModelMixin:
         self._validate_for_privacy()
         releases = tuple(policy_args.pop("releases", ())) + model_releases(self)
         policy = PrivacyPolicy.from_sampler(sampler, releases=releases, **policy_args)
-        self._check_step_releases(policy)
+        check_step_releases(self, policy)
         if self.steps_taken > 0:
             wanted = privacy_record(policy, self.mechanism)
             check_same_record(self._recorded(wanted), wanted, self.steps_taken)
@@ -326,7 +337,7 @@ class DPModelMixin:
             ],
             summarize=-1,
         )
-        releasing = self._step_release_layers()
+        releasing = step_release_layers(self)
         with tf.control_dependencies([gate, resumed_under_another_policy]):  # nothing runs before the checks pass
             with contextlib.ExitStack() as stack:  # other calls' statistics (held-out monitors) stay out
                 for layer in releasing:
@@ -339,26 +350,6 @@ class DPModelMixin:
             self.privacy_steps.assign_add(1)
             self.privacy_fingerprint.assign(expected)
             return self._update_metrics(y, y_pred, per_sample_loss)
-
-    def _step_release_layers(self):
-        return [layer for layer in backend.nested_layers(self) if isinstance(layer, StepRelease)]
-
-    def _check_step_releases(self, policy):
-        releasing = self._step_release_layers()
-        calls = [node for node in sensitivity.graph_nodes(self) if isinstance(node.layer, StepRelease)]
-        names = ", ".join(sorted({type(layer).__name__ for layer in releasing}))
-        if len(releasing) > 1 or len(calls) > 1:
-            raise ModelNotSupportedError(
-                f"{len(releasing)} per-step release layer(s) ({names}) called {len(calls)} times: one call of one "
-                "such layer per model is supported (each call would count every example once more, beyond the "
-                "release's sensitivity of 1)"
-            )
-        if bool(releasing) != (policy.quantile_noise_share is not None):
-            raise ModelNotSupportedError(
-                f"a per-step release layer ({names or 'e.g. AdaptiveClipGradient'}) needs make_private(..., "
-                "quantile_noise_share=r) (the share of the privacy spent on its releases), and "
-                "quantile_noise_share needs such a layer"
-            )
 
     def private_gradient_sums(self, x, y):
         """``(y_pred, per_sample_loss, gradient_sums, sensitivity)`` from the model's mechanism.

@@ -5,14 +5,16 @@ count, so a checkpoint, backup or saved model cannot pair earlier steps with
 another policy or mechanism (:func:`check_same_record`); the CLI keeps the
 record itself in ``policy.json``. A data release carried by a layer (a
 released ``ChannelStandardization``) must be in the policy
-(:func:`check_releases_accounted`).
+(:func:`check_releases_accounted`), and per-step releases need their share of the
+noise (:func:`check_step_releases`).
 """
 
 import hashlib
 import json
 
-from lipdp import backend, sampling
-from lipdp.errors import NotPrivateError
+from lipdp import backend, sampling, sensitivity
+from lipdp.errors import ModelNotSupportedError, NotPrivateError
+from lipdp.layers import StepRelease
 
 
 def privacy_record(policy, mechanism):
@@ -104,3 +106,27 @@ def statement(state, description, policy):
         f"dp-accounting's {state['accountant'].upper()} accountant. Training losses and metrics shown during "
         "fit are computed on private data and are not covered; hyper-parameter selection is not covered."
     )
+
+
+def step_release_layers(model):
+    """The model's :class:`lipdp.layers.StepRelease` layers (e.g. ``AdaptiveClipGradient``), at any depth."""
+    return [layer for layer in backend.nested_layers(model) if isinstance(layer, StepRelease)]
+
+
+def check_step_releases(model, policy):
+    """Refuses per-step releases the policy does not account: one call of one such layer, with its noise share."""
+    releasing = step_release_layers(model)
+    calls = [node for node in sensitivity.graph_nodes(model) if isinstance(node.layer, StepRelease)]
+    names = ", ".join(sorted({type(layer).__name__ for layer in releasing}))
+    if len(releasing) > 1 or len(calls) > 1:
+        raise ModelNotSupportedError(
+            f"{len(releasing)} per-step release layer(s) ({names}) called {len(calls)} times: one call of one "
+            "such layer per model is supported (each call would count every example once more, beyond the "
+            "release's sensitivity of 1)"
+        )
+    if bool(releasing) != (policy.quantile_noise_share is not None):
+        raise ModelNotSupportedError(
+            f"a per-step release layer ({names or 'e.g. AdaptiveClipGradient'}) needs make_private(..., "
+            "quantile_noise_share=r) (the share of the privacy spent on its releases), and "
+            "quantile_noise_share needs such a layer"
+        )

@@ -17,6 +17,8 @@ files beside it). Sections:
   layer), which must not exceed 1;
 * calibration: expected calibration error (:func:`lipdp.calibration.expected_calibration_error`)
   and a reliability diagram on the test set;
+* certified robustness: certified accuracy against the l2 radius on the test
+  set, a table at ``evaluation.certified_radii`` (:mod:`lipdp.robustness`);
 * the membership-inference audit (:mod:`lipdp.audit`), read from
   ``audit.json`` or computed;
 * the one-run canary audit (:mod:`lipdp.canaries`), when
@@ -303,6 +305,37 @@ def calibration_section(run, bins=15):
     ]
 
 
+def robustness_section(run, points=60):
+    """Certified accuracy against the l2 radius on the test set (:mod:`lipdp.robustness`)."""
+    from lipdp import config, robustness
+
+    dataset = run.dataset()
+    accuracy, certificate, per_example = robustness.example_radii(run.model, dataset.x_test, dataset.y_test)
+    blocks = [heading("Certified robustness")]
+    if not certificate.certified:
+        return blocks + [paragraph(f"Not certified: {certificate.reason}. Test accuracy {accuracy:.4f}.")]
+    radii = config.certified_radii(run.config)
+    grid = np.linspace(0.0, max(float(per_example.max(initial=0.0)), max(radii)) * 1.05, points)
+    figure = new_figure()
+    axes = figure.add_subplot()
+    axes.plot(grid, robustness.fraction_certified(per_example, grid), "-")
+    axes.set_xlabel("l2 radius (model input units)")
+    axes.set_ylabel("certified accuracy")
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    rows = [(f"{r:g}", f"{a:.4f}") for r, a in zip(radii, robustness.fraction_certified(per_example, radii))]
+    return blocks + [
+        paragraph(
+            f"The model's certified l2 Lipschitz constant from its input to its logits is {certificate.lipschitz:.6g} "
+            f"(product of the layers' constants for the trained weights). A test example counts at radius r when it "
+            f"is classified correctly with a logit margin above sqrt(2) L r: no perturbation of l2 norm <= r can "
+            f"change its prediction. Test accuracy {accuracy:.4f} on {len(per_example)} examples (held out)."
+        ),
+        table(["radius", "certified accuracy"], rows),
+        figure_block("report-certified.png", figure, "Certified accuracy against the l2 radius on the test set."),
+    ]
+
+
 def audit_section(result):
     blocks = [
         heading("Empirical privacy audit (membership inference)"),
@@ -376,7 +409,7 @@ def _audit_result(run, audit):
 def report_blocks(run, audit=True, tightness_samples=128, public=False):
     """All sections of the report for a loaded :class:`lipdp.runs.Run` (``public``: only what the guarantee covers)."""
     blocks = privacy_section(run) + training_section(run, public) + sensitivity_section(run)
-    blocks += tightness_section(run, tightness_samples) + calibration_section(run)
+    blocks += tightness_section(run, tightness_samples) + calibration_section(run) + robustness_section(run)
     result = None if public else _audit_result(run, audit)
     if result is not None:
         blocks += audit_section(result)

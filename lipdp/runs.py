@@ -10,7 +10,8 @@ A completed run folder holds (names below, never spelled elsewhere):
 * ``sensitivity.txt`` (:data:`SENSITIVITY`): the per-layer bound report;
 * ``privacy.json`` (:data:`PRIVACY`): the privacy state and dp-accounting
   ledger -- written last, so its presence marks a completed run;
-* ``metrics.json`` (:data:`METRICS`): final test loss and accuracy;
+* ``metrics.json`` (:data:`METRICS`): final test loss and accuracy, and the certified
+  accuracy at ``evaluation.certified_radii`` (``certified``, :mod:`lipdp.robustness`);
 * ``policy.json`` (:data:`POLICY`): the privacy policy, mechanism and
   training-data fingerprint the steps were taken under (written before the
   first step; a resumed run must match it);

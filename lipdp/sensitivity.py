@@ -54,7 +54,7 @@ _REPLACEMENTS = {
 }
 
 
-def _replacement_hint(layer):
+def replacement_hint(layer):
     name = type(layer).__name__
     if type(layer).__module__.startswith("deel.lip"):
         return (
@@ -145,7 +145,7 @@ def model_problems(model):
         if not node.is_input and not isinstance(node.layer, DPLayer):
             yield (
                 f"layer {node.layer.name!r} ({type(node.layer).__name__}) has no privacy bound; use "
-                f"{_replacement_hint(node.layer)}"
+                f"{replacement_hint(node.layer)}"
             )
     if model.outputs and model.outputs[0].shape.rank != 2:
         yield (

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import yaml
 
-from lipdp import callbacks, data, distribute, losses, records, runs, sampling, sensitivity, statistics
+from lipdp import callbacks, data, distribute, losses, records, robustness, runs, sampling, sensitivity, statistics
 from lipdp import config as config_lib
 from lipdp.backend import keras
 from lipdp.layers import ChannelStandardization, FrontEnd, InputNormClip, cached_features
@@ -92,9 +92,25 @@ def build_model(cfg: config_lib.Config, input_shape, training_steps=None):
     if loss_cls is None or not isinstance(loss_cls, type) or not issubclass(loss_cls, losses.LipschitzLoss):
         raise config_lib.ConfigError(f"loss.type: {cfg.loss.type!r} is not a lipdp.losses loss")
     model.compile(
-        optimizer=build_optimizer(cfg, training_steps), loss=loss_cls(**cfg.loss.params), metrics=["accuracy"]
+        optimizer=build_optimizer(cfg, training_steps),
+        loss=loss_cls(**cfg.loss.params),
+        metrics=["accuracy", *_certified_accuracy_metrics(cfg, model)],
     )
     return model
+
+
+def _certified_accuracy_metrics(cfg, model):
+    """``CertifiedAccuracy`` at the configured radii, when the model takes raw inputs and can be certified.
+
+    A head trained on front-end features would certify radii in feature
+    units; those runs get the certified accuracy of the whole model (raw
+    inputs) in ``metrics.json`` only.
+    """
+    if cfg.model.frontend is not None or cfg.model.feature_statistics is not None:
+        return []
+    if not robustness.certify(model).certified:
+        return []
+    return [robustness.CertifiedAccuracy(radius) for radius in config_lib.certified_radii(cfg)]
 
 
 def build_optimizer(cfg, training_steps=None):
@@ -199,7 +215,7 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     if frontends:
         with distribute.scope(strategy):
             model = with_frontend(model, frontends, raw.input_shape)
-    return _write_artefacts(model, raw, work_dir)
+    return _write_artefacts(model, raw, work_dir, config_lib.certified_radii(cfg))
 
 
 def _check_resume_releases(cfg, run_dir):
@@ -319,14 +335,15 @@ def _features(dataset, frontend, cache_dir, verbose):
     return dataclasses.replace(dataset, x_train=train, x_test=test)
 
 
-def _write_artefacts(model, dataset, out_dir):
-    test_loss, test_accuracy = model.evaluate(dataset.x_test, dataset.y_test, verbose=0)
+def _write_artefacts(model, dataset, out_dir, certified_radii):
+    results = model.evaluate(dataset.x_test, dataset.y_test, verbose=0, return_dict=True)
     metrics = {
-        "test_loss": float(test_loss),
-        "test_accuracy": float(test_accuracy),
+        "test_loss": float(results["loss"]),
+        "test_accuracy": float(results["accuracy"]),
         "train_size": int(len(dataset.x_train)),
         "test_size": int(len(dataset.x_test)),
         "data": dataset.source,
+        "certified": robustness.certified_accuracy(model, dataset.x_test, dataset.y_test, certified_radii).to_dict(),
     }
     runs.write_json(out_dir, runs.METRICS, metrics)
     model.save(runs.path(out_dir, runs.MODEL))

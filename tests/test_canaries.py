@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import lipdp
-from lipdp import canaries, cli, reports
+from lipdp import canaries, cli, one_run_test, report_blocks, reports
 from lipdp import data as lipdp_data
 from lipdp import layers as L
 from lipdp.backend import keras
@@ -21,14 +21,14 @@ def logit(p):
 
 def test_all_correct_without_delta_is_the_binomial_closed_form():
     # v = r = 10, delta = 0: P[Binomial(10, p) >= 10] = p^10 <= 0.05 exactly at p = 0.05^(1/10)
-    assert canaries.epsilon_lower_bound(10, 10, 10, 0.0) == pytest.approx(logit(0.05**0.1), abs=1e-5)
+    assert one_run_test.epsilon_lower_bound(10, 10, 10, 0.0) == pytest.approx(logit(0.05**0.1), abs=1e-5)
     # v = 9 of r = 10: p^10 + 10 p^9 (1 - p) = 0.05, solved here by bisection of the polynomial
     low, high = 0.5, 1.0
     for _ in range(60):
         middle = (low + high) / 2
         low, high = (middle, high) if middle**10 + 10 * middle**9 * (1 - middle) < 0.05 else (low, middle)
     assert low == pytest.approx(0.605837, abs=1e-6)
-    assert canaries.epsilon_lower_bound(20, 10, 9, 0.0) == pytest.approx(logit(low), abs=1e-5)
+    assert one_run_test.epsilon_lower_bound(20, 10, 9, 0.0) == pytest.approx(logit(low), abs=1e-5)
 
 
 def test_p_value_with_delta_matches_the_theorem_by_hand():
@@ -37,32 +37,32 @@ def test_p_value_with_delta_matches_the_theorem_by_hand():
     epsilon, m, delta = 1.0, 4, 0.01
     p = 1 / (1 + math.exp(-epsilon))
     expected = p**2 + 2 * m * delta * max(2 * p * (1 - p), (1 - p**2) / 2)
-    assert canaries.p_value(m, 2, 2, epsilon, delta) == pytest.approx(expected)
-    assert canaries.p_value(m, 2, 2, epsilon, 0.0) == pytest.approx(p**2)
+    assert one_run_test.p_value(m, 2, 2, epsilon, delta) == pytest.approx(expected)
+    assert one_run_test.p_value(m, 2, 2, epsilon, 0.0) == pytest.approx(p**2)
 
 
 def test_lower_bound_sits_where_the_p_value_crosses_beta():
     m, r, v, delta = 1000, 200, 180, 1e-5
-    bound = canaries.epsilon_lower_bound(m, r, v, delta)
-    assert canaries.p_value(m, r, v, bound, delta) <= 0.05 < canaries.p_value(m, r, v, bound + 1e-3, delta)
-    assert canaries.epsilon_lower_bound(m, r, v, delta, confidence=0.99) < bound
-    assert canaries.epsilon_lower_bound(m, r, v, 1e-3) < bound  # a larger delta allows more correct guesses
+    bound = one_run_test.epsilon_lower_bound(m, r, v, delta)
+    assert one_run_test.p_value(m, r, v, bound, delta) <= 0.05 < one_run_test.p_value(m, r, v, bound + 1e-3, delta)
+    assert one_run_test.epsilon_lower_bound(m, r, v, delta, confidence=0.99) < bound
+    assert one_run_test.epsilon_lower_bound(m, r, v, 1e-3) < bound  # a larger delta allows more correct guesses
 
 
 def test_chance_level_guesses_prove_nothing():
-    assert canaries.epsilon_lower_bound(1000, 200, 100, 1e-5) == 0.0
-    assert canaries.epsilon_lower_bound(1000, 200, 0, 1e-5) == 0.0
+    assert one_run_test.epsilon_lower_bound(1000, 200, 100, 1e-5) == 0.0
+    assert one_run_test.epsilon_lower_bound(1000, 200, 0, 1e-5) == 0.0
     with pytest.raises(PrivacyParameterError):
-        canaries.epsilon_lower_bound(10, 20, 5, 1e-5)
+        one_run_test.epsilon_lower_bound(10, 20, 5, 1e-5)
 
 
 def test_guesses_take_the_top_and_bottom_scores():
     scores = np.array([5.0, -3.0, 0.1, 4.0, -2.0, 0.0])
     included = np.array([True, False, False, False, True, True])
     # top two (5, 4): canaries 0 (in, right) and 3 (out, wrong); bottom two (-3, -2): 1 (out, right), 4 (in, wrong)
-    assert canaries.guess(scores, included, 4) == (4, 2)
+    assert one_run_test.guess(scores, included, 4) == (4, 2)
     with pytest.raises(PrivacyParameterError):
-        canaries.guess(scores, included, 8)
+        one_run_test.guess(scores, included, 8)
 
 
 # -- gradient canaries: insertion and scores ------------------------------------------------
@@ -181,10 +181,10 @@ def test_input_canaries_run_end_to_end_and_gradient_canaries_refuse_what_they_ca
 def test_report_section_states_the_bound_and_flags_an_exceeded_claim():
     result = {"canaries": 1000, "kind": "gradient", "correct": 190, "guesses": 200, "epsilon_lower_bound": 3.2}
     result.update(confidence=0.95, delta=1e-5, epsilon_claimed=1.0, epsilon_ceiling=4.17, exceeds_claim=True)
-    text = reports.render_markdown(reports.canary_section(result), "t")
+    text = report_blocks.render_markdown(reports.canary_section(result), "t")
     assert "190 of 200 membership guesses" in text and "epsilon >= 3.2" in text and "the claim is wrong" in text
     result.update(epsilon_claimed=8.0, exceeds_claim=False)
-    assert "the claim is wrong" not in reports.render_markdown(reports.canary_section(result), "t")
+    assert "the claim is wrong" not in report_blocks.render_markdown(reports.canary_section(result), "t")
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ def test_report_files_exist_and_figures_are_valid_png(run_dir):
 
     markdown = read(os.path.join(run_dir, "report.md"))
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert len(figures) == 4  # epsilon, training curves, gradient/noise, reliability
+    assert len(figures) == 5  # epsilon, training curves, gradient/noise, reliability, certified accuracy
     for name in figures:
         data = read(os.path.join(run_dir, name), "rb")
         assert data.startswith(PNG_SIGNATURE), name
@@ -62,7 +62,7 @@ def test_html_is_self_contained(run_dir):
 
     page = read(os.path.join(run_dir, "report.html"))
     images = re.findall(r"src='([^']*)'", page)
-    assert len(images) == 4 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == 5 and all(src.startswith("data:image/png;base64,") for src in images)
     for src in images:
         png = base64.b64decode(src.split(",", 1)[1])
         assert png.startswith(PNG_SIGNATURE)
@@ -87,6 +87,7 @@ def test_report_sections_and_held_out_measurements(run_dir):
         "Sensitivity",
         "Bound tightness",
         "Calibration",
+        "Certified robustness",
         "Empirical privacy audit",
     ):
         assert f"## {title}" in markdown

@@ -12,7 +12,7 @@ import yaml
 from dp_accounting.rdp import rdp_privacy_accountant as rdp
 from scipy import optimize
 
-from lipdp import accounting, cli, config, data, training, tuning
+from lipdp import accounting, cli, config, data, search_cost, training, tuning
 from lipdp.backend import keras
 from lipdp.errors import ConfigError, NotPrivateError, PrivacyParameterError
 from lipdp.ledger import ledger_from_json, ledger_to_json
@@ -57,7 +57,7 @@ def test_truncated_negative_binomial_bound_is_theorem_2(shape, name, mean, order
     by_hand = (
         epsilon + (1 + shape) * ((1 - 1 / order) * epsilon + math.log(1 / gamma) / order) + math.log(mean) / (order - 1)
     )
-    search = tuning.TrialCount(mean, name).search_event(GAUSSIAN)
+    search = search_cost.TrialCount(mean, name).search_event(GAUSSIAN)
     expected = rdp.compute_epsilon([order], [by_hand], DELTA)[0]
     assert one_order_epsilon(search, order) == pytest.approx(expected, rel=1e-6)
 
@@ -69,7 +69,7 @@ def test_poisson_bound_is_theorem_6(mean, order):
     epsilon = gaussian_rdp(order)
     delta_hat, _ = rdp.compute_delta([order], [epsilon], math.log1p(1 / (order - 1)))
     by_hand = epsilon + mean * delta_hat + math.log(mean) / (order - 1)
-    search = tuning.TrialCount(mean, "poisson").search_event(GAUSSIAN)
+    search = search_cost.TrialCount(mean, "poisson").search_event(GAUSSIAN)
     assert one_order_epsilon(search, order) == pytest.approx(rdp.compute_epsilon([order], [by_hand], DELTA)[0])
 
 
@@ -83,33 +83,39 @@ def test_search_epsilon_over_every_order_is_theorem_2_minimised():
     curve = epsilons + constant + math.log(mean) / (orders - 1)
     curve = np.minimum.accumulate(curve[::-1])[::-1]
     expected = rdp.compute_epsilon(orders, curve, DELTA)[0]
-    assert tuning.search_epsilon(GAUSSIAN, tuning.TrialCount(mean, "geometric"), DELTA) == pytest.approx(expected)
+    assert search_cost.search_epsilon(GAUSSIAN, search_cost.TrialCount(mean, "geometric"), DELTA) == pytest.approx(
+        expected
+    )
 
 
 @pytest.mark.parametrize("shape", ["geometric", "logarithmic", "poisson", "0.5", "fixed"])
 def test_search_epsilon_grows_with_the_mean_number_of_trials(shape):
     trial = accounting.training_event(sampling_rate=0.01, noise_multiplier=1.0, steps=1000)
-    epsilons = [tuning.search_epsilon(trial, tuning.TrialCount(m, shape), DELTA) for m in (1, 2, 3, 5, 10, 30, 100)]
+    epsilons = [
+        search_cost.search_epsilon(trial, search_cost.TrialCount(m, shape), DELTA) for m in (1, 2, 3, 5, 10, 30, 100)
+    ]
     assert all(a < b for a, b in zip(epsilons, epsilons[1:])), epsilons
-    assert epsilons[0] > tuning.search_epsilon(trial, tuning.TrialCount(1, "fixed"), DELTA) or shape == "fixed"
+    assert (
+        epsilons[0] > search_cost.search_epsilon(trial, search_cost.TrialCount(1, "fixed"), DELTA) or shape == "fixed"
+    )
 
 
 @pytest.mark.parametrize("accountant", accounting.ACCOUNTANTS)
 def test_one_fixed_trial_costs_exactly_one_trial(accountant):
-    trial = tuning.trial_event(accounting.training_event(sampling_rate=0.05, noise_multiplier=1.2, steps=200), 5.0)
+    trial = search_cost.trial_event(accounting.training_event(sampling_rate=0.05, noise_multiplier=1.2, steps=200), 5.0)
     alone = accounting.make_accountant(accountant).compose(trial).get_epsilon(DELTA)
-    assert tuning.search_epsilon(trial, tuning.TrialCount(1, "fixed"), DELTA, accountant) == alone
+    assert search_cost.search_epsilon(trial, search_cost.TrialCount(1, "fixed"), DELTA, accountant) == alone
 
 
 def test_random_trial_counts_use_the_rdp_accountant():
-    assert tuning.TrialCount(3, "geometric").accountant("pld") == "rdp"
-    assert tuning.TrialCount(3, "fixed").accountant("pld") == "pld"
+    assert search_cost.TrialCount(3, "geometric").accountant("pld") == "rdp"
+    assert search_cost.TrialCount(3, "fixed").accountant("pld") == "pld"
 
 
 @pytest.mark.parametrize("shape", ["geometric", "logarithmic", "poisson", "0.5", "3"])
 @pytest.mark.parametrize("mean", [3.0, 10.0])
 def test_trial_counts_are_drawn_with_the_accounted_mean(shape, mean):
-    count = tuning.TrialCount(mean, shape)
+    count = search_cost.TrialCount(mean, shape)
     rng = np.random.default_rng(0)
     draws = np.array([count.draw(rng) for _ in range(20000)])
     assert draws.mean() == pytest.approx(mean, rel=0.04)
@@ -120,7 +126,7 @@ def test_trial_counts_are_drawn_with_the_accounted_mean(shape, mean):
 @pytest.mark.parametrize("mean", [1.5, 3.0, 10.0, 100.0])
 def test_trial_counts_are_drawn_no_heavier_than_accounted(shape, mean):
     # The bound uses log(1 / gamma_acc) and log(mean): the drawn gamma is at least gamma_acc, its mean at most mean.
-    count = tuning.TrialCount(mean, shape)
+    count = search_cost.TrialCount(mean, shape)
     gamma = count.halting_probability()
     assert gamma >= rdp._gamma_truncated_negative_binomial(count.shape_parameter, mean)
     assert rdp._truncated_negative_binomial_mean(gamma, count.shape_parameter) <= mean
@@ -129,9 +135,9 @@ def test_trial_counts_are_drawn_no_heavier_than_accounted(shape, mean):
 def test_trial_count_and_score_refuse_bad_parameters():
     for mean, shape in ((0.5, "geometric"), (3, "binomial"), (3, -1.0), (2.5, "fixed"), (math.inf, "poisson")):
         with pytest.raises(PrivacyParameterError):
-            tuning.TrialCount(mean, shape)
+            search_cost.TrialCount(mean, shape)
     with pytest.raises(PrivacyParameterError, match="score_noise"):
-        tuning.score_event(0.0)
+        search_cost.score_event(0.0)
 
 
 @pytest.mark.parametrize("key", ["training.epochs", "privacy.noise_multiplier", "training", "sampling", "model"])
@@ -235,7 +241,7 @@ def tune_args(tmp_path, *extra):
 def test_tune_refuses_settings_outside_the_bound(tmp_path, override, message):
     cfg = config.load(DIGITS, [override])
     with pytest.raises(ConfigError, match=message):
-        tuning.tune(cfg, tuning.SearchSpace({}), tuning.TrialCount(3), str(tmp_path / "tune"), verbose=0)
+        tuning.tune(cfg, tuning.SearchSpace({}), search_cost.TrialCount(3), str(tmp_path / "tune"), verbose=0)
     assert not os.path.exists(tmp_path / "tune")
 
 
@@ -267,13 +273,13 @@ def test_tune_one_fixed_trial_end_to_end(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tune_random_trials_through_the_api(tmp_path):
-    cfg, count = config.load(DIGITS, TINY), tuning.TrialCount(3, "geometric")
+    cfg, count = config.load(DIGITS, TINY), search_cost.TrialCount(3, "geometric")
     space = tuning.SearchSpace(yaml.safe_load(SPACE))
     result = tuning.tune(cfg, space, count, str(tmp_path / "tune"), verbose=0)
     record = json.loads((tmp_path / "tune" / "tune.json").read_text())
     assert record == json.loads(json.dumps(result.record))
     trial = ledger_from_json(record["trial_event"])
-    assert result.epsilon == tuning.search_epsilon(trial, count, record["delta"]) > record["trial_epsilon"]
+    assert result.epsilon == search_cost.search_epsilon(trial, count, record["delta"]) > record["trial_epsilon"]
     assert record["search_event"]["class_name"] == "RepeatAndSelectDpEvent"
     assert record["trial_event"]["events"][1] == {"class_name": "GaussianDpEvent", "noise_multiplier": 5.0}
     assert "trials" not in record and record["selected"] is not None  # K is never written
@@ -288,9 +294,9 @@ def test_shipped_space_fits_the_digits_config():
 
 def test_a_search_without_trials_releases_only_its_record(tmp_path, monkeypatch):
     # Poisson K may be 0: the record and statement are written, no model (that outcome is covered too).
-    monkeypatch.setattr(tuning.TrialCount, "draw", lambda self, rng: 0)
+    monkeypatch.setattr(search_cost.TrialCount, "draw", lambda self, rng: 0)
     cfg = config.load(DIGITS, TINY)
-    result = tuning.tune(cfg, tuning.SearchSpace({}), tuning.TrialCount(3, "poisson"), str(tmp_path), verbose=0)
+    result = tuning.tune(cfg, tuning.SearchSpace({}), search_cost.TrialCount(3, "poisson"), str(tmp_path), verbose=0)
     assert result.model is None and result.record["selected"] is None
     assert sorted(os.listdir(tmp_path)) == ["statement.txt", "tune.json"]
     assert "No trial ran" in result.statement()

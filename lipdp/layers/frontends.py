@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from lipdp.backend import keras
-from lipdp.layers.base import DPLayer, as_bound
+from lipdp.layers.base import NUMERICAL_MARGIN, DPLayer, as_bound
 from lipdp.layers.structure import clip_per_sample
 
 
@@ -31,7 +31,10 @@ class FrontEnd(DPLayer):
 
     Bounds: output unknown (``None``: only :class:`InputNormClip` may follow
     it), no variables; the cotangent flowing back into the model input feeds
-    no variable, so it is reported as unbounded.
+    no variable, so it is reported as unbounded. ``lipschitz_constant`` is
+    ``inf`` unless the front-end states one (:class:`Scattering2D` without
+    normalisation, :class:`ChannelStandardization`); only the robustness
+    certificates of :mod:`lipdp.robustness` use it, never the privacy bounds.
     """
 
     def output_bound(self, input_bound):
@@ -87,6 +90,20 @@ class Scattering2D(FrontEnd, keras.layers.Layer):
         if self.normalize == "group" and out_channels % self.groups:
             raise ValueError(f"{self.name}: {out_channels} output channels are not divisible by groups={self.groups}")
         super().build(input_shape)
+
+    def lipschitz_constant(self):
+        """:func:`scattering_lipschitz_bound` of the built transform; ``inf`` with group normalisation.
+
+        Group normalisation divides each example by its own standard
+        deviation, which is not globally Lipschitz. Privacy never uses this
+        constant (a front-end's cotangent bound stays unbounded); robustness
+        certificates (:mod:`lipdp.robustness`) do.
+        """
+        if self.normalize == "group" or not self.built:
+            return as_bound(math.inf)
+        if getattr(self, "_lipschitz", None) is None:  # fixed filters: computed once
+            self._lipschitz = scattering_lipschitz_bound(self._scattering, self.max_order)
+        return as_bound(self._lipschitz)
 
     def scattering_channels(self):
         """``K``, the scattering channels per input channel."""
@@ -163,6 +180,10 @@ class ChannelStandardization(FrontEnd, keras.layers.Layer):
         """The release the statistics came from, for the accountant: ``(z,)``, or ``()`` for public statistics."""
         return () if self.noise_multiplier is None else (self.noise_multiplier,)
 
+    def lipschitz_constant(self):
+        """``max(1 / scale)``: the clip (a projection) is 1-Lipschitz, the shift an isometry, the scaling diagonal."""
+        return as_bound(max(1.0 / s for s in self.scale))
+
     def build(self, input_shape):
         if input_shape[-1] != len(self.mean):
             raise ValueError(f"{self.name}: {len(self.mean)} channel statistics for {input_shape[-1]} channels")
@@ -175,6 +196,51 @@ class ChannelStandardization(FrontEnd, keras.layers.Layer):
     def get_config(self):
         config = {**super().get_config(), "mean": self.mean, "scale": self.scale, "clip_norm": self.clip_norm}
         return {**config, "noise_multiplier": self.noise_multiplier}
+
+
+def _padding_copies(pad_before, pad_after, size):
+    """The most times one pixel appears along an axis padded by reflection (kymatio's padding)."""
+    indices = np.pad(np.arange(size), (pad_before, pad_after), mode="reflect")
+    return int(np.bincount(indices).max())
+
+
+def _frame_bound(filters, level):
+    """``max over frequencies of sum_k |filter_k|^2`` at ``level``: the squared norm of the filter bank operator."""
+    return float(np.max(sum(np.abs(np.asarray(f["levels"][level], np.float64)) ** 2 for f in filters)))
+
+
+def scattering_lipschitz_bound(scattering, max_order=2):
+    """A certified l2 Lipschitz bound of a built kymatio ``Scattering2D`` (any number of input channels).
+
+    kymatio pads each channel by reflection (a pixel appears at most ``c``
+    times: norm ``<= sqrt(c)``), filters it by circular convolution in the
+    Fourier domain (the filter bank ``x -> (x * phi, x * psi_k)`` has squared
+    norm ``A = max_w |phi(w)|^2 + sum_k |psi_k(w)|^2``), subsamples and crops
+    (restrictions to a subset of coordinates: norm ``<= 1``) and takes complex
+    moduli (1-Lipschitz). With ``A_0`` at full resolution, ``A_1(j)`` for the
+    low-pass and the second-order wavelets applied after a first-order one of
+    scale ``j``, and ``A_2 = max_j |phi_j|^2``, every path's energy telescopes:
+    ``||S x - S y||^2 <= c A_0 max(1, C_1) ||x - y||^2`` with
+    ``C_1 = max_j A_1(j) max(1, A_2)`` (order 1: ``C_1 = A_2``). kymatio's
+    Morlet filters are not a tight frame (``A_0`` is about 1.8 for ``J = 2``),
+    so the bound is above 1 (about 3.0 for 32x32 images, ``J = 2``, ``L = 8``):
+    the transform is non-expansive only in the continuous theory. Inflated by
+    :data:`lipdp.layers.base.NUMERICAL_MARGIN`; kymatio's float32 FFTs are
+    covered by the rounding allowance of :mod:`lipdp.robustness`.
+    """
+    top, bottom, left, right = scattering.pad.pad_size
+    height, width = scattering.shape
+    copies = _padding_copies(top, bottom, height) * _padding_copies(left, right, width)
+    phi, psi = scattering.phi, scattering.psi
+    scales = range(scattering.J)
+    lowpass = max(_frame_bound([phi], j) for j in scales)
+    if max_order == 2:
+        second = max(_frame_bound([phi] + [p for p in psi if p["j"] > j], j) for j in scales)
+        after_first = second * max(1.0, lowpass)
+    else:
+        after_first = lowpass
+    squared = copies * _frame_bound([phi] + list(psi), 0) * max(1.0, after_first)
+    return math.sqrt(squared) * (1.0 + NUMERICAL_MARGIN)
 
 
 def array_fingerprint(x, digest=None):
