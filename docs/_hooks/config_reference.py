@@ -71,6 +71,9 @@ DESCRIPTIONS = {
     "from `TF_CONFIG`.",
     "training.logical_cpus": "Split the CPU into this many logical devices first (to try `mirrored` on a "
     "CPU-only host).",
+    "evaluation.certified_radii": "l2 radii, in units of the raw model input, at which `metrics.json` and the "
+    "report give the certified accuracy (`lipdp.robustness`); `null`: 0, 1/32, 1/16, 1/8 and 1/4 of "
+    "`model.input_norm`."
 }
 
 
