@@ -1,0 +1,237 @@
+"""A fast stand-alone DP-SGD simulator for a linear head on cached CIFAR-10 scattering features (issue 20).
+
+Not lipdp's training loop: a numpy re-implementation of the one thing a linear
+softmax head needs (per-example gradients are ``x (p - y)^T``, so their norms are
+``||x|| ||p - y||``), fast enough to isolate one factor at a time (features,
+normalisation, head constraint, loss, mechanism, sampling) before confirming the
+findings with ``lipdp train``. The noise multiplier comes from lipdp's accountant
+(``lipdp.accounting.calibrate_noise_multiplier``, RDP, Poisson subsampling, with
+the statistics releases composed), and lipdp's own statistics release
+(``lipdp.statistics.release_channel_statistics``) is used for ``--norm lipdp``.
+
+Features are read from lipdp's feature cache (``cached_features`` of
+``configs/cifar10*.yaml``'s front-ends). ``--split carve`` fits on the first
+40,500 training images and scores the last 4,500 (``dataset.validation_fraction=0.1``);
+``--split validation`` fits on all 45,000 and scores the 5,000-image validation split.
+Every run appends one row to ``experiments/results/cifar10_gap.csv``.
+"""
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from lipdp import accounting, statistics  # lipdp before tensorflow
+
+CACHE = os.path.expanduser("~/.cache/lipdp/features")
+FEATURES = {  # (training, validation) cache files
+    "raw": ("Scattering2D-2b0763402f21c4c233aacbc78b7200a9.npy", "Scattering2D-eaec3277429aea9efd53c80e0f997dcb.npy"),
+    "group": ("Scattering2D-05060c78a192d705e8048d11e10bfa4c.npy", "Scattering2D-b099650a38016ad7ce22f4aecc26fc60.npy"),
+}
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "cifar10_gap.csv")
+CARVE = 40500
+
+
+def load(features, split, data_dir):
+    labels = np.load(os.path.join(data_dir, "cifar10.npz"))
+    train_file, validation_file = (os.path.join(CACHE, name) for name in FEATURES[features])
+    train = np.load(train_file, mmap_mode="r")
+    if split == "carve":
+        return (
+            np.array(train[:CARVE]),
+            labels["y_train"][:CARVE].ravel(),
+            np.array(train[CARVE:]),
+            labels["y_train"][CARVE:].ravel(),
+        )
+    return np.array(train), labels["y_train"].ravel(), np.load(validation_file), labels["y_test"].ravel()
+
+
+def channel_moments(x, chunk=2048):
+    """Per-example per-channel means and mean squares over the positions, float64, ``(N, C)`` each."""
+    means, squares = [], []
+    for start in range(0, len(x), chunk):
+        rows = x[start : start + chunk].reshape(len(x[start : start + chunk]), -1, x.shape[-1]).astype(np.float64)
+        means.append(rows.mean(axis=1))
+        squares.append(np.square(rows).mean(axis=1))
+    return np.concatenate(means), np.concatenate(squares)
+
+
+def tramer_statistics(x, noise_multiplier, rng):
+    """Per-channel mean and variance as Handcrafted-DP releases them: each example's vector of channel means
+    (and of channel mean squares) clipped to the median norm of those vectors, summed, noise multiplier z each."""
+    means, squares = channel_moments(x)
+
+    def noisy_mean(v):
+        norms = np.linalg.norm(v, axis=1)
+        threshold = np.quantile(norms, 0.5)
+        v = v / np.maximum(norms / threshold, 1.0)[:, None]
+        return v.mean(axis=0) + rng.normal(0.0, threshold * noise_multiplier, v.shape[1]) / len(v)
+
+    mean = noisy_mean(means)
+    variance = np.maximum(noisy_mean(squares) - mean**2, 0.0)
+    return mean, np.sqrt(variance + 1e-5)  # torch BatchNorm2d's eps
+
+
+def exact_statistics(x):
+    means, squares = channel_moments(x)
+    mean = means.mean(axis=0)
+    return mean, np.sqrt(np.maximum(squares.mean(axis=0) - mean**2, 0.0) + 1e-5)
+
+
+def normalise(args, x_train, x_test, rng):
+    """(standardised train, test, releases for the accountant), in place."""
+    releases = ()
+    if args.norm == "none":
+        return x_train, x_test, releases
+    if args.norm == "exact":
+        mean, scale = exact_statistics(x_train)
+    elif args.norm == "tramer":
+        mean, scale = tramer_statistics(x_train, args.bn_noise, rng)
+        releases = (args.bn_noise, args.bn_noise)
+    else:  # lipdp's release: the layer projects each example onto the stat_clip ball first
+        layer = statistics.release_channel_statistics(
+            x_train, clip_norm=args.stat_clip, noise_multiplier=args.bn_noise, scale=args.scale
+        )
+        mean, scale = np.array(layer.mean), np.array(layer.scale)
+        releases = (args.bn_noise,)
+        for x in (x_train, x_test):
+            clip_rows(x.reshape(len(x), -1), args.stat_clip)
+    if args.norm != "lipdp" and not args.scale:
+        scale = np.ones_like(scale)
+    for x in (x_train, x_test):
+        for start in range(0, len(x), 4096):
+            x[start : start + 4096] -= mean.astype(np.float32)
+            x[start : start + 4096] /= scale.astype(np.float32)
+    return x_train, x_test, releases
+
+
+def clip_rows(x, bound):
+    for start in range(0, len(x), 4096):
+        block = x[start : start + 4096]
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        block *= np.minimum(1.0, bound / np.maximum(norms, 1e-12))
+
+
+def batches(args, n, rng):
+    if args.sampling == "poisson":
+        for _ in range(max(1, round(n / args.batch))):
+            yield np.flatnonzero(rng.random(n) < args.batch / n)
+    else:
+        order = rng.permutation(n)
+        for start in range(0, n - args.batch + 1, args.batch):
+            yield np.sort(order[start : start + args.batch])
+
+
+def steps_per_epoch(args, n):
+    return max(1, round(n / args.batch)) if args.sampling == "poisson" else n // args.batch
+
+
+def logit_gradients(args, logits, labels):
+    z = args.tau * logits
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(labels)), labels] -= 1.0
+    return p
+
+
+def train(args, x_train, y_train, noise_multiplier, rng):
+    n, d = x_train.shape
+    w, b = np.zeros((d, 10), np.float32), np.zeros(10, np.float32)
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    total, step = args.epochs * steps_per_epoch(args, n), 0
+    row_norms = np.linalg.norm(x_train, axis=1)
+    for _ in range(args.epochs):
+        for index in batches(args, n, rng):
+            x, labels = x_train[index], y_train[index]
+            g = logit_gradients(args, x @ w + b, labels)
+            g_norms = np.linalg.norm(g, axis=1)
+            if args.mechanism == "flat":  # per-example gradient norm ||g|| sqrt(||x||^2 + 1) clipped to C
+                g *= np.minimum(1.0, args.clip / np.maximum(g_norms * np.sqrt(row_norms[index] ** 2 + 1), 1e-12))[
+                    :, None
+                ]
+                bound = args.clip
+            elif args.mechanism == "clipless":  # inputs already clipped to R; logit gradients to c
+                g *= np.minimum(1.0, args.logit_clip / np.maximum(g_norms, 1e-12))[:, None]
+                bound = args.logit_clip * math.sqrt(args.input_clip**2 + 1)
+            else:
+                bound = 0.0
+            gw, gb = x.T @ g, g.sum(axis=0)
+            if noise_multiplier:
+                gw += rng.normal(0.0, noise_multiplier * bound, gw.shape).astype(np.float32)
+                gb += rng.normal(0.0, noise_multiplier * bound, gb.shape).astype(np.float32)
+            lr = args.lr * (0.5 * (1 + math.cos(math.pi * step / total)) if args.decay == "cosine" else 1.0)
+            vw, vb = args.momentum * vw + gw / args.batch, args.momentum * vb + gb / args.batch
+            w -= lr * vw
+            b -= lr * vb
+            if args.spectral:  # lipdp's SpectralNormConstraint: projection onto ||W||_2 <= 1 after each update
+                w *= min(1.0, 1.0 / math.sqrt(np.linalg.eigvalsh(w.T.astype(np.float64) @ w)[-1]))
+            step += 1
+    return w, b
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", choices=FEATURES, default="raw")
+    parser.add_argument("--split", choices=("carve", "validation"), default="carve")
+    parser.add_argument("--norm", choices=("none", "exact", "tramer", "lipdp"), default="tramer")
+    parser.add_argument("--scale", type=int, default=1, help="divide by the (released) standard deviation")
+    parser.add_argument("--bn-noise", type=float, default=8.0)
+    parser.add_argument("--stat-clip", type=float, default=55.5)
+    parser.add_argument("--mechanism", choices=("flat", "clipless", "none"), default="flat")
+    parser.add_argument("--clip", type=float, default=0.1)
+    parser.add_argument("--input-clip", type=float, default=50.0)
+    parser.add_argument("--logit-clip", type=float, default=0.002)
+    parser.add_argument("--tau", type=float, default=1.0)
+    parser.add_argument("--spectral", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=4.0)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--decay", choices=("none", "cosine"), default="none")
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=8192)
+    parser.add_argument("--sampling", choices=("poisson", "shuffle"), default="shuffle")
+    parser.add_argument("--epsilon", type=float, default=3.0)
+    parser.add_argument("--label", default="")
+    parser.add_argument("--data-dir", default="../shared/data/cifar10")
+    args = parser.parse_args(argv)
+    start = time.time()
+    rng = np.random.default_rng()
+    x_train, y_train, x_test, y_test = load(args.features, args.split, args.data_dir)
+    x_train, x_test, releases = normalise(args, x_train, x_test, rng)
+    x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
+    if args.mechanism == "clipless":
+        for x in (x_train, x_test):
+            clip_rows(x, args.input_clip)
+    noise = 0.0
+    if args.mechanism != "none" and args.epsilon > 0:  # --epsilon 0: clipped but noiseless
+        noise = accounting.calibrate_noise_multiplier(
+            target_epsilon=args.epsilon,
+            delta=1e-5,
+            sampling_rate=args.batch / len(x_train),
+            steps=args.epochs * steps_per_epoch(args, len(x_train)),
+            releases=releases,
+        )
+    w, b = train(args, x_train, y_train, noise, rng)
+    accuracy = float(np.mean(np.argmax(x_test @ w + b, axis=1) == y_test))
+    # the loss's logit gradients sum to 0 over the classes: W's class-sum direction holds noise only
+    noise_share = float(np.sum(np.square(w.sum(axis=1)))) / max(float(np.sum(np.square(w))), 1e-30)
+    seconds = time.time() - start
+    epsilon = args.epsilon if noise else "inf"
+    print(f"{args.label}: accuracy {accuracy:.4f} (noise {noise:.3f}, W's noise share {noise_share:.2f})")
+    new = not os.path.exists(RESULTS)
+    with open(RESULTS, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["tool", "label", "split", "epsilon", "noise_multiplier", "accuracy", "wall_s", "command"])
+        command = "python experiments/cifar_gap.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        writer.writerow(
+            ["simulator", args.label, args.split, epsilon, f"{noise:.4f}", f"{accuracy:.4f}", f"{seconds:.0f}", command]
+        )
+
+
+if __name__ == "__main__":
+    main()
