@@ -73,7 +73,7 @@ DESCRIPTIONS = {
     "CPU-only host).",
     "evaluation.certified_radii": "l2 radii, in units of the raw model input, at which `metrics.json` and the "
     "report give the certified accuracy (`lipdp.robustness`); `null`: 0, 1/32, 1/16, 1/8 and 1/4 of "
-    "`model.input_norm`."
+    "`model.input_norm`.",
 }
 
 
