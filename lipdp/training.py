@@ -346,6 +346,7 @@ def _write_artefacts(model, dataset, out_dir, certified_radii):
         "certified": robustness.certified_accuracy(model, dataset.x_test, dataset.y_test, certified_radii).to_dict(),
     }
     runs.write_json(out_dir, runs.METRICS, metrics)
+    model.reset_metrics()  # the saved metric states would hold the evaluation's exact counts (private in a search)
     model.save(runs.path(out_dir, runs.MODEL))
     if model.mechanism.certifies_layer_bounds:
         report = sensitivity.report(model)

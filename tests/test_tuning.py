@@ -4,8 +4,10 @@ import dataclasses
 import json
 import math
 import os
+import zipfile
 
 import dp_accounting
+import h5py
 import numpy as np
 import pytest
 import yaml
@@ -269,6 +271,29 @@ def test_tune_one_fixed_trial_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "for the whole hyper-parameter search" in printed and "Not released" in printed
     assert cli.main(tune_args(tmp_path, "--private", "--shape", "fixed", "--mean-trials", "1")) == 2
+
+
+def saved_metric_states(model_path):
+    """The metric variables stored in a ``.keras`` file (name: sum of its values)."""
+    states = {}
+
+    def collect(name, item):
+        if isinstance(item, h5py.Dataset):
+            states[name] = float(np.sum(item[()]))
+
+    with zipfile.ZipFile(model_path) as archive, archive.open("model.weights.h5") as weights:
+        with h5py.File(weights, "r") as h5:
+            if "metrics" in h5:
+                h5["metrics"].visititems(collect)
+    return states
+
+
+def test_the_released_model_holds_no_validation_counts(tmp_path):
+    # The last evaluation of a trial is on the private validation part: metric states saved with the model
+    # (correct predictions, summed loss, certified counts) would publish its exact validation accuracy.
+    assert cli.main(tune_args(tmp_path, "--private", "--shape", "fixed", "--mean-trials", "1")) == 0
+    states = saved_metric_states(str(tmp_path / "tune" / "model.keras"))
+    assert not any(states.values()), states
 
 
 @pytest.mark.slow
