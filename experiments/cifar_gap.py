@@ -94,7 +94,12 @@ def normalise(args, x_train, x_test, rng):
         releases = (args.bn_noise, args.bn_noise)
     else:  # lipdp's release: the layer projects each example onto the stat_clip ball first
         layer = statistics.release_channel_statistics(
-            x_train, clip_norm=args.stat_clip, noise_multiplier=args.bn_noise, scale=args.scale
+            x_train,
+            clip_norm=args.stat_clip,
+            noise_multiplier=args.bn_noise,
+            scale=bool(args.scale),
+            mean_clip=args.mean_clip,
+            variance_clip=args.variance_clip,
         )
         mean, scale = np.array(layer.mean), np.array(layer.scale)
         releases = (args.bn_noise,)
@@ -182,6 +187,8 @@ def main(argv=None):
     parser.add_argument("--scale", type=int, default=1, help="divide by the (released) standard deviation")
     parser.add_argument("--bn-noise", type=float, default=8.0)
     parser.add_argument("--stat-clip", type=float, default=55.5)
+    parser.add_argument("--mean-clip", type=float, default=None, help="lipdp's per-moment clip of the means")
+    parser.add_argument("--variance-clip", type=float, default=None, help="and of the squared deviations")
     parser.add_argument("--mechanism", choices=("flat", "clipless", "none"), default="flat")
     parser.add_argument("--clip", type=float, default=0.1)
     parser.add_argument("--input-clip", type=float, default=50.0)

@@ -2,7 +2,7 @@
 
 Compares, on the carve's training part (first 40,500 images, raw J=2 L=8 features of [0, 1]
 images), the exact per-channel standard deviations with those released by lipdp
-(``release_channel_statistics``, noise multiplier 8, several statistics clips) and by
+(``release_channel_statistics``, noise multiplier 8, several per-moment clips) and by
 Handcrafted-DP's procedure (``cifar_gap.tramer_statistics``). No training.
 """
 
@@ -44,11 +44,21 @@ def main():
         exact_mean,
         exact_scale,
     )
-    for clip in (55.5, 14.0, 10.0, 7.0):
-        layer = statistics.release_channel_statistics(x, clip_norm=clip, noise_multiplier=8.0, scale=True)
-        d_mean, d_square = statistics.sensitivities(x.shape[1:], clip)
-        print(f"lipdp clip {clip}: sensitivities {d_mean:.3g} (means), {d_square:.3g} (mean squares)")
-        describe(f"lipdp clip {clip}", np.array(layer.mean), np.array(layer.scale), exact_mean, exact_scale)
+    clip = 55.5  # no example is projected (largest norm 13.7): only the per-moment clips act
+    means = statistics.example_moments(x, clip)
+    print("norms of the examples' channel-mean vectors (quantiles .05 .5 .95):", quantiles(means))
+    deviations = statistics.example_moments(x, clip, centre=exact_mean)
+    print("norms of their squared-deviation vectors (quantiles .05 .5 .95):", quantiles(deviations))
+    for mean_clip, variance_clip in ((None, None), (0.8, 0.4), (0.8, 0.2), (0.8, 0.1), (0.4, 0.1), (0.8, 0.05)):
+        layer = statistics.release_channel_statistics(
+            x, clip_norm=clip, noise_multiplier=8.0, scale=True, mean_clip=mean_clip, variance_clip=variance_clip
+        )
+        name = f"lipdp R {clip}, mean_clip {mean_clip}, variance_clip {variance_clip}"
+        describe(name, np.array(layer.mean), np.array(layer.scale), exact_mean, exact_scale)
+
+
+def quantiles(rows):
+    return " ".join(f"{q:.3g}" for q in np.quantile(np.linalg.norm(rows, axis=1), [0.05, 0.5, 0.95]))
 
 
 if __name__ == "__main__":

@@ -183,20 +183,28 @@ def _check_optimizer_params(optimizer):
             raise _unknown_key("optimizer.params.", key, sorted(accepted))
 
 
+#: Optional keys of ``model.feature_statistics``: per-moment clips of the release (``None``: ``clip_norm``'s bound).
+STATISTICS_CLIPS = ("mean_clip", "variance_clip")
+
+
 def _check_feature_statistics(spec):
     """``model.feature_statistics``: the arguments of :func:`lipdp.statistics.release_channel_statistics`."""
     if spec is None:
         return
-    known = ("noise_multiplier", "clip_norm", "scale")
+    known = ("noise_multiplier", "clip_norm", "scale", *STATISTICS_CLIPS)
     for key in spec:
         if key not in known:
             raise _unknown_key("model.feature_statistics.", key, list(known))
-    for key in ("noise_multiplier", "clip_norm"):
+    for key in ("noise_multiplier", "clip_norm", *STATISTICS_CLIPS):
         value = spec.get(key)
+        if key in STATISTICS_CLIPS and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise ConfigError(f"model.feature_statistics.{key}: a finite number > 0 is required, got {value!r}")
     if not isinstance(spec.get("scale", False), bool):
         raise ConfigError(f"model.feature_statistics.scale: expected true or false, got {spec['scale']!r}")
+    if spec.get("variance_clip") is not None and not spec.get("scale", False):
+        raise ConfigError("model.feature_statistics.variance_clip: clips the variance release, set scale: true")
 
 
 def build_mechanism(spec):

@@ -10,34 +10,43 @@ statistics are released with Gaussian noise, and the accountant composes the
 release with the training steps (``releases`` in :mod:`lipdp.accounting`).
 
 The release, for features ``x_i`` of shape ``(..., C)`` with ``P`` positions
-per channel (every axis but the batch and the last):
+per channel (every axis but the batch and the last), in two Gaussian stages:
 
 * each example is first projected onto the ``clip_norm`` ball (``R``), as
   :class:`lipdp.layers.ChannelStandardization` does before standardising;
-* ``m_i``: its per-channel mean over the positions; ``||m_i|| <= R / sqrt(P)``
-  (Cauchy-Schwarz over the positions of each channel);
-* ``v_i``: its per-channel mean of squares (``scale=True`` only);
-  ``||v_i||_2 <= ||v_i||_1 = ||x_i||^2 / P <= R^2 / P``;
-* released: ``S_m = sum_i m_i`` (and ``S_v = sum_i v_i``) plus Gaussian
-  noise. Divided by their sensitivities ``D_m = R / sqrt(P)`` and
-  ``D_v = R^2 / P`` (and by ``sqrt 2`` when both are released), the sums
-  form one vector of add-or-remove-one sensitivity 1, released with noise
-  multiplier ``z``: one ``GaussianDpEvent(z)``;
-* ``mean = S_m / N``, ``var = S_v / N - mean^2`` (floored), ``scale =
-  sqrt(var)``, with ``N`` the training set size, taken as public as the
-  steps' expected batch size ``qN`` is.
+* **means.** ``m_i``: its per-channel mean over the positions,
+  ``||m_i|| <= R / sqrt(P)`` (Cauchy-Schwarz over the positions of each
+  channel), then projected onto the ``mean_clip`` ball (``C_m``): sensitivity
+  ``D_m = min(R / sqrt(P), C_m)``. Released: ``mu = (sum_i m_i + noise) / N``;
+* **variances** (``scale=True``), around the released ``mu`` (a public value
+  by then): ``u_i``, the per-channel mean of ``(x_i - mu)^2``;
+  ``||u_i||_2 <= ||u_i||_1 = ||x_i - mu||^2 / P <= (R + sqrt(P) ||mu||)^2 / P``,
+  then projected onto the ``variance_clip`` ball (``C_v``): sensitivity
+  ``D_v = min((R + sqrt(P) ||mu||)^2 / P, C_v)``. Released:
+  ``var = (sum_i u_i + noise) / N`` (floored), ``scale = sqrt(var)``;
+* each stage's noise is Gaussian with std ``z D`` (``z sqrt(2) D`` for each
+  of the two stages when both run). Divided by their sensitivities, the
+  stages are two Gaussian mechanisms of sensitivity 1 and noise ``z sqrt 2``,
+  the second chosen after the first's output: their adaptive composition is
+  exactly one ``GaussianDpEvent(z)`` (Renyi divergences of Gaussians add up:
+  ``1 / z^2 = 2 / (z sqrt 2)^2``), which is what the accountant counts.
+  ``N``, the training set size, is taken as public, as the steps' expected
+  batch size ``qN`` is.
 
 The noise comes from OS entropy, never from a seed in a config.
 
-Choosing ``R``: the variance's noise grows as ``R^2``. A worst-case ``R`` (the
-largest possible input norm) buries small channels in noise: on CIFAR-10
-scattering features of ``[0, 1]`` images (example norms: median 7.1, max
-13.7; 90 % of the 243 channels have standard deviations near 0.0035), ``R =
-55.5`` with ``z = 8`` released 208 of the 243 scales wrong by more than 2x
-(up to 52x), ``R = 14`` still 130; Handcrafted-DP's release (moment vectors
-clipped separately to their median norms) 58 (measured by
-``experiments/cifar_statistics_release.py``). Choose ``R`` near the typical
-example norm, on data that is not the private training set or on a carve.
+Choosing the clips: a worst-case ``R`` (the largest possible input norm)
+buries small channels in noise. On CIFAR-10 scattering features of ``[0, 1]``
+images (example norms: median 7.1, max 13.7; 90 % of the 243 channels have
+standard deviations near 0.0035), the variance release bounded by ``R``
+alone (an earlier release of raw second moments, sensitivity ``R^2 / P``)
+released 208 of the 243 scales wrong by more than 2x at ``R = 55.5``, 130 at
+``R = 14``; Handcrafted-DP's release (moment vectors clipped separately to
+their median norms) 58 (``experiments/cifar_statistics_release.py``).
+``mean_clip`` and ``variance_clip`` near the typical norms of ``m_i`` and
+``u_i`` do what Handcrafted-DP's median does, with thresholds fixed in
+advance: choose them on data that is not the private training set or on a
+carve, outside the guarantee.
 """
 
 import math
@@ -53,25 +62,41 @@ from lipdp.sampling import check_finite
 VARIANCE_FLOOR = 1e-2
 
 
-def channel_sums(x, clip_norm, batch_size=2048):
-    """``(sum_i m_i, sum_i v_i)``: per-channel means and mean squares of the clipped examples, summed (float64)."""
+def example_moments(x, clip_norm, centre=None, batch_size=2048):
+    """``(N, C)`` float64: each clipped example's per-channel mean, or with ``centre`` its mean squared deviation."""
     axes = tuple(range(1, x.ndim - 1))
-    sum_means = np.zeros(x.shape[-1])
-    sum_squares = np.zeros(x.shape[-1])
+    rows = []
     for start in range(0, len(x), batch_size):
         clipped = clip_per_sample(tf.constant(x[start : start + batch_size], tf.float64), clip_norm).numpy()
-        sum_means += clipped.mean(axis=axes).sum(axis=0)
-        sum_squares += np.square(clipped).mean(axis=axes).sum(axis=0)
-    return sum_means, sum_squares
+        rows.append(clipped.mean(axis=axes) if centre is None else np.square(clipped - centre).mean(axis=axes))
+    return np.concatenate(rows)
 
 
-def sensitivities(feature_shape, clip_norm):
-    """``(D_m, D_v)``: add-or-remove-one l2 sensitivities of the two sums for features of ``feature_shape``."""
+def project_rows(rows, bound):
+    """Each row projected onto the l2 ball of radius ``bound``."""
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows * np.minimum(1.0, bound / np.maximum(norms, 1e-300))
+
+
+def mean_sensitivity(feature_shape, clip_norm, mean_clip=None):
+    """``D_m = min(R / sqrt(P), C_m)``: the l2 norm of one example's projected vector of channel means."""
+    return min(clip_norm / math.sqrt(math.prod(feature_shape[:-1])), math.inf if mean_clip is None else mean_clip)
+
+
+def deviation_sensitivity(feature_shape, clip_norm, centre, variance_clip=None):
+    """``D_v = min((R + sqrt(P) ||mu||)^2 / P, C_v)``: the l2 norm of one example's projected deviation vector."""
     positions = math.prod(feature_shape[:-1])
-    return clip_norm / math.sqrt(positions), clip_norm**2 / positions
+    worst = (clip_norm + math.sqrt(positions) * float(np.linalg.norm(centre))) ** 2 / positions
+    return min(worst, math.inf if variance_clip is None else variance_clip)
 
 
-def release_channel_statistics(x, *, clip_norm, noise_multiplier, scale=False, rng=None):
+def _noisy_sum(rows, bound, noise_std, rng):
+    return project_rows(rows, bound).sum(axis=0) + rng.normal(0.0, noise_std * bound, rows.shape[1])
+
+
+def release_channel_statistics(
+    x, *, clip_norm, noise_multiplier, scale=False, mean_clip=None, variance_clip=None, rng=None
+):
     """A :class:`ChannelStandardization` from a DP release of ``x``'s channel statistics (see the module).
 
     Args:
@@ -80,23 +105,33 @@ def release_channel_statistics(x, *, clip_norm, noise_multiplier, scale=False, r
         noise_multiplier: ``z`` of the release. The layer carries it: ``make_private`` composes the release of
             every such layer in the model (a head trained on the standardised features without the layer needs
             ``make_private(..., releases=(z,))``).
-        scale: Also release the second moments and divide by the standard deviation.
+        scale: Also release the channel variances and divide by the standard deviation.
+        mean_clip: ``C_m``, the norm each example's vector of channel means is projected to (``None``: only
+            ``R``'s bound).
+        variance_clip: ``C_v``, the same for each example's vector of squared deviations (``scale`` only).
         rng: A ``numpy`` generator for the noise; ``None`` draws OS entropy.
 
     Returns:
         The layer, ready to apply to the training and any other features.
     """
-    if not (clip_norm > 0 and noise_multiplier > 0):
-        raise ValueError(f"clip_norm and noise_multiplier must be > 0, got {clip_norm}, {noise_multiplier}")
+    for name, value in (("clip_norm", clip_norm), ("noise_multiplier", noise_multiplier)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    for name, value in (("mean_clip", mean_clip), ("variance_clip", variance_clip)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0 or None, got {value}")
+    if variance_clip is not None and not scale:
+        raise ValueError("variance_clip clips the variance release: it needs scale=True")
     check_finite("x", x)  # one NaN would make every released mean NaN, which no neighbouring data set produces
     rng = np.random.default_rng() if rng is None else rng
-    sum_means, sum_squares = channel_sums(x, clip_norm)
-    d_mean, d_square = sensitivities(x.shape[1:], clip_norm)
-    spread = noise_multiplier * (math.sqrt(2.0) if scale else 1.0)
-    mean = (sum_means + rng.normal(0.0, spread * d_mean, sum_means.shape)) / len(x)
+    noise_std = noise_multiplier * (math.sqrt(2.0) if scale else 1.0)
+    d_mean = mean_sensitivity(x.shape[1:], clip_norm, mean_clip)
+    mean = _noisy_sum(example_moments(x, clip_norm), d_mean, noise_std, rng) / len(x)
     deviation = np.ones_like(mean)
     if scale:
-        variance = (sum_squares + rng.normal(0.0, spread * d_square, sum_squares.shape)) / len(x) - mean**2
+        d_deviation = deviation_sensitivity(x.shape[1:], clip_norm, mean, variance_clip)
+        deviations = example_moments(x, clip_norm, centre=mean)
+        variance = _noisy_sum(deviations, d_deviation, noise_std, rng) / len(x)
         floor = VARIANCE_FLOOR * max(float(np.mean(np.maximum(variance, 0.0))), 1e-30)
         deviation = np.sqrt(np.maximum(variance, floor))
     return ChannelStandardization(mean, deviation, clip_norm, noise_multiplier=noise_multiplier)

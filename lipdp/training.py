@@ -276,6 +276,7 @@ def _released_standardization(cfg, x_train, run_dir):
     if spec is not None:
         wanted = {"noise_multiplier": float(spec["noise_multiplier"]), "clip_norm": float(spec["clip_norm"])}
         wanted.update(scale=bool(spec.get("scale", False)), examples=len(x_train))
+        wanted.update({key: float(spec[key]) for key in config_lib.STATISTICS_CLIPS if spec.get(key) is not None})
         wanted["data"] = array_fingerprint(x_train)
     if os.path.exists(record_path):
         record = runs.read_json(run_dir, runs.STATISTICS)
@@ -287,7 +288,9 @@ def _released_standardization(cfg, x_train, run_dir):
             )
         return ChannelStandardization.from_config(record["layer"])
     _check_budget_before_release(cfg, len(x_train), wanted["noise_multiplier"])
-    arguments = {key: wanted[key] for key in ("noise_multiplier", "clip_norm", "scale")}
+    arguments = {
+        key: wanted.get(key) for key in ("noise_multiplier", "clip_norm", "scale", *config_lib.STATISTICS_CLIPS)
+    }
     layer = statistics.release_channel_statistics(x_train, **arguments)
     runs.write_json(run_dir, runs.STATISTICS, {"release": wanted, "layer": layer.get_config()})
     return layer

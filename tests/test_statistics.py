@@ -24,15 +24,6 @@ def standardization_layer(model):
     return next(layer for layer in model.layers if isinstance(layer, ChannelStandardization))
 
 
-def release_vector(x, clip_norm, scale):
-    """The released sums divided by their sensitivities (and by sqrt 2 for two sums): sensitivity 1 claimed."""
-    sum_means, sum_squares = statistics.channel_sums(x, clip_norm)
-    d_mean, d_square = statistics.sensitivities(x.shape[1:], clip_norm)
-    if not scale:
-        return sum_means / d_mean
-    return np.concatenate([sum_means / d_mean, sum_squares / d_square]) / math.sqrt(2.0)
-
-
 def adversarial_examples(clip_norm):
     """Examples at the two extremes of the bounds: one channel spread evenly (the mean's), one entry (the square's)."""
     spread = np.zeros(SHAPE)
@@ -40,22 +31,76 @@ def adversarial_examples(clip_norm):
     peak = np.zeros(SHAPE)
     peak[2, 3, 0] = 1.0
     huge = np.full(SHAPE, 1e6)  # clipped to clip_norm first
-    return [clip_norm * spread / np.linalg.norm(spread), clip_norm * peak, huge]
+    return [clip_norm * spread / np.linalg.norm(spread), -clip_norm * peak, clip_norm * peak, huge]
+
+
+def released_sum(x, clip_norm, bound, centre=None):
+    """What a stage sums before its noise: the projected per-example vectors of ``x``."""
+    return statistics.project_rows(statistics.example_moments(x, clip_norm, centre=centre), bound).sum(axis=0)
+
+
+def largest_move(clip_norm, bound, centre=None):
+    """The largest change of a stage's sum when one example (random or adversarial) joins 20 others."""
+    rng = np.random.default_rng(0)
+    others = rng.normal(size=(20,) + SHAPE) * rng.uniform(0.1, 3.0, size=(20, 1, 1, 1))
+    candidates = list(rng.normal(size=(200,) + SHAPE) * 5) + adversarial_examples(clip_norm)
+    base = released_sum(others, clip_norm, bound, centre)
+    moves = [
+        np.linalg.norm(released_sum(np.concatenate([others, c[None]]), clip_norm, bound, centre) - base)
+        for c in candidates
+    ]
+    return max(moves), moves
+
+
+@pytest.mark.parametrize("mean_clip", [None, 0.3])
+def test_one_example_moves_the_released_means_by_at_most_their_sensitivity(mean_clip):
+    clip_norm = 2.5
+    bound = statistics.mean_sensitivity(SHAPE, clip_norm, mean_clip)
+    assert bound == (clip_norm / 4 if mean_clip is None else mean_clip)  # P = 16 positions
+    largest, moves = largest_move(clip_norm, bound)
+    assert largest <= bound * (1 + 1e-9)
+    assert moves[-4] == pytest.approx(bound, rel=1e-9)  # one channel spread evenly reaches it: the bound is tight
+
+
+@pytest.mark.parametrize("variance_clip", [None, 0.05])
+def test_one_example_moves_the_released_deviations_by_at_most_their_sensitivity(variance_clip):
+    clip_norm = 2.5
+    centre = np.array([0.4, -0.1, 0.2])  # the released means: public when the second stage runs
+    bound = statistics.deviation_sensitivity(SHAPE, clip_norm, centre, variance_clip)
+    worst = (clip_norm + 4 * np.linalg.norm(centre)) ** 2 / 16
+    assert bound == pytest.approx(worst if variance_clip is None else variance_clip, rel=1e-12)
+    largest, moves = largest_move(clip_norm, bound, centre)
+    assert largest <= bound * (1 + 1e-9)
+    assert largest >= 0.5 * bound  # the adversarial examples come close: the bound is not vacuous
+
+
+class RecordingGenerator:
+    """A stand-in for ``numpy``'s generator: records each noise std asked for and adds no noise."""
+
+    def __init__(self):
+        self.stds = []
+
+    def normal(self, loc, scale, size):
+        self.stds.append(scale)
+        return np.full(size, loc)
 
 
 @pytest.mark.parametrize("scale", [False, True])
-def test_one_example_moves_the_release_by_at_most_its_sensitivity(scale):
-    rng = np.random.default_rng(0)
-    clip_norm = 2.5
-    others = rng.normal(size=(20,) + SHAPE) * rng.uniform(0.1, 3.0, size=(20, 1, 1, 1))
-    candidates = list(rng.normal(size=(200,) + SHAPE) * 5) + adversarial_examples(clip_norm)
-    base = release_vector(others, clip_norm, scale)
-    moves = [
-        np.linalg.norm(release_vector(np.concatenate([others, c[None]]), clip_norm, scale) - base) for c in candidates
-    ]
-    assert max(moves) <= 1.0 + 1e-9
-    # one channel spread evenly over the positions reaches both parts of the bound: it is tight
-    assert moves[-3] == pytest.approx(1.0, rel=1e-9)
+def test_each_stage_draws_noise_of_std_z_times_its_sensitivity(scale):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50,) + SHAPE)
+    clip_norm, z, clips = 2.0, 3.0, dict(mean_clip=0.2, variance_clip=0.05 if scale else None)
+    recorder = RecordingGenerator()
+    layer = statistics.release_channel_statistics(
+        x, clip_norm=clip_norm, noise_multiplier=z, scale=scale, rng=recorder, **clips
+    )
+    spread = z * (math.sqrt(2.0) if scale else 1.0)  # two stages of z sqrt 2 compose to one Gaussian of z
+    expected = [spread * 0.2] + ([spread * 0.05] if scale else [])
+    assert recorder.stds == pytest.approx(expected, rel=1e-12)
+    exact_mean = statistics.project_rows(statistics.example_moments(x, clip_norm), 0.2).mean(axis=0)
+    np.testing.assert_allclose(layer.mean, exact_mean, rtol=1e-6)  # no noise drawn: the sum itself
+    with pytest.raises(ValueError, match="variance_clip .* needs scale=True"):
+        statistics.release_channel_statistics(x, clip_norm=1.0, noise_multiplier=1.0, variance_clip=0.1)
 
 
 @pytest.mark.parametrize("scale", [False, True])
@@ -69,8 +114,7 @@ def test_released_means_carry_noise_of_the_stated_std(scale):
             for _ in range(2000)
         ]
     )
-    d_mean, _ = statistics.sensitivities(SHAPE, clip_norm)
-    expected = z * d_mean * (math.sqrt(2.0) if scale else 1.0) / len(x)
+    expected = z * statistics.mean_sensitivity(SHAPE, clip_norm) * (math.sqrt(2.0) if scale else 1.0) / len(x)
     assert np.std(means) / expected == pytest.approx(1.0, abs=0.03)
     assert abs(np.mean(means)) < 0.05 * expected
 
@@ -78,7 +122,9 @@ def test_released_means_carry_noise_of_the_stated_std(scale):
 def test_statistics_estimate_the_clipped_data_and_the_layer_standardises():
     rng = np.random.default_rng(2)
     x = rng.normal(loc=[1.0, -2.0, 0.5], scale=[0.5, 1.0, 2.0], size=(20000,) + SHAPE)  # norms about 16
-    layer = statistics.release_channel_statistics(x, clip_norm=40.0, noise_multiplier=1.0, scale=True, rng=rng)
+    layer = statistics.release_channel_statistics(
+        x, clip_norm=40.0, noise_multiplier=1.0, scale=True, variance_clip=20.0, rng=rng
+    )  # squared-deviation vectors have norms near 4 here: the clip rarely acts
     np.testing.assert_allclose(layer.mean, [1.0, -2.0, 0.5], atol=0.02)
     np.testing.assert_allclose(layer.scale, [0.5, 1.0, 2.0], rtol=0.03)
     y = layer(x[:500].astype("float32")).numpy()
@@ -127,8 +173,10 @@ def test_calibration_and_budgets_leave_room_for_the_release():
 def test_training_run_releases_once_records_it_and_saves_a_raw_input_model(tmp_path):
     out = str(tmp_path / "run")
     args = ["train", DIGITS, "--out", out, "--verbose", "0", "--set", "training.epochs=2"]
-    args += ["--set", "model.feature_statistics={noise_multiplier: 20, clip_norm: 8, scale: true}"]
+    args += ["--set", "model.feature_statistics={noise_multiplier: 20, clip_norm: 8, scale: true, variance_clip: 0.1}"]
     assert cli.main(args) == 0
+    record = json.load(open(os.path.join(out, "feature_statistics.json")))["release"]
+    assert (record["variance_clip"], "mean_clip" in record) == (0.1, False)
     privacy = json.load(open(os.path.join(out, "privacy.json")))
     assert privacy["release_noise_multipliers"] == [20.0]
     assert [e["class_name"] for e in privacy["ledger"]["events"]] == ["GaussianDpEvent", "SelfComposedDpEvent"]
@@ -179,6 +227,9 @@ def test_config_mistakes_are_named():
         ("{clip_norm: 8}", "noise_multiplier: a finite number > 0"),
         ("{noise_multiplier: .inf, clip_norm: 8}", "noise_multiplier: a finite number > 0"),
         ("{noise_multiplier: 20, clip_norm: 8, scale: 1}", "true or false"),
+        ("{noise_multiplier: 20, clip_norm: 8, mean_clip: 0}", "mean_clip: a finite number > 0"),
+        ("{noise_multiplier: 20, clip_norm: 8, variance_clip: 0.1}", "variance_clip: clips the variance release"),
+        ("{noise_multiplier: 20, clip_norm: 8, scale: true, varience_clip: 1}", "did you mean 'variance_clip'"),
     ]:
         with pytest.raises(config.ConfigError, match=message):
             config.load(DIGITS, [f"model.feature_statistics={spec}"])

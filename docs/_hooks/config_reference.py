@@ -30,9 +30,10 @@ DESCRIPTIONS = {
     "the only assumption on the data.",
     "model.frontend": "A fixed per-example map before the input clip, e.g. "
     "`{type: Scattering2D, J: 2, L: 8, normalize: group, groups: 27}`; its features are cached.",
-    "model.feature_statistics": "`{noise_multiplier: z, clip_norm: R, scale: false}`: centre (and with "
-    "`scale: true` scale) the head's inputs per channel by one DP release of the training split's channel "
-    "statistics (`lipdp.statistics`), composed into the accounting.",
+    "model.feature_statistics": "`{noise_multiplier: z, clip_norm: R, scale: false, mean_clip: null, "
+    "variance_clip: null}`: centre (and with `scale: true` scale) the head's inputs per channel by one DP release "
+    "of the training split's channel statistics (`lipdp.statistics`), composed into the accounting; the optional "
+    "clips bound each example's vector of channel means and of squared deviations.",
     "model.layers": "The network after the input clip: a list of `{type: LayerName, **arguments}`, lipdp "
     "layers first, then Keras'.",
     "model.mechanism": "How a step gets its gradient sum and its sensitivity (`lipdp.mechanisms`): `null` is "
