@@ -149,6 +149,7 @@ def train(args, x_train, y_train, noise_multiplier, rng):
     w, b = np.zeros((d, 10), np.float32), np.zeros(10, np.float32)
     vw, vb = np.zeros_like(w), np.zeros_like(b)
     total, step = args.epochs * steps_per_epoch(args, n), 0
+    averages = {momentum: (w.copy(), b.copy()) for momentum in args.ema}
     row_norms = np.linalg.norm(x_train, axis=1)
     for _ in range(args.epochs):
         for index in batches(args, n, rng):
@@ -175,8 +176,11 @@ def train(args, x_train, y_train, noise_multiplier, rng):
             b -= lr * vb
             if args.spectral:  # lipdp's SpectralNormConstraint: projection onto ||W||_2 <= 1 after each update
                 w *= min(1.0, 1.0 / math.sqrt(np.linalg.eigvalsh(w.T.astype(np.float64) @ w)[-1]))
+            for momentum, (average_w, average_b) in averages.items():  # Keras' use_ema, after each step
+                average_w += (1.0 - momentum) * (w - average_w)
+                average_b += (1.0 - momentum) * (b - average_b)
             step += 1
-    return w, b
+    return {None: (w, b), **averages}
 
 
 def main(argv=None):
@@ -202,6 +206,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8192)
     parser.add_argument("--sampling", choices=("poisson", "shuffle"), default="shuffle")
     parser.add_argument("--epsilon", type=float, default=3.0)
+    parser.add_argument("--ema", type=float, nargs="*", default=[], help="also score averaged weights (momenta)")
     parser.add_argument("--label", default="")
     parser.add_argument("--data-dir", default="../shared/data/cifar10")
     args = parser.parse_args(argv)
@@ -222,22 +227,23 @@ def main(argv=None):
             steps=args.epochs * steps_per_epoch(args, len(x_train)),
             releases=releases,
         )
-    w, b = train(args, x_train, y_train, noise, rng)
-    accuracy = float(np.mean(np.argmax(x_test @ w + b, axis=1) == y_test))
-    # the loss's logit gradients sum to 0 over the classes: W's class-sum direction holds noise only
-    noise_share = float(np.sum(np.square(w.sum(axis=1)))) / max(float(np.sum(np.square(w))), 1e-30)
+    heads = train(args, x_train, y_train, noise, rng)
     seconds = time.time() - start
     epsilon = args.epsilon if noise else "inf"
-    print(f"{args.label}: accuracy {accuracy:.4f} (noise {noise:.3f}, W's noise share {noise_share:.2f})")
+    command = "python experiments/cifar_gap.py " + " ".join(sys.argv[1:] if argv is None else argv)
     new = not os.path.exists(RESULTS)
     with open(RESULTS, "a", newline="") as f:
         writer = csv.writer(f)
         if new:
             writer.writerow(["tool", "label", "split", "epsilon", "noise_multiplier", "accuracy", "wall_s", "command"])
-        command = "python experiments/cifar_gap.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        writer.writerow(
-            ["simulator", args.label, args.split, epsilon, f"{noise:.4f}", f"{accuracy:.4f}", f"{seconds:.0f}", command]
-        )
+        for momentum, (w, b) in heads.items():
+            accuracy = float(np.mean(np.argmax(x_test @ w + b, axis=1) == y_test))
+            # the loss's logit gradients sum to 0 over the classes: W's class-sum direction holds noise only
+            noise_share = float(np.sum(np.square(w.sum(axis=1)))) / max(float(np.sum(np.square(w))), 1e-30)
+            label = args.label if momentum is None else f"{args.label} [weights averaged, EMA {momentum}]"
+            print(f"{label}: accuracy {accuracy:.4f} (noise {noise:.3f}, W's noise share {noise_share:.2f})")
+            row = [label, args.split, epsilon, f"{noise:.4f}", f"{accuracy:.4f}", f"{seconds:.0f}", command]
+            writer.writerow(["simulator", *row])
 
 
 if __name__ == "__main__":

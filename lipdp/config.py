@@ -212,6 +212,10 @@ def build_mechanism(spec):
     from lipdp import augmentation, mechanisms
     from lipdp.errors import LipdpError
 
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if spec is not None and not isinstance(spec, dict):
+        raise ConfigError(f"model.mechanism: expected null, a name or {{name: ..., ...}}, got {spec!r}")
     spec = dict(spec or {"name": "certified"})
     try:
         if spec.get("augmentation") is not None:

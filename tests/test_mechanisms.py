@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 import lipdp
+from lipdp import config, mechanisms
 from lipdp import layers as L
-from lipdp import mechanisms
 from lipdp.augmentation import AugmentationMultiplicity
 from lipdp.clipping import AutomaticClipping, FlatClipping, GlobalClipping, rule_names
 from lipdp.errors import ModelNotSupportedError, NotPrivateError
@@ -44,6 +44,17 @@ def test_every_clipping_rule_is_registered_once():
 def test_bad_identifiers_are_refused_by_name(identifier, message):
     with pytest.raises(ModelNotSupportedError, match=message):
         mechanisms.get(identifier)
+
+
+def test_config_mechanisms_take_a_name_and_refuse_non_numbers():
+    assert config.build_mechanism("flat").get_config() == mechanisms.get("flat").get_config()
+    for spec, message in [
+        ({"name": "flat", "clip_norm": True}, "clip_norm must be a positive finite number, got True"),
+        ({"name": "automatic", "gamma": "0.1"}, "gamma must be a positive finite number, got '0.1'"),
+        (3, "model.mechanism: expected null, a name or"),
+    ]:
+        with pytest.raises(config.ConfigError, match=message):
+            config.build_mechanism(spec)
 
 
 def test_the_model_takes_its_mechanism_and_saves_it():

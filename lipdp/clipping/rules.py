@@ -35,6 +35,7 @@ Only one whole-model threshold is supported (no per-layer thresholds).
 """
 
 import math
+import numbers
 
 import tensorflow as tf
 
@@ -49,10 +50,9 @@ CLIP_MARGIN = 1e-4
 
 
 def _positive_finite(name, value):
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 class ClippingRule(mechanisms.GradientMechanism):
