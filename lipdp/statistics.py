@@ -136,6 +136,8 @@ def release_channel_statistics(
             raise ValueError(f"{name} must be > 0 or None, got {value}")
     if variance_clip is not None and not scale:
         raise ValueError("variance_clip clips the variance release: it needs scale=True")
+    if np.ndim(x) < 2 or len(x) == 0:
+        raise ValueError(f"x: expected features of shape (N, ..., C) with N >= 1, got shape {np.shape(x)}")
     check_finite("x", x)  # one NaN would make every released mean NaN, which no neighbouring data set produces
     rng = np.random.default_rng() if rng is None else rng
     noise_std = noise_multiplier * (math.sqrt(2.0) if scale else 1.0)

@@ -102,6 +102,9 @@ def test_each_stage_draws_noise_of_std_z_times_its_sensitivity(scale):
     np.testing.assert_allclose(layer.mean, exact_mean, rtol=1e-6)  # no noise drawn: the sum itself
     with pytest.raises(ValueError, match="variance_clip .* needs scale=True"):
         statistics.release_channel_statistics(x, clip_norm=1.0, noise_multiplier=1.0, variance_clip=0.1)
+    for shapeless in (x[:0], x[:, 0, 0, 0]):  # no example; no channel axis
+        with pytest.raises(ValueError, match=r"x: expected features of shape \(N, ..., C\) with N >= 1"):
+            statistics.release_channel_statistics(shapeless, clip_norm=1.0, noise_multiplier=1.0)
 
 
 @pytest.mark.parametrize("sampling", ["poisson", "shuffle"])
