@@ -71,10 +71,12 @@ def _privacy(args):
         accountant=args.accountant,
         sampling=args.sampling,
         steps_per_epoch=steps_per_epoch,
+        releases=tuple(args.release),
     )
+    releases = f", after releases with noise multipliers {list(args.release)}" if args.release else ""
     print(
         f"sampling: {args.sampling}, rate q={rate:.6g}, {common['steps']} steps "
-        f"({steps_per_epoch} per epoch), accountant: {args.accountant}"
+        f"({steps_per_epoch} per epoch){releases}, accountant: {args.accountant}"
     )
     if args.noise_multiplier is not None:
         epsilon = accounting.compute_epsilon(noise_multiplier=args.noise_multiplier, **common)
@@ -182,6 +184,14 @@ def parser():
     privacy.add_argument("--delta", type=float, required=True)
     privacy.add_argument("--accountant", default="rdp", choices=("rdp", "pld"))
     privacy.add_argument("--sampling", default="poisson", choices=("poisson", "shuffle"))
+    privacy.add_argument(
+        "--release",
+        type=float,
+        action="append",
+        default=[],
+        metavar="Z",
+        help="noise multiplier of a statistics release before training (model.feature_statistics), repeatable",
+    )
     privacy.set_defaults(func=_privacy)
 
     report = commands.add_parser("report", help="HTML and Markdown report of a run folder")

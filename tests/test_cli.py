@@ -87,6 +87,18 @@ def test_privacy_calibrates_noise_for_a_target(capsys):
     assert accounting.compute_epsilon(noise_multiplier=sigma * 0.98, **args) > 2.0  # close to the smallest
 
 
+@pytest.mark.parametrize("sampling", ["poisson", "shuffle"])
+def test_privacy_composes_the_statistics_releases_a_run_makes(sampling, capsys):
+    """A run with model.feature_statistics spends its release too: the calculator must count it when asked."""
+    common = ["privacy", "--dataset-size", "1000", "--batch-size", "100", "--epochs", "3", "--delta", "1e-5"]
+    cli.main(common + ["--sampling", sampling, "--noise-multiplier", "2", "--release", "8", "--release", "20"])
+    printed = float(re.search(r"epsilon = ([0-9.e+-]+)", capsys.readouterr().out).group(1))
+    schedule = dict(sampling_rate=0.1, steps=30, delta=1e-5, sampling=sampling, steps_per_epoch=10)
+    expected = accounting.compute_epsilon(noise_multiplier=2.0, releases=(8.0, 20.0), **schedule)
+    assert printed == pytest.approx(expected, rel=1e-5)
+    assert printed > accounting.compute_epsilon(noise_multiplier=2.0, **schedule) * 1.01
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from lipdp import accounting, cli, config, data, statistics
+from lipdp import sampling as sampling_lib
 from lipdp.layers import ChannelStandardization
 from lipdp.layers.frontends import array_fingerprint, cached_features
 from lipdp.ledger import ledger_from_json
@@ -101,6 +102,30 @@ def test_each_stage_draws_noise_of_std_z_times_its_sensitivity(scale):
     np.testing.assert_allclose(layer.mean, exact_mean, rtol=1e-6)  # no noise drawn: the sum itself
     with pytest.raises(ValueError, match="variance_clip .* needs scale=True"):
         statistics.release_channel_statistics(x, clip_norm=1.0, noise_multiplier=1.0, variance_clip=0.1)
+    for shapeless in (x[:0], x[:, 0, 0, 0]):  # no example; no channel axis
+        with pytest.raises(ValueError, match=r"x: expected features of shape \(N, ..., C\) with N >= 1"):
+            statistics.release_channel_statistics(shapeless, clip_norm=1.0, noise_multiplier=1.0)
+
+
+@pytest.mark.parametrize("sampling", ["poisson", "shuffle"])
+@pytest.mark.parametrize("accountant", accounting.ACCOUNTANTS)
+def test_the_two_stages_spend_exactly_the_release_the_accountant_counts(accountant, sampling):
+    """Each stage's drawn noise over its sensitivity, composed, against the layer's one release event."""
+    x = np.random.default_rng(3).normal(size=(50,) + SHAPE)
+    recorder = RecordingGenerator()
+    layer = statistics.release_channel_statistics(
+        x, clip_norm=2.0, noise_multiplier=3.0, scale=True, mean_clip=0.2, variance_clip=0.05, rng=recorder
+    )  # both clips below the bounds from R: the sensitivities are the clips
+    sampler = sampling_lib.sampler_class(sampling)
+    stages = dp_accounting.ComposedDpEvent(
+        [sampler.release_event(std / bound) for std, bound in zip(recorder.stds, (0.2, 0.05))]
+    )
+    (counted,) = layer.release_noise_multipliers
+
+    def epsilon(event):
+        return accounting.make_accountant(accountant).compose(event).get_epsilon(1e-5)
+
+    assert epsilon(stages) == pytest.approx(epsilon(sampler.release_event(counted)), rel=1e-6)
 
 
 @pytest.mark.parametrize("scale", [False, True])
@@ -205,7 +230,9 @@ def test_a_resumed_run_reuses_the_same_release_only(tmp_path, capsys):
     ).get_config()
     (out / "feature_statistics.json").write_text(json.dumps({"release": release, "layer": planted}))  # a crash left it
     args = ["train", DIGITS, "--out", str(out), "--verbose", "0", "--set", "training.epochs=1"]
-    for other in ("{noise_multiplier: 50, clip_norm: 8}", "{noise_multiplier: 20, clip_norm: 8, scale: true}", "null"):
+    others = ["{noise_multiplier: 50, clip_norm: 8}", "{noise_multiplier: 20, clip_norm: 8, scale: true}", "null"]
+    others.append("{noise_multiplier: 20, clip_norm: 8, mean_clip: 0.5}")  # a clip the release was not drawn with
+    for other in others:
         assert cli.main(args + ["--set", f"model.feature_statistics={other}"]) == 2  # never accounted as another
         assert "holds a release made with" in capsys.readouterr().err
     assert cli.main(args + ["--set", "model.feature_statistics={noise_multiplier: 20, clip_norm: 8}"]) == 0
