@@ -45,6 +45,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from lipdp import streaming
 from lipdp.layers.frontends import ChannelStandardization
 from lipdp.layers.structure import clip_per_sample
 from lipdp.sampling import check_finite
@@ -58,8 +59,8 @@ def channel_sums(x, clip_norm, batch_size=2048):
     axes = tuple(range(1, x.ndim - 1))
     sum_means = np.zeros(x.shape[-1])
     sum_squares = np.zeros(x.shape[-1])
-    for start in range(0, len(x), batch_size):
-        clipped = clip_per_sample(tf.constant(x[start : start + batch_size], tf.float64), clip_norm).numpy()
+    for block in streaming.row_blocks(x, batch_size):  # a memory-mapped x is never loaded whole
+        clipped = clip_per_sample(tf.constant(block, tf.float64), clip_norm).numpy()
         sum_means += clipped.mean(axis=axes).sum(axis=0)
         sum_squares += np.square(clipped).mean(axis=axes).sum(axis=0)
     return sum_means, sum_squares
