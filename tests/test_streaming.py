@@ -82,8 +82,8 @@ def test_a_training_run_samples_from_the_cache_file_and_standardises_per_batch(t
     seen = {}
 
     def spy(kind, x, y, **kwargs):
-        seen["x"] = x
-        return make_sampler(kind, x, y, **kwargs)
+        seen["sampler"] = make_sampler(kind, x, y, **kwargs)
+        return seen["sampler"]
 
     make_sampler = sampling.make_sampler
     monkeypatch.setattr(sampling, "make_sampler", spy)
@@ -97,7 +97,7 @@ def test_a_training_run_samples_from_the_cache_file_and_standardises_per_batch(t
     args = ["train", DIGITS, "--out", str(out), "--verbose", "0"] + [a for s in overrides for a in ("--set", s)]
     assert cli.main(args) == 0
     (cache,) = [name for name in os.listdir(tmp_path / "cache") if len(np.load(tmp_path / "cache" / name)) > 1000]
-    mapping = streaming.read_only_mapping(seen["x"])
+    mapping = streaming.read_only_mapping(seen["sampler"].x)
     assert mapping is not None and len(mapping) == os.path.getsize(tmp_path / "cache" / cache)
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["release_noise_multipliers"] == [20.0]  # once: carried by the layer, not also passed as releases=
