@@ -19,7 +19,7 @@ are discarded together with the weights they produced.
 import numpy as np
 import tensorflow as tf
 
-from lipdp import distribute
+from lipdp import distribute, streaming
 from lipdp.backend import keras
 from lipdp.errors import PrivacyBudgetExhausted
 
@@ -114,17 +114,17 @@ class GradientNoiseMonitor(keras.callbacks.Callback):
         super().__init__()
         self.x_heldout, self.y_heldout = x_heldout, y_heldout
         self.seed = seed
-        self._batch = None
+        self._index = None
 
     def _heldout_batch(self):
-        if self._batch is None:
+        """The fixed batch, gathered anew at each call (a memory-mapped ``x_heldout`` is not held in memory)."""
+        if self._index is None:
             size = max(1, min(len(self.x_heldout), int(round(self.model.privacy.expected_batch_size))))
-            index = np.random.default_rng(self.seed).permutation(len(self.x_heldout))[:size]
-            self._batch = (
-                tf.constant(self.x_heldout[index], tf.float32),
-                tf.constant(self.y_heldout[index], tf.float32),
-            )
-        return self._batch
+            self._index = np.random.default_rng(self.seed).permutation(len(self.x_heldout))[:size]
+        return (
+            tf.constant(streaming.take_rows(self.x_heldout, self._index), tf.float32),
+            tf.constant(self.y_heldout[self._index], tf.float32),
+        )
 
     def ratio(self):
         """The current gradient-to-noise ratio (float)."""

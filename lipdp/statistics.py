@@ -68,6 +68,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from lipdp import streaming
 from lipdp.layers.frontends import ChannelStandardization
 from lipdp.layers.structure import clip_per_sample
 from lipdp.sampling import check_finite
@@ -80,8 +81,8 @@ def example_moments(x, clip_norm, centre=None, batch_size=2048):
     """``(N, C)`` float64: each clipped example's per-channel mean, or with ``centre`` its mean squared deviation."""
     axes = tuple(range(1, x.ndim - 1))
     rows = []
-    for start in range(0, len(x), batch_size):
-        clipped = clip_per_sample(tf.constant(x[start : start + batch_size], tf.float64), clip_norm).numpy()
+    for block in streaming.row_blocks(x, batch_size):  # a memory-mapped x is never loaded whole
+        clipped = clip_per_sample(tf.constant(block, tf.float64), clip_norm).numpy()
         rows.append(clipped.mean(axis=axes) if centre is None else np.square(clipped - centre).mean(axis=axes))
     return np.concatenate(rows)
 

@@ -25,10 +25,13 @@ from lipdp.layers.frontends import array_fingerprint
 from lipdp.model import DPSequential
 from lipdp.policy import PrivacyPolicy
 
+#: Held-out examples per batch of the per-epoch validation (read from the features as they are needed).
+VALIDATION_BATCH_SIZE = 1024
 
-def build_layers(cfg: config_lib.Config, input_shape):
-    """Fresh layers for ``cfg.model``: an input, an :class:`InputNormClip`, then the configured layers."""
-    layers = [keras.Input(input_shape), InputNormClip(cfg.model.input_norm)]
+
+def build_layers(cfg: config_lib.Config, input_shape, frontends=()):
+    """Fresh layers for ``cfg.model``: an input, the ``frontends``, an :class:`InputNormClip`, the configured layers."""
+    layers = [keras.Input(input_shape), *frontends, InputNormClip(cfg.model.input_norm)]
     for spec in cfg.model.layers:
         arguments = {k: v for k, v in spec.items() if k != "type"}
         layers.append(config_lib.layer_class(spec["type"])(**arguments))
@@ -77,12 +80,13 @@ def _ema(cfg):
     return {"use_ema": True, "ema_momentum": float(momentum)}
 
 
-def build_model(cfg: config_lib.Config, input_shape, training_steps=None):
+def build_model(cfg: config_lib.Config, input_shape, training_steps=None, frontends=()):
     """The compiled DP model described by ``cfg``, on inputs of ``input_shape`` (features, with a front-end).
 
-    ``training_steps``: the steps the run plans, for a decaying learning rate.
+    ``training_steps``: the steps the run plans, for a decaying learning rate. ``frontends``: front-end layers
+    to apply before the input clip (a released :class:`ChannelStandardization`).
     """
-    layers = build_layers(cfg, input_shape)
+    layers = build_layers(cfg, input_shape, frontends)
     model = DPSequential(
         layers,
         mechanism=config_lib.build_mechanism(cfg.model.mechanism),
@@ -161,17 +165,17 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     runs.write_text(work_dir, runs.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     raw, frontend = data.configured_split(full, cfg.dataset), build_frontend(cfg)
     sampling.check_data(raw.x_train, raw.y_train)  # before any release or step
-    dataset, frontends, releases = raw, [], ()
-    if frontend is not None:  # features of the whole data set (one cache entry for every split of it)
+    dataset, frontends, head_frontends = raw, [], []
+    if frontend is not None:  # features of the whole data set (one cache entry for every split of it), memory-mapped
         dataset = data.configured_split(_features(full, frontend, cfg.dataset.feature_cache, verbose), cfg.dataset)
         frontends.append(frontend)
+    raw_record, raw_shape, held_out = _data_record(raw), raw.input_shape, (raw.x_test, raw.y_test, _data_summary(raw))
+    del full, raw  # with a front-end the raw training images are read no more: freed (0.55 GB for CIFAR-10)
     _check_resume_releases(cfg, work_dir)
     if cfg.model.feature_statistics is not None or os.path.exists(runs.path(work_dir, runs.STATISTICS)):
-        standardization = _released_standardization(cfg, dataset.x_train, work_dir)
-        x_train, x_test = (cached_features(standardization, x) for x in (dataset.x_train, dataset.x_test))
-        dataset = dataclasses.replace(dataset, x_train=x_train, x_test=x_test)
-        frontends.append(standardization)
-        releases = configured_releases(cfg)
+        # the head's first layer: each batch is standardised as it is drawn (the features are never copied
+        # whole), and make_private composes the release the layer carries
+        head_frontends.append(_released_standardization(cfg, dataset.x_train, work_dir))
 
     seed = cfg.sampling.seed
     if seed is not None:
@@ -187,9 +191,10 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
         seed=None if seed is None else [seed, runs.next_attempt(work_dir)],
     )
     with distribute.scope(strategy):
-        model = build_model(cfg, dataset.input_shape, training_steps=cfg.training.epochs * sampler.steps_per_epoch)
-    model.make_private(sampler, **policy_arguments(cfg, releases))
-    _check_resume_record(model, raw, work_dir)
+        steps = cfg.training.epochs * sampler.steps_per_epoch
+        model = build_model(cfg, dataset.input_shape, training_steps=steps, frontends=head_frontends)
+    model.make_private(sampler, **policy_arguments(cfg, releases=()))  # the releases: the head's layers carry them
+    _check_resume_record(model, raw_record, work_dir)
     extra = [
         callbacks.PrivacyLedger(),
         callbacks.GradientNoiseMonitor(dataset.x_test, dataset.y_test),  # held-out data only
@@ -206,7 +211,7 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     model.fit(
         sampler,
         epochs=cfg.training.epochs,
-        validation_data=(dataset.x_test, dataset.y_test),
+        validation_data=sampling.array_dataset(dataset.x_test, dataset.y_test, VALIDATION_BATCH_SIZE),
         callbacks=extra,
         verbose=verbose,
     )
@@ -214,8 +219,8 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
         runs.remove_emptied_backup(out_dir)
     if frontends:
         with distribute.scope(strategy):
-            model = with_frontend(model, frontends, raw.input_shape)
-    return _write_artefacts(model, raw, work_dir, config_lib.certified_radii(cfg))
+            model = with_frontend(model, frontends, raw_shape)
+    return _write_artefacts(model, *held_out, work_dir, config_lib.certified_radii(cfg))
 
 
 def _check_resume_releases(cfg, run_dir):
@@ -238,7 +243,18 @@ def configured_releases(cfg):
     return () if spec is None else (float(spec["noise_multiplier"]),)
 
 
-def _check_resume_record(model, raw, run_dir):
+def _data_record(dataset):
+    """The fingerprint of ``dataset``'s training examples (raw inputs and labels) that ``policy.json`` records."""
+    labels = hashlib.sha256(np.ascontiguousarray(dataset.y_train).tobytes())
+    return array_fingerprint(dataset.x_train, labels)
+
+
+def _data_summary(dataset):
+    """What ``metrics.json`` records of the data: its split sizes and provenance."""
+    return {"train_size": int(len(dataset.x_train)), "test_size": int(len(dataset.x_test)), "data": dataset.source}
+
+
+def _check_resume_record(model, data_record, run_dir):
     """Writes what the run's steps are taken under (policy, mechanism, data) before the first; a resume must match.
 
     A resumed run restores the steps of its backup: the accountant counts them
@@ -247,7 +263,7 @@ def _check_resume_record(model, raw, run_dir):
     mechanism, the training data) is refused, naming what changed.
     """
     wanted = json.loads(records.privacy_record(model.privacy, model.mechanism))
-    wanted["data"] = array_fingerprint(raw.x_train, hashlib.sha256(np.ascontiguousarray(raw.y_train).tobytes()))
+    wanted["data"] = data_record
     record_path = runs.path(run_dir, runs.POLICY)
     if not os.path.exists(record_path):
         runs.write_json(run_dir, runs.POLICY, wanted)
@@ -338,15 +354,13 @@ def _features(dataset, frontend, cache_dir, verbose):
     return dataclasses.replace(dataset, x_train=train, x_test=test)
 
 
-def _write_artefacts(model, dataset, out_dir, certified_radii):
-    results = model.evaluate(dataset.x_test, dataset.y_test, verbose=0, return_dict=True)
+def _write_artefacts(model, x_test, y_test, data_summary, out_dir, certified_radii):
+    results = model.evaluate(x_test, y_test, verbose=0, return_dict=True)
     metrics = {
         "test_loss": float(results["loss"]),
         "test_accuracy": float(results["accuracy"]),
-        "train_size": int(len(dataset.x_train)),
-        "test_size": int(len(dataset.x_test)),
-        "data": dataset.source,
-        "certified": robustness.certified_accuracy(model, dataset.x_test, dataset.y_test, certified_radii).to_dict(),
+        **data_summary,
+        "certified": robustness.certified_accuracy(model, x_test, y_test, certified_radii).to_dict(),
     }
     runs.write_json(out_dir, runs.METRICS, metrics)
     model.reset_metrics()  # the saved metric states would hold the evaluation's exact counts (private in a search)

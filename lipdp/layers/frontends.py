@@ -21,6 +21,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from lipdp import streaming
 from lipdp.backend import keras
 from lipdp.layers.base import NUMERICAL_MARGIN, DPLayer, as_bound
 from lipdp.layers.structure import clip_per_sample
@@ -244,10 +245,15 @@ def scattering_lipschitz_bound(scattering, max_order=2):
 
 
 def array_fingerprint(x, digest=None):
-    """A short hash of ``x``'s shape, dtype and values, fed to ``digest`` (a fresh SHA-256 by default)."""
+    """A short hash of ``x``'s shape, dtype and values, fed to ``digest`` (a fresh SHA-256 by default).
+
+    The values are hashed a block of rows at a time (the same hash as of all
+    the bytes at once), so a memory-mapped ``x`` is never copied whole.
+    """
     digest = hashlib.sha256() if digest is None else digest
     digest.update(str((x.shape, x.dtype.str)).encode())
-    digest.update(np.ascontiguousarray(x).tobytes())
+    for block in streaming.row_blocks(np.atleast_1d(x)):
+        digest.update(np.ascontiguousarray(block).data)
     return digest.hexdigest()[:32]
 
 
@@ -259,24 +265,40 @@ def _fingerprint(layer, x):
 def cached_features(layer, x, cache_dir=None, batch_size=512, verbose=0):
     """``layer(x)`` computed in batches, cached on disk by a hash of the data and the layer's settings.
 
-    ``cache_dir=None`` computes without caching. The key covers every value
-    of ``x`` and the layer's config, so a change to either recomputes.
+    ``cache_dir=None`` computes without caching and returns an array in
+    memory. With a cache, the features are written to the cache file batch
+    by batch and returned memory-mapped from it (``np.load(mmap_mode="r")``,
+    read-only): nothing is loaded until used (:mod:`lipdp.streaming`). The key
+    covers every value of ``x`` and the layer's config, so a change to either
+    recomputes.
     """
-    path = None
-    if cache_dir is not None:
-        path = os.path.join(cache_dir, f"{type(layer).__name__}-{_fingerprint(layer, x)}.npy")
-        if os.path.exists(path):
-            return np.load(path)
-    batches = range(0, len(x), batch_size)
-    progress = keras.utils.Progbar(len(x), verbose=verbose, unit_name="example")
-    features = []
-    for start in batches:
-        features.append(layer(x[start : start + batch_size]).numpy())
-        progress.add(len(features[-1]))
-    features = np.concatenate(features)
-    if path is not None:
+    if len(x) == 0:
+        raise ValueError(f"cached_features: no examples to compute {type(layer).__name__} features of")
+    if cache_dir is None:
+        return np.concatenate(list(_feature_batches(layer, x, batch_size, verbose)))
+    path = os.path.join(cache_dir, f"{type(layer).__name__}-{_fingerprint(layer, x)}.npy")
+    if not os.path.exists(path):
         os.makedirs(cache_dir, exist_ok=True)
         temporary = f"{path}.{os.getpid()}.tmp.npy"
-        np.save(temporary, features)
+        _write_npy(temporary, len(x), _feature_batches(layer, x, batch_size, verbose))
         os.replace(temporary, path)  # atomic: a killed run never leaves a truncated cache file
-    return features
+    return np.load(path, mmap_mode="r")
+
+
+def _feature_batches(layer, x, batch_size, verbose):
+    """``layer`` applied to ``x`` a batch at a time (numpy arrays), with a progress bar."""
+    progress = keras.utils.Progbar(len(x), verbose=verbose, unit_name="example")
+    for start in range(0, len(x), batch_size):
+        features = layer(x[start : start + batch_size]).numpy()
+        progress.add(len(features))
+        yield features
+
+
+def _write_npy(path, rows, batches):
+    """Writes an ``.npy`` of ``rows`` rows from consecutive ``batches`` without holding more than one of them."""
+    with open(path, "wb") as handle:
+        for index, batch in enumerate(batches):
+            if index == 0:
+                header = {"descr": np.lib.format.dtype_to_descr(batch.dtype), "fortran_order": False}
+                np.lib.format.write_array_header_1_0(handle, {**header, "shape": (rows,) + batch.shape[1:]})
+            handle.write(np.ascontiguousarray(batch).data)

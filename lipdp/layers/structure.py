@@ -9,11 +9,24 @@ from lipdp import distribute
 from lipdp.backend import keras
 from lipdp.layers.base import DPLayer, StepRelease, as_bound
 
+#: Samples with more entries than this have their squares summed in float64 a slice of entries at a time.
+NORM_SLICE_SIZE = 2**10
+
 
 def _per_sample_norms(tensor, keepdims=False):
-    """The l2 norm of each sample over every non-batch axis, in float64 (no overflow)."""
-    axes = list(range(1, len(tensor.shape)))
-    return tf.sqrt(tf.reduce_sum(tf.square(tf.cast(tensor, tf.float64)), axis=axes, keepdims=keepdims))
+    """The l2 norm of each sample over every non-batch axis, in float64 (no overflow).
+
+    Wide samples are cast to float64 a slice of at most :data:`NORM_SLICE_SIZE`
+    entries at a time: a float64 copy of a whole batch of scattering features
+    (8,192 x 15,552) would take 1 GB.
+    """
+    flat = tf.reshape(tensor, [tf.shape(tensor)[0], -1])
+    width = flat.shape[1]
+    starts = range(0, width, NORM_SLICE_SIZE) if width is not None else [0]
+    stops = [None] * len(starts) if width is None else [start + NORM_SLICE_SIZE for start in starts]
+    squares = [tf.reduce_sum(tf.square(tf.cast(flat[:, a:b], tf.float64)), axis=1) for a, b in zip(starts, stops)]
+    norms = tf.sqrt(tf.add_n(squares))
+    return tf.reshape(norms, [-1] + [1] * (len(tensor.shape) - 1)) if keepdims else norms
 
 
 def clip_per_sample(tensor, max_norm):
