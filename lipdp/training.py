@@ -296,6 +296,13 @@ def _released_standardization(cfg, x_train, run_dir):
         wanted["data"] = array_fingerprint(x_train)
     if os.path.exists(record_path):
         record = runs.read_json(run_dir, runs.STATISTICS)
+        drawn = record.get("release") or {}
+        if drawn.get("noise_multiplier") != record["layer"].get("noise_multiplier"):  # the layer tells the accountant
+            raise config_lib.ConfigError(
+                f"model.feature_statistics: {record_path} is inconsistent: its layer carries noise multiplier "
+                f"{record['layer'].get('noise_multiplier')!r}, its release was drawn with "
+                f"{drawn.get('noise_multiplier')!r}; the file was edited or damaged. Start a new run folder (--out)"
+            )
         if record["release"] != wanted:
             raise config_lib.ConfigError(
                 f"model.feature_statistics: {record_path} holds a release made with {record['release']}, but this "

@@ -240,6 +240,21 @@ def test_a_resumed_run_reuses_the_same_release_only(tmp_path, capsys):
     assert (layer.mean, layer.scale) == ([0.25], [0.5])
 
 
+def test_a_release_record_whose_layer_claims_another_noise_is_refused(tmp_path, capsys):
+    """The layer's noise multiplier is what the accountant counts: it must be the one the release was drawn with."""
+    out = tmp_path / "run"
+    out.mkdir()
+    x_train = data.load("digits").x_train
+    release = {"noise_multiplier": 20.0, "clip_norm": 8.0, "scale": False, "examples": len(x_train)}
+    release["data"] = array_fingerprint(x_train)
+    edited = ChannelStandardization([0.25], [0.5], 8.0, noise_multiplier=1000.0, name="channel_standardization")
+    (out / "feature_statistics.json").write_text(json.dumps({"release": release, "layer": edited.get_config()}))
+    args = ["train", DIGITS, "--out", str(out), "--verbose", "0", "--set", "training.epochs=1"]
+    assert cli.main(args + ["--set", "model.feature_statistics={noise_multiplier: 20, clip_norm: 8}"]) == 2
+    assert "is inconsistent: its layer carries noise multiplier 1000.0" in capsys.readouterr().err
+    assert not (out / "privacy.json").exists()
+
+
 def test_an_impossible_budget_fails_before_anything_is_released(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", DIGITS, "--out", str(out), "--verbose", "0"]
