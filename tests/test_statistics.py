@@ -219,16 +219,23 @@ def test_training_run_releases_once_records_it_and_saves_a_raw_input_model(tmp_p
     assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)  # raw inputs in, the release inside
 
 
-def test_a_resumed_run_reuses_the_same_release_only(tmp_path, capsys):
+def planted_release(tmp_path, layer_noise_multiplier):
+    """A run folder holding the digits release record of ``{noise_multiplier: 20, clip_norm: 8}`` (a crash left it),
+    whose layer carries ``layer_noise_multiplier``."""
     out = tmp_path / "run"
     out.mkdir()
     x_train = data.load("digits").x_train
     release = {"noise_multiplier": 20.0, "clip_norm": 8.0, "scale": False, "examples": len(x_train)}
     release["data"] = array_fingerprint(x_train)
-    planted = ChannelStandardization(
-        [0.25], [0.5], 8.0, noise_multiplier=20.0, name="channel_standardization"
-    ).get_config()
-    (out / "feature_statistics.json").write_text(json.dumps({"release": release, "layer": planted}))  # a crash left it
+    layer = ChannelStandardization(
+        [0.25], [0.5], 8.0, noise_multiplier=layer_noise_multiplier, name="channel_standardization"
+    )
+    (out / "feature_statistics.json").write_text(json.dumps({"release": release, "layer": layer.get_config()}))
+    return out
+
+
+def test_a_resumed_run_reuses_the_same_release_only(tmp_path, capsys):
+    out = planted_release(tmp_path, 20.0)
     args = ["train", DIGITS, "--out", str(out), "--verbose", "0", "--set", "training.epochs=1"]
     others = ["{noise_multiplier: 50, clip_norm: 8}", "{noise_multiplier: 20, clip_norm: 8, scale: true}", "null"]
     others.append("{noise_multiplier: 20, clip_norm: 8, mean_clip: 0.5}")  # a clip the release was not drawn with
@@ -242,13 +249,7 @@ def test_a_resumed_run_reuses_the_same_release_only(tmp_path, capsys):
 
 def test_a_release_record_whose_layer_claims_another_noise_is_refused(tmp_path, capsys):
     """The layer's noise multiplier is what the accountant counts: it must be the one the release was drawn with."""
-    out = tmp_path / "run"
-    out.mkdir()
-    x_train = data.load("digits").x_train
-    release = {"noise_multiplier": 20.0, "clip_norm": 8.0, "scale": False, "examples": len(x_train)}
-    release["data"] = array_fingerprint(x_train)
-    edited = ChannelStandardization([0.25], [0.5], 8.0, noise_multiplier=1000.0, name="channel_standardization")
-    (out / "feature_statistics.json").write_text(json.dumps({"release": release, "layer": edited.get_config()}))
+    out = planted_release(tmp_path, 1000.0)  # edited after the draw
     args = ["train", DIGITS, "--out", str(out), "--verbose", "0", "--set", "training.epochs=1"]
     assert cli.main(args + ["--set", "model.feature_statistics={noise_multiplier: 20, clip_norm: 8}"]) == 2
     assert "is inconsistent: its layer carries noise multiplier 1000.0" in capsys.readouterr().err
