@@ -20,7 +20,8 @@ A completed run folder holds (names below, never spelled elsewhere):
   the run's config (:mod:`lipdp.canaries`), if run.
 
 While training: ``backup/`` (:data:`BACKUP`, Keras' BackupAndRestore, removed
-once complete) and ``attempts`` (:data:`ATTEMPTS`, the number of starts, so a
+once the artefacts are written: a run that crashes after its last epoch resumes
+with no epoch left and writes them) and ``attempts`` (:data:`ATTEMPTS`, the number of starts, so a
 resumed run never replays a sampling seed). With ``model.feature_statistics``,
 ``feature_statistics.json`` (:data:`STATISTICS`) holds the released
 statistics from before the first step on: a resumed run reuses them (the
@@ -33,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 
@@ -76,11 +78,9 @@ def next_attempt(run_dir):
     return attempt
 
 
-def remove_emptied_backup(run_dir):
-    """Keras empties the backup folder once training completes; remove it then."""
-    backup = path(run_dir, BACKUP)
-    if os.path.isdir(backup) and not os.listdir(backup):
-        os.rmdir(backup)
+def remove_backup(run_dir):
+    """Removes the backup folder once the run's artefacts are written (kept until then, to resume from)."""
+    shutil.rmtree(path(run_dir, BACKUP), ignore_errors=True)
 
 
 def write_json(run_dir, name, content):

@@ -198,7 +198,9 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     extra = [
         callbacks.PrivacyLedger(),
         callbacks.GradientNoiseMonitor(dataset.x_test, dataset.y_test),  # held-out data only
-        keras.callbacks.BackupAndRestore(runs.path(out_dir, runs.BACKUP)),
+        # kept after fit until the artefacts are written: a crash while assembling or saving the model resumes
+        # from the trained weights (no epoch left to run) instead of losing them
+        keras.callbacks.BackupAndRestore(runs.path(out_dir, runs.BACKUP), delete_checkpoint=False),
         keras.callbacks.CSVLogger(runs.path(work_dir, runs.HISTORY), append=True),
     ]
     if cfg.privacy.epsilon_budget is not None:
@@ -208,6 +210,10 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
         print(f"privacy policy: {model.privacy}")
         if strategy is not None:
             print(f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replicas")
+    # built now, not at the first step: a backup restores its state (averaged weights included) even when
+    # the resumed run has no step left (Keras 2.15's BackupAndRestore does not build it)
+    with distribute.scope(strategy):
+        model.optimizer.build(model.trainable_variables)
     model.fit(
         sampler,
         epochs=cfg.training.epochs,
@@ -215,12 +221,13 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
         callbacks=extra,
         verbose=verbose,
     )
-    if work_dir == out_dir:  # the chief owns the shared backup folder
-        runs.remove_emptied_backup(out_dir)
     if frontends:
         with distribute.scope(strategy):
             model = with_frontend(model, frontends, raw_shape)
-    return _write_artefacts(model, *held_out, work_dir, config_lib.certified_radii(cfg))
+    model, metrics = _write_artefacts(model, *held_out, work_dir, config_lib.certified_radii(cfg))
+    if work_dir == out_dir:  # the chief owns the shared backup folder
+        runs.remove_backup(out_dir)
+    return model, metrics
 
 
 def _check_resume_releases(cfg, run_dir):

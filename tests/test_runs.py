@@ -37,17 +37,6 @@ def test_json_records_are_replaced_whole(tmp_path):
     assert json.load(open(runs.path(run, runs.POLICY))) == {"b": [1, 2]}
 
 
-def test_an_emptied_backup_folder_is_removed_and_a_full_one_kept(tmp_path):
-    run = str(tmp_path)
-    os.makedirs(runs.path(run, runs.BACKUP))
-    open(os.path.join(runs.path(run, runs.BACKUP), "checkpoint"), "w").close()
-    runs.remove_emptied_backup(run)
-    assert os.path.isdir(runs.path(run, runs.BACKUP))
-    os.remove(os.path.join(runs.path(run, runs.BACKUP), "checkpoint"))
-    runs.remove_emptied_backup(run)
-    assert not os.path.exists(runs.path(run, runs.BACKUP))
-
-
 def test_history_reads_empty_cells_as_nan(tmp_path):
     history = tmp_path / "history.csv"
     history.write_text("epoch,loss,val_accuracy\n0,1.5,\n1,1.25,0.5\n")

@@ -2,10 +2,11 @@
 
 import os
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
-from lipdp import cli, config, data, training, verification
+from lipdp import cli, config, data, runs, training, verification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
@@ -152,3 +153,25 @@ def test_a_resume_adding_a_release_is_refused_before_the_release(tmp_path, monke
     assert cli.main(_args(str(out), "privacy.noise_multiplier=2.0", statistics)) == 2
     assert "taken after the releases []" in capsys.readouterr().err
     assert not (out / "feature_statistics.json").exists()  # nothing was drawn
+
+
+@pytest.mark.parametrize("ema", ["optimizer.ema_momentum=null", "optimizer.ema_momentum=0.9"])
+def test_a_crash_after_the_last_epoch_resumes_with_the_trained_weights(tmp_path, monkeypatch, ema):
+    """A crash while the artefacts are written (assembling, evaluating, saving) keeps the trained model."""
+    out, crashed = str(tmp_path / "run"), []
+
+    def crash(model, *args):
+        crashed.append([w.numpy() for w in model.weights])
+        raise RuntimeError("simulated crash while saving")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_write_artefacts", crash)
+        with pytest.raises(RuntimeError, match="while saving"):
+            cli.main(_args(out, "privacy.noise_multiplier=2.0", ema))
+    assert cli.main(_args(out, "privacy.noise_multiplier=2.0", ema)) == 0
+    run = runs.load_run(out)
+    assert len(runs.read_history(runs.path(out, runs.HISTORY))["epoch"]) == 3  # no epoch trained twice
+    assert run.privacy["steps"] == 3 * run.privacy["steps_per_epoch"]
+    for trained, saved in zip(crashed[0], run.model.weights, strict=True):
+        np.testing.assert_array_equal(trained, saved.numpy())
+    assert not os.path.exists(runs.path(out, runs.BACKUP))
