@@ -29,10 +29,15 @@ def _per_sample_norms(tensor, keepdims=False):
     return tf.reshape(norms, [-1] + [1] * (len(tensor.shape) - 1)) if keepdims else norms
 
 
+def _float64(value):
+    """``value`` as a float64 tensor; a Python number is not rounded through float32 (as ``tf.cast`` would)."""
+    return tf.cast(value, tf.float64) if tf.is_tensor(value) else tf.constant(value, tf.float64)
+
+
 def clip_per_sample(tensor, max_norm):
     """Scales each sample to norm <= ``max_norm``; the norm is taken in float64 (no overflow)."""
     norm = _per_sample_norms(tensor, keepdims=True)
-    scale = tf.minimum(tf.cast(1.0, tf.float64), tf.cast(max_norm, tf.float64) / tf.maximum(norm, 1e-12))
+    scale = tf.minimum(tf.cast(1.0, tf.float64), _float64(max_norm) / tf.maximum(norm, 1e-12))
     return tensor * tf.cast(scale, tensor.dtype)
 
 
@@ -168,7 +173,7 @@ def _clip_cotangent(inputs, max_norm, counter=None):
     def clip(x):
         def backward(upstream):
             if counter is not None:
-                under = _per_sample_norms(upstream) <= tf.cast(max_norm, tf.float64)
+                under = _per_sample_norms(upstream) <= _float64(max_norm)
                 counter.assign_add(tf.reduce_sum(tf.cast(under, counter.dtype)))
             return clip_per_sample(upstream, max_norm)
 

@@ -83,6 +83,16 @@ def test_input_norm_clip_projects_huge_finite_inputs():
     np.testing.assert_allclose(out, np.full((1, 4), 1.0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("max_norm", [0.1, 0.3, 1e-3])
+def test_clip_per_sample_holds_a_python_number_clip_exactly_in_float64(max_norm):
+    """float64 samples projected onto a clip given as a Python float: no rounding through float32."""
+    from lipdp.layers.structure import clip_per_sample
+
+    x = np.random.default_rng(0).normal(size=(64, 7))
+    clipped = clip_per_sample(tf.constant(x, tf.float64), max_norm).numpy()
+    assert norms(clipped).max() <= max_norm * (1 + 1e-12)
+
+
 def test_add_and_average_bounds_in_a_functional_model():
     inp = tf.keras.Input((6,))
     h = L.InputNormClip(1.5)(inp)
