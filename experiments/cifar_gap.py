@@ -50,20 +50,10 @@ def load(features, split, data_dir):
     return np.array(train), labels["y_train"].ravel(), np.load(validation_file), labels["y_test"].ravel()
 
 
-def channel_moments(x, chunk=2048):
-    """Per-example per-channel means and mean squares over the positions, float64, ``(N, C)`` each."""
-    means, squares = [], []
-    for start in range(0, len(x), chunk):
-        rows = x[start : start + chunk].reshape(len(x[start : start + chunk]), -1, x.shape[-1]).astype(np.float64)
-        means.append(rows.mean(axis=1))
-        squares.append(np.square(rows).mean(axis=1))
-    return np.concatenate(means), np.concatenate(squares)
-
-
 def tramer_statistics(x, noise_multiplier, rng):
     """Per-channel mean and variance as Handcrafted-DP releases them: each example's vector of channel means
     (and of channel mean squares) clipped to the median norm of those vectors, summed, noise multiplier z each."""
-    means, squares = channel_moments(x)
+    means, squares = statistics.example_moments(x, None)
 
     def noisy_mean(v):
         norms = np.linalg.norm(v, axis=1)
@@ -77,7 +67,7 @@ def tramer_statistics(x, noise_multiplier, rng):
 
 
 def exact_statistics(x):
-    means, squares = channel_moments(x)
+    means, squares = statistics.example_moments(x, None)
     mean = means.mean(axis=0)
     return mean, np.sqrt(np.maximum(squares.mean(axis=0) - mean**2, 0.0) + 1e-5)
 
@@ -115,10 +105,9 @@ def normalise(args, x_train, x_test, rng):
 
 
 def clip_rows(x, bound):
+    """Each row of ``x`` projected onto the ``bound`` ball, in place (the carve's features fill most of memory)."""
     for start in range(0, len(x), 4096):
-        block = x[start : start + 4096]
-        norms = np.linalg.norm(block, axis=1, keepdims=True)
-        block *= np.minimum(1.0, bound / np.maximum(norms, 1e-12))
+        x[start : start + 4096] = statistics.project_rows(x[start : start + 4096], bound)
 
 
 def batches(args, n, rng):

@@ -45,9 +45,9 @@ def main():
         exact_scale,
     )
     clip = 55.5  # no example is projected (largest norm 13.7): only the per-moment clips act
-    means = statistics.example_moments(x, clip)
+    means, mean_squares = statistics.example_moments(x, clip)
     print("norms of the examples' channel-mean vectors (quantiles .05 .5 .95):", quantiles(means))
-    deviations = statistics.example_moments(x, clip, centre=exact_mean)
+    deviations = statistics.squared_deviations(means, mean_squares, exact_mean)
     print("norms of their squared-deviation vectors (quantiles .05 .5 .95):", quantiles(deviations))
     for mean_clip, variance_clip in ((None, None), (0.8, 0.4), (0.8, 0.2), (0.8, 0.1), (0.4, 0.1), (0.8, 0.05)):
         layer = statistics.release_channel_statistics(

@@ -77,14 +77,25 @@ from lipdp.sampling import check_finite
 VARIANCE_FLOOR = 1e-2
 
 
-def example_moments(x, clip_norm, centre=None, batch_size=2048):
-    """``(N, C)`` float64: each clipped example's per-channel mean, or with ``centre`` its mean squared deviation."""
+def example_moments(x, clip_norm, batch_size=2048):
+    """``(means, mean_squares)``, each ``(N, C)`` float64: per channel, over the positions of each example.
+
+    Each example is projected onto the ``clip_norm`` ball first (``None``: not projected). One pass over
+    ``x``, read in blocks: a memory-mapped ``x`` is never loaded whole.
+    """
     axes = tuple(range(1, x.ndim - 1))
-    rows = []
-    for block in streaming.row_blocks(x, batch_size):  # a memory-mapped x is never loaded whole
-        clipped = clip_per_sample(tf.constant(block, tf.float64), clip_norm).numpy()
-        rows.append(clipped.mean(axis=axes) if centre is None else np.square(clipped - centre).mean(axis=axes))
-    return np.concatenate(rows)
+    means, squares = [], []
+    for block in streaming.row_blocks(x, batch_size):
+        block = tf.constant(block, tf.float64)
+        clipped = (block if clip_norm is None else clip_per_sample(block, clip_norm)).numpy()
+        means.append(clipped.mean(axis=axes))
+        squares.append(np.square(clipped).mean(axis=axes))
+    return np.concatenate(means), np.concatenate(squares)
+
+
+def squared_deviations(means, mean_squares, centre):
+    """Each example's per-channel mean of ``(x - centre)^2``, from its moments: ``s - 2 centre m + centre^2``."""
+    return np.maximum(mean_squares - 2.0 * centre * means + np.square(centre), 0.0)  # >= 0 up to rounding
 
 
 def project_rows(rows, bound):
@@ -142,12 +153,13 @@ def release_channel_statistics(
     check_finite("x", x)  # one NaN would make every released mean NaN, which no neighbouring data set produces
     rng = np.random.default_rng() if rng is None else rng
     noise_std = noise_multiplier * (math.sqrt(2.0) if scale else 1.0)
+    means, mean_squares = example_moments(x, clip_norm)
     d_mean = mean_sensitivity(x.shape[1:], clip_norm, mean_clip)
-    mean = _noisy_sum(example_moments(x, clip_norm), d_mean, noise_std, rng) / len(x)
+    mean = _noisy_sum(means, d_mean, noise_std, rng) / len(x)
     deviation = np.ones_like(mean)
-    if scale:
+    if scale:  # the second stage: deviations from the released mean, each example's from its own moments
         d_deviation = deviation_sensitivity(x.shape[1:], clip_norm, mean, variance_clip)
-        deviations = example_moments(x, clip_norm, centre=mean)
+        deviations = squared_deviations(means, mean_squares, mean)
         variance = _noisy_sum(deviations, d_deviation, noise_std, rng) / len(x)
         floor = VARIANCE_FLOOR * max(float(np.mean(np.maximum(variance, 0.0))), 1e-30)
         deviation = np.sqrt(np.maximum(variance, floor))

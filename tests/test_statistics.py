@@ -37,7 +37,9 @@ def adversarial_examples(clip_norm):
 
 def released_sum(x, clip_norm, bound, centre=None):
     """What a stage sums before its noise: the projected per-example vectors of ``x``."""
-    return statistics.project_rows(statistics.example_moments(x, clip_norm, centre=centre), bound).sum(axis=0)
+    means, mean_squares = statistics.example_moments(x, clip_norm)
+    rows = means if centre is None else statistics.squared_deviations(means, mean_squares, centre)
+    return statistics.project_rows(rows, bound).sum(axis=0)
 
 
 def largest_move(clip_norm, bound, centre=None):
@@ -86,6 +88,18 @@ class RecordingGenerator:
         return np.full(size, loc)
 
 
+def test_squared_deviations_from_the_moments_equal_the_direct_computation():
+    """One pass (means and mean squares) gives each clipped example's mean of (x - mu)^2 per channel."""
+    rng = np.random.default_rng(1)
+    clip_norm = 2.5
+    x = np.concatenate([rng.normal(size=(30,) + SHAPE) * 4 + 3, np.stack(adversarial_examples(clip_norm))])
+    centre = rng.normal(size=SHAPE[-1])
+    clipped = x * np.minimum(1.0, clip_norm / np.linalg.norm(x.reshape(len(x), -1), axis=1))[:, None, None, None]
+    direct = np.square(clipped - centre).mean(axis=(1, 2))
+    deviations = statistics.squared_deviations(*statistics.example_moments(x, clip_norm), centre)
+    np.testing.assert_allclose(deviations, direct, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("scale", [False, True])
 def test_each_stage_draws_noise_of_std_z_times_its_sensitivity(scale):
     rng = np.random.default_rng(1)
@@ -98,7 +112,7 @@ def test_each_stage_draws_noise_of_std_z_times_its_sensitivity(scale):
     spread = z * (math.sqrt(2.0) if scale else 1.0)  # two stages of z sqrt 2 compose to one Gaussian of z
     expected = [spread * 0.2] + ([spread * 0.05] if scale else [])
     assert recorder.stds == pytest.approx(expected, rel=1e-12)
-    exact_mean = statistics.project_rows(statistics.example_moments(x, clip_norm), 0.2).mean(axis=0)
+    exact_mean = statistics.project_rows(statistics.example_moments(x, clip_norm)[0], 0.2).mean(axis=0)
     np.testing.assert_allclose(layer.mean, exact_mean, rtol=1e-6)  # no noise drawn: the sum itself
     with pytest.raises(ValueError, match="variance_clip .* needs scale=True"):
         statistics.release_channel_statistics(x, clip_norm=1.0, noise_multiplier=1.0, variance_clip=0.1)
