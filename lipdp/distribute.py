@@ -63,6 +63,20 @@ def strategy_of(model):
         return strategy if tf.distribute.has_strategy() else None
 
 
+def refuse_releases_across_workers(model, releases):
+    """Raises :class:`ModelNotSupportedError` if ``model`` carries data ``releases`` under multi-worker training.
+
+    Each worker builds its own model: a release drawn on each worker is one release per worker of the same
+    data, while the accountant (one per worker, each counting its own model's layers) counts one.
+    """
+    if releases and isinstance(strategy_of(model), tf.distribute.MultiWorkerMirroredStrategy):
+        raise ModelNotSupportedError(
+            f"the model carries {len(releases)} data release(s) (e.g. a released ChannelStandardization) under "
+            "MultiWorkerMirroredStrategy: each worker would draw its own release of the same data and the "
+            "accountant would count one. Train with released statistics on one machine (mirrored devices)"
+        )
+
+
 def scope(strategy):
     """``strategy.scope()``, or nothing for ``None`` (one device): build and compile models in it."""
     return contextlib.nullcontext() if strategy is None else strategy.scope()

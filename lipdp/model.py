@@ -158,6 +158,7 @@ class DPModelMixin:
         bounds' margin).
         """
         self._validate_for_privacy()
+        distribute.refuse_releases_across_workers(self, model_releases(self))
         releases = tuple(policy_args.pop("releases", ())) + model_releases(self)
         policy = PrivacyPolicy.from_sampler(sampler, releases=releases, **policy_args)
         check_step_releases(self, policy)

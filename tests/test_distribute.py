@@ -367,3 +367,36 @@ def test_cli_mirrored_run_writes_the_single_device_run_folder(tmp_path):
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["steps"] == 2 * privacy["steps_per_epoch"] and privacy["epsilon"] <= 4.0
     assert "strategy: mirrored" in (out / "config.yaml").read_text()
+
+
+RELEASE_UNDER_WORKERS_JOB = """
+import numpy as np
+import lipdp
+import tensorflow as tf
+from lipdp import layers as L
+from lipdp.errors import ModelNotSupportedError
+
+x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+y = np.eye(2, dtype="float32")[np.arange(64) % 2]
+strategy = tf.distribute.MultiWorkerMirroredStrategy()  # no TF_CONFIG: one local worker
+for release in (None, 8.0):
+    with strategy.scope():
+        layers = [L.ChannelStandardization(np.zeros(4), np.ones(4), 4.0, noise_multiplier=release)] if release else []
+        model = lipdp.DPSequential([tf.keras.Input((4,)), *layers, L.InputNormClip(1.0), L.LipschitzDense(2)])
+        model.compile("sgd", loss=lipdp.losses.TauCategoricalCrossentropy(2.0))
+    try:
+        model.make_private(lipdp.PoissonSampler(x, y, expected_batch_size=16), noise_multiplier=1.0, delta=1e-3)
+        print("ACCEPTED", release)
+    except ModelNotSupportedError as error:
+        print("REFUSED", release, error)
+"""
+
+
+def test_a_data_release_under_multi_worker_training_is_refused():
+    """Every worker would draw its own release of the same data; the accountant would count one."""
+    result = subprocess.run(
+        [sys.executable, "-c", RELEASE_UNDER_WORKERS_JOB], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("ACCEPTED", "REFUSED"))]
+    assert lines[0] == "ACCEPTED None", result.stdout + result.stderr  # the same model without the release trains
+    assert lines[1].startswith("REFUSED 8.0") and "each worker would draw its own release" in lines[1]
