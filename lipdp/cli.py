@@ -158,15 +158,29 @@ def _certify(args):
     print(robustness.certified_accuracy(run.model, dataset.x_test, dataset.y_test, radii).summary())
 
 
+def _config_command(commands, name, help, out_help):
+    """A subcommand run from a YAML config: the config, ``--set`` overrides, ``--out`` and ``--data-dir``."""
+    command = commands.add_parser(name, help=help)
+    command.add_argument("config")
+    command.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    command.add_argument("--out", help=out_help)
+    command.add_argument("--data-dir", help="local folder with the dataset files")
+    return command
+
+
+def _run_folder_command(commands, name, help):
+    """A subcommand on a completed run folder, whose dataset may be read from another ``--data-dir``."""
+    command = commands.add_parser(name, help=help)
+    command.add_argument("run_dir")
+    command.add_argument("--data-dir", help="local folder with the dataset files (overrides the run's config)")
+    return command
+
+
 def parser():
     main = argparse.ArgumentParser(prog="lipdp", description="Differentially private Lipschitz networks")
     commands = main.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train from a YAML config")
-    train.add_argument("config")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    train.add_argument("--out", help="run folder (default runs/<config name>)")
-    train.add_argument("--data-dir", help="local folder with the dataset files")
+    train = _config_command(commands, "train", "train from a YAML config", "run folder (default runs/<config name>)")
     train.add_argument("--verbose", type=int, default=1, help="Keras verbosity: 0 silent, 1 progress bar, 2 lines")
     train.set_defaults(func=_train)
 
@@ -194,8 +208,7 @@ def parser():
     )
     privacy.set_defaults(func=_privacy)
 
-    report = commands.add_parser("report", help="HTML and Markdown report of a run folder")
-    report.add_argument("run_dir")
+    report = _run_folder_command(commands, "report", "HTML and Markdown report of a run folder")
     report.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit if not done")
     report.add_argument(
         "--public",
@@ -203,17 +216,18 @@ def parser():
         help="leave out what private training records were used for (train curves, audit); "
         "writes public-report.html / .md",
     )
-    report.add_argument("--data-dir", help="local folder with the dataset files (overrides the run's config)")
     report.set_defaults(func=_report)
 
-    audit = commands.add_parser("audit", help="membership-inference audit of a run folder (writes audit.json)")
-    audit.add_argument("run_dir")
+    audit = _run_folder_command(commands, "audit", "membership-inference audit of a run folder (writes audit.json)")
     audit.add_argument("--seed", type=int, default=0, help="seed of the member / non-member balancing")
-    audit.add_argument("--data-dir", help="local folder with the dataset files (overrides the run's config)")
     audit.set_defaults(func=_audit)
 
-    tune = commands.add_parser("tune", help="private hyper-parameter search (a random number of DP trials)")
-    tune.add_argument("config")
+    tune = _config_command(
+        commands,
+        "tune",
+        "private hyper-parameter search (a random number of DP trials)",
+        "tune folder (default runs/tune-<config name>)",
+    )
     tune.add_argument("--space", required=True, help="YAML: config keys and their values or ranges")
     tune.add_argument("--private", action="store_true", help="required: account the search (lipdp.tuning)")
     tune.add_argument("--mean-trials", type=float, default=10.0, help="mean number of trials K")
@@ -228,29 +242,23 @@ def parser():
     )
     tune.add_argument("--validation-fraction", type=float, default=0.2, help="share of training examples scored on")
     tune.add_argument("--seed", type=int, help="seeds K and the configurations; must stay secret (default: OS entropy)")
-    tune.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    tune.add_argument("--out", help="tune folder (default runs/tune-<config name>)")
-    tune.add_argument("--data-dir", help="local folder with the dataset files")
     tune.set_defaults(func=_tune)
-    canary = commands.add_parser(
-        "audit-canaries", help="one-run epsilon lower bound from canaries (writes canary_audit.json)"
+    canary = _config_command(
+        commands,
+        "audit-canaries",
+        "one-run epsilon lower bound from canaries (writes canary_audit.json)",
+        "folder for canary_audit.json (default runs/<config name>)",
     )
-    canary.add_argument("config")
     canary.add_argument("--canaries", type=int, required=True, help="number of canaries m, each included w.p. 1/2")
     canary.add_argument("--kind", default="gradient", choices=("gradient", "input"))
     canary.add_argument("--guesses", type=int, help="guesses r, fixed in advance (default: m/5, half each way)")
     canary.add_argument("--seed", type=int, help="seed of the canaries (coins, coordinates, draws)")
-    canary.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    canary.add_argument("--out", help="folder for canary_audit.json (default runs/<config name>)")
-    canary.add_argument("--data-dir", help="local folder with the dataset files")
     canary.add_argument("--verbose", type=int, default=0, help="Keras verbosity of the canary run")
     canary.set_defaults(func=_audit_canaries)
-    certify = commands.add_parser("certify", help="certified l2 accuracy of a run's model on its test split")
-    certify.add_argument("run_dir")
+    certify = _run_folder_command(commands, "certify", "certified l2 accuracy of a run's model on its test split")
     certify.add_argument(
         "--radii", type=float, nargs="+", help="l2 radii in model input units (default: evaluation.certified_radii)"
     )
-    certify.add_argument("--data-dir", help="local folder with the dataset files (overrides the run's config)")
     certify.set_defaults(func=_certify)
     return main
 
