@@ -27,6 +27,22 @@ FIXED = "fixed"
 _GAMMA_TOLERANCE = 1e-9
 
 
+def _truncated_negative_binomial(rng, eta, gamma):
+    """``K >= 1`` with ``P[K=k]`` proportional to ``C(k+eta-1, k) (1-gamma)^k``, by walking the inverse CDF.
+
+    The weights sum to ``gamma^-eta - 1``; the walk takes about ``E[K]`` steps for any ``eta > 0`` (rejecting
+    draws of a plain negative binomial until ``K >= 1`` takes ``1 / (1 - gamma^eta)`` tries: endless near 0).
+    """
+    target = rng.uniform() * math.expm1(-eta * math.log(gamma))
+    count, weight = 1, eta * (1 - gamma)
+    cumulative = weight
+    while cumulative < target and weight > 0:
+        weight *= (count + eta) / (count + 1) * (1 - gamma)
+        count += 1
+        cumulative += weight
+    return count
+
+
 @dataclasses.dataclass(frozen=True)
 class TrialCount:
     """The distribution of the number of trials ``K``: its mean and shape.
@@ -97,10 +113,7 @@ class TrialCount:
             return 1
         if self.shape_parameter == 0:  # P[K=k] = (1-gamma)^k / (k log(1/gamma))
             return int(rng.logseries(1 - gamma))
-        while True:  # negative binomial (failures before eta successes) conditioned on K >= 1
-            count = int(rng.negative_binomial(self.shape_parameter, gamma))
-            if count >= 1:
-                return count
+        return _truncated_negative_binomial(rng, self.shape_parameter, gamma)
 
     def search_event(self, trial_event):
         """The dp-accounting event of the search whose trials are each ``trial_event``."""

@@ -124,6 +124,21 @@ def test_trial_counts_are_drawn_with_the_accounted_mean(shape, mean):
     assert draws.min() >= (0 if shape == "poisson" else 1)
 
 
+@pytest.mark.parametrize("shape", [1e-9, 0.5, 3.0])
+def test_truncated_negative_binomial_counts_follow_its_distribution(shape):
+    """The drawn K against the exact pmf (a negative binomial conditioned on K >= 1), shapes near 0 included."""
+    from scipy import stats
+
+    count = search_cost.TrialCount(5.0, shape)
+    gamma = count.halting_probability()
+    rng = np.random.default_rng(1)
+    draws = np.array([count.draw(rng) for _ in range(20000)])
+    exact = stats.nbinom(shape, gamma)
+    for k in range(1, 12):
+        probability = exact.pmf(k) / exact.sf(0)
+        assert np.mean(draws == k) == pytest.approx(probability, abs=4 * np.sqrt(probability / len(draws)) + 1e-3)
+
+
 @pytest.mark.parametrize("shape", ["geometric", "logarithmic", "0.5", "3"])
 @pytest.mark.parametrize("mean", [1.5, 3.0, 10.0, 100.0])
 def test_trial_counts_are_drawn_no_heavier_than_accounted(shape, mean):
