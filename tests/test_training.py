@@ -155,23 +155,44 @@ def test_a_resume_adding_a_release_is_refused_before_the_release(tmp_path, monke
     assert not (out / "feature_statistics.json").exists()  # nothing was drawn
 
 
-@pytest.mark.parametrize("ema", ["optimizer.ema_momentum=null", "optimizer.ema_momentum=0.9"])
-def test_a_crash_after_the_last_epoch_resumes_with_the_trained_weights(tmp_path, monkeypatch, ema):
-    """A crash while the artefacts are written (assembling, evaluating, saving) keeps the trained model."""
-    out, crashed = str(tmp_path / "run"), []
+def _crash_while_saving(monkeypatch, out, *overrides):
+    """Runs ``overrides`` in ``out`` with a crash once fit is over (in ``_write_artefacts``); returns the model's
+    weights and step count at the crash."""
+    crashed = []
 
     def crash(model, *args):
-        crashed.append([w.numpy() for w in model.weights])
+        crashed.append(([w.numpy() for w in model.weights], int(model.privacy_steps)))
         raise RuntimeError("simulated crash while saving")
 
     with monkeypatch.context() as patch:
         patch.setattr(training, "_write_artefacts", crash)
         with pytest.raises(RuntimeError, match="while saving"):
-            cli.main(_args(out, "privacy.noise_multiplier=2.0", ema))
+            cli.main(_args(out, *overrides))
+    return crashed[0]
+
+
+@pytest.mark.parametrize("ema", ["optimizer.ema_momentum=null", "optimizer.ema_momentum=0.9"])
+def test_a_crash_after_the_last_epoch_resumes_with_the_trained_weights(tmp_path, monkeypatch, ema):
+    """A crash while the artefacts are written (assembling, evaluating, saving) keeps the trained model."""
+    out = str(tmp_path / "run")
+    weights, _ = _crash_while_saving(monkeypatch, out, "privacy.noise_multiplier=2.0", ema)
     assert cli.main(_args(out, "privacy.noise_multiplier=2.0", ema)) == 0
     run = runs.load_run(out)
     assert len(runs.read_history(runs.path(out, runs.HISTORY))["epoch"]) == 3  # no epoch trained twice
     assert run.privacy["steps"] == 3 * run.privacy["steps_per_epoch"]
-    for trained, saved in zip(crashed[0], run.model.weights, strict=True):
+    for trained, saved in zip(weights, run.model.weights, strict=True):
         np.testing.assert_array_equal(trained, saved.numpy())
     assert not os.path.exists(runs.path(out, runs.BACKUP))
+
+
+def test_a_budget_stopped_run_that_crashed_while_saving_resumes_and_writes_its_artefacts(tmp_path, monkeypatch):
+    """privacy.epsilon_budget stops training (here after 3 of 18 steps), then a crash while saving: the resume
+    must write the trained model, not refuse it as over budget (BudgetStop raised at on_train_begin, after the
+    backup's restore, although no step was left to take: the folder could never be completed)."""
+    out, budget = str(tmp_path / "run"), ["privacy.noise_multiplier=1.0", "privacy.epsilon_budget=3.0"]
+    weights, steps = _crash_while_saving(monkeypatch, out, *budget)
+    assert cli.main(_args(out, *budget)) == 0
+    run = runs.load_run(out)
+    assert run.privacy["steps"] == steps and run.privacy["epsilon"] <= 3.0
+    for trained, saved in zip(weights, run.model.weights, strict=True):
+        np.testing.assert_array_equal(trained, saved.numpy())
