@@ -20,6 +20,7 @@ import yaml
 from lipdp import callbacks, data, distribute, losses, records, robustness, runs, sampling, sensitivity, statistics
 from lipdp import config as config_lib
 from lipdp.backend import keras
+from lipdp.errors import PrivacyBudgetExhausted
 from lipdp.layers import ChannelStandardization, FrontEnd, InputNormClip, cached_features
 from lipdp.layers.frontends import array_fingerprint
 from lipdp.model import DPSequential
@@ -203,8 +204,8 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
         keras.callbacks.BackupAndRestore(runs.path(out_dir, runs.BACKUP), delete_checkpoint=False),
         keras.callbacks.CSVLogger(runs.path(work_dir, runs.HISTORY), append=True),
     ]
-    if cfg.privacy.epsilon_budget is not None:
-        extra.append(callbacks.BudgetStop(cfg.privacy.epsilon_budget))
+    budget = None if cfg.privacy.epsilon_budget is None else callbacks.BudgetStop(cfg.privacy.epsilon_budget)
+    extra += [budget] if budget is not None else []
     if verbose:
         print(f"data: {dataset.source}")
         print(f"privacy policy: {model.privacy}")
@@ -214,13 +215,19 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     # the resumed run has no step left (Keras 2.15's BackupAndRestore does not build it)
     with distribute.scope(strategy):
         model.optimizer.build(model.trainable_variables)
-    model.fit(
-        sampler,
-        epochs=cfg.training.epochs,
-        validation_data=sampling.array_dataset(dataset.x_test, dataset.y_test, VALIDATION_BATCH_SIZE),
-        callbacks=extra,
-        verbose=verbose,
-    )
+    try:
+        model.fit(
+            sampler,
+            epochs=cfg.training.epochs,
+            validation_data=sampling.array_dataset(dataset.x_test, dataset.y_test, VALIDATION_BATCH_SIZE),
+            callbacks=extra,
+            verbose=verbose,
+        )
+    except PrivacyBudgetExhausted:
+        if budget is None or not 0 < model.steps_taken == budget.max_steps:
+            raise
+        # resumed after its budget had ended training (then a crash while saving): what fit's end does, no step
+        model.optimizer.finalize_variable_values(model.trainable_variables)
     if frontends:
         with distribute.scope(strategy):
             model = with_frontend(model, frontends, raw_shape)

@@ -185,14 +185,23 @@ def test_a_crash_after_the_last_epoch_resumes_with_the_trained_weights(tmp_path,
     assert not os.path.exists(runs.path(out, runs.BACKUP))
 
 
-def test_a_budget_stopped_run_that_crashed_while_saving_resumes_and_writes_its_artefacts(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema", ["optimizer.ema_momentum=null", "optimizer.ema_momentum=0.9"])
+def test_a_budget_stopped_run_that_crashed_while_saving_resumes_and_writes_its_artefacts(tmp_path, monkeypatch, ema):
     """privacy.epsilon_budget stops training (here after 3 of 18 steps), then a crash while saving: the resume
     must write the trained model, not refuse it as over budget (BudgetStop raised at on_train_begin, after the
     backup's restore, although no step was left to take: the folder could never be completed)."""
-    out, budget = str(tmp_path / "run"), ["privacy.noise_multiplier=1.0", "privacy.epsilon_budget=3.0"]
+    out, budget = str(tmp_path / "run"), ["privacy.noise_multiplier=1.0", "privacy.epsilon_budget=3.0", ema]
     weights, steps = _crash_while_saving(monkeypatch, out, *budget)
     assert cli.main(_args(out, *budget)) == 0
     run = runs.load_run(out)
     assert run.privacy["steps"] == steps and run.privacy["epsilon"] <= 3.0
     for trained, saved in zip(weights, run.model.weights, strict=True):
         np.testing.assert_array_equal(trained, saved.numpy())
+
+
+def test_a_budget_stopped_run_resumed_under_a_lower_budget_is_refused(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    _crash_while_saving(monkeypatch, out, "privacy.noise_multiplier=1.0", "privacy.epsilon_budget=3.0")
+    assert cli.main(_args(out, "privacy.noise_multiplier=1.0", "privacy.epsilon_budget=2.0")) == 2
+    assert "were already taken" in capsys.readouterr().err
+    assert not runs.is_complete(out)
