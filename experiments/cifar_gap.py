@@ -172,6 +172,14 @@ def train(args, x_train, y_train, noise_multiplier, rng):
     return {None: (w, b), **averages}
 
 
+def add_clip_and_optimiser_arguments(parser):
+    """The clipless clips and the SGD settings (``configs/cifar10.yaml``'s values) that the head experiments share."""
+    parser.add_argument("--input-clip", type=float, default=50.0)
+    parser.add_argument("--logit-clip", type=float, default=0.002)
+    parser.add_argument("--lr", type=float, default=4.0)
+    parser.add_argument("--momentum", type=float, default=0.9)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", choices=FEATURES, default="raw")
@@ -184,12 +192,9 @@ def main(argv=None):
     parser.add_argument("--variance-clip", type=float, default=None, help="and of the squared deviations")
     parser.add_argument("--mechanism", choices=("flat", "clipless", "none"), default="flat")
     parser.add_argument("--clip", type=float, default=0.1)
-    parser.add_argument("--input-clip", type=float, default=50.0)
-    parser.add_argument("--logit-clip", type=float, default=0.002)
+    add_clip_and_optimiser_arguments(parser)
     parser.add_argument("--tau", type=float, default=1.0)
     parser.add_argument("--spectral", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=4.0)
-    parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--decay", choices=("none", "cosine"), default="none")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch", type=int, default=8192)
