@@ -376,6 +376,7 @@ def _features(dataset, frontend, cache_dir, verbose):
 
 
 def _write_artefacts(model, x_test, y_test, data_summary, out_dir, certified_radii):
+    privacy = model.privacy_state()  # first: a model whose steps its policy cannot account leaves no artefact
     results = model.evaluate(x_test, y_test, verbose=0, return_dict=True)
     metrics = {
         "test_loss": float(results["loss"]),
@@ -391,5 +392,5 @@ def _write_artefacts(model, x_test, y_test, data_summary, out_dir, certified_rad
     else:
         report = f"{model.mechanism.describe()}: per-sample gradients clipped, no analytic bounds"
     runs.write_text(out_dir, runs.SENSITIVITY, report + "\n")
-    runs.write_json(out_dir, runs.PRIVACY, model.privacy_state())  # last: marks the run complete
+    runs.write_json(out_dir, runs.PRIVACY, privacy)  # last: marks the run complete
     return model, metrics

@@ -205,3 +205,13 @@ def test_a_budget_stopped_run_resumed_under_a_lower_budget_is_refused(tmp_path, 
     assert cli.main(_args(out, "privacy.noise_multiplier=1.0", "privacy.epsilon_budget=2.0")) == 2
     assert "were already taken" in capsys.readouterr().err
     assert not runs.is_complete(out)
+
+
+def test_a_resume_whose_steps_its_policy_cannot_state_leaves_no_model(tmp_path, monkeypatch, capsys):
+    """policy.json deleted, the noise changed, no step left: refused before any artefact is written."""
+    out = str(tmp_path / "run")
+    _crash_while_saving(monkeypatch, out, "privacy.noise_multiplier=0.8")
+    os.remove(runs.path(out, runs.POLICY))
+    assert cli.main(_args(out, "privacy.noise_multiplier=4.0")) == 2
+    assert "under another privacy policy" in capsys.readouterr().err
+    assert not os.path.exists(runs.path(out, runs.MODEL)) and not runs.is_complete(out)
