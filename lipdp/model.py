@@ -158,8 +158,9 @@ class DPModelMixin:
         bounds' margin).
         """
         self._validate_for_privacy()
-        distribute.refuse_releases_across_workers(self, model_releases(self))
-        releases = tuple(policy_args.pop("releases", ())) + model_releases(self)
+        carried = model_releases(self)
+        distribute.refuse_releases_across_workers(self, carried)
+        releases = tuple(policy_args.pop("releases", ())) + carried
         policy = PrivacyPolicy.from_sampler(sampler, releases=releases, **policy_args)
         check_step_releases(self, policy)
         if self.steps_taken > 0:

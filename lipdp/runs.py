@@ -21,9 +21,9 @@ A completed run folder holds (names below, never spelled elsewhere):
 
 While training: ``backup/`` (:data:`BACKUP`, Keras' BackupAndRestore, removed
 once the artefacts are written: a run that crashes after its last epoch resumes
-with no epoch left and writes them) and ``attempts`` (:data:`ATTEMPTS`, the number of starts, so a
-resumed run never replays a sampling seed). With ``model.feature_statistics``,
-``feature_statistics.json`` (:data:`STATISTICS`) holds the released
+with no epoch left and writes them) and ``attempts`` (:data:`ATTEMPTS`, the
+number of starts, so a resumed run never replays a sampling seed). With
+``model.feature_statistics``, ``feature_statistics.json`` (:data:`STATISTICS`) holds the released
 statistics from before the first step on: a resumed run reuses them (the
 accountant counts one release). Reports (``report*.html``,
 ``report*.md``, PNGs) are written by :mod:`lipdp.reports`.

@@ -205,7 +205,8 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
         keras.callbacks.CSVLogger(runs.path(work_dir, runs.HISTORY), append=True),
     ]
     budget = None if cfg.privacy.epsilon_budget is None else callbacks.BudgetStop(cfg.privacy.epsilon_budget)
-    extra += [budget] if budget is not None else []
+    if budget is not None:
+        extra.append(budget)
     if verbose:
         print(f"data: {dataset.source}")
         print(f"privacy policy: {model.privacy}")
