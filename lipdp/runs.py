@@ -2,7 +2,9 @@
 
 A completed run folder holds (names below, never spelled elsewhere):
 
-* ``config.yaml`` (:data:`CONFIG`): the resolved config;
+* ``config.yaml`` (:data:`CONFIG`): the resolved config (written before the
+  first step; a resume may change only what ``training.RESUMABLE_CHANGES``
+  names, and rewrites it);
 * ``history.csv`` (:data:`HISTORY`): per-epoch logs (training metrics are on
   private batches and not covered), validation metrics, ``epsilon``,
   ``heldout_grad_to_noise``;

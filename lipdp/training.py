@@ -158,12 +158,21 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
+# what a resumed run may change: its length, its budget, its evaluation and where its data and cache are read
+RESUMABLE_CHANGES = (
+    "training.epochs",
+    "privacy.epsilon_budget",
+    "evaluation",
+    "dataset.data_dir",
+    "dataset.feature_cache",
+)
+
+
 def _run(cfg, out_dir, work_dir, strategy, verbose):
     """:func:`run` in ``work_dir`` (``out_dir`` on the chief), with the backup shared in ``out_dir``."""
     runs.start(work_dir)
     keras.utils.set_random_seed(cfg.training.seed)
     full = data.load(cfg.dataset.name, data_dir=cfg.dataset.data_dir)
-    runs.write_text(work_dir, runs.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     raw, frontend = data.configured_split(full, cfg.dataset), build_frontend(cfg)
     sampling.check_data(raw.x_train, raw.y_train)  # before any release or step
     dataset, frontends, head_frontends = raw, [], []
@@ -196,6 +205,8 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
         model = build_model(cfg, dataset.input_shape, training_steps=steps, frontends=head_frontends)
     model.make_private(sampler, **policy_arguments(cfg, releases=()))  # the releases: the head's layers carry them
     _check_resume_record(model, raw_record, work_dir)
+    _check_resume_config(cfg, out_dir)
+    runs.write_text(work_dir, runs.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     extra = [
         callbacks.PrivacyLedger(),
         callbacks.GradientNoiseMonitor(dataset.x_test, dataset.y_test),  # held-out data only
@@ -250,6 +261,33 @@ def _check_resume_releases(cfg, run_dir):
             f"config asks for {wanted} (model.feature_statistics); resume with the config of the first start, or "
             "start afresh in a new run folder (--out)"
         )
+
+
+def _check_resume_config(cfg, run_dir):
+    """A resumed run (its backup exists) goes on under its first config; only :data:`RESUMABLE_CHANGES` may differ.
+
+    The privacy-relevant changes are refused before, naming the privacy
+    setting; this catches the rest (the layers, the optimizer, the loss...),
+    which would otherwise fail in Keras' restore or silently train another
+    model than the one the run folder's config describes.
+    """
+    recorded = runs.path(run_dir, runs.CONFIG)
+    if not (os.path.exists(runs.path(run_dir, runs.BACKUP)) and os.path.exists(recorded)):
+        return
+    with open(recorded) as f:
+        changes = records.record_changes(yaml.safe_load(f), cfg.to_dict())
+    changes = [change for change in changes if not _is_resumable(change.split(":")[0])]
+    if changes:
+        raise config_lib.ConfigError(
+            f"{run_dir} holds an interrupted run started under another config. Changed: "
+            + "; ".join(changes)
+            + f". A resume may change only {', '.join(RESUMABLE_CHANGES)}: resume with the config of the first "
+            "start, or start afresh in a new run folder (--out)"
+        )
+
+
+def _is_resumable(key):
+    return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_CHANGES)
 
 
 def configured_releases(cfg):

@@ -141,6 +141,41 @@ def test_a_resumed_run_under_changed_privacy_settings_is_refused_naming_them(
     assert cli.main(_args(out, *first)) == 0  # the same settings resume and complete
 
 
+def _crash_at_second_epoch(monkeypatch, out, *overrides):
+    from lipdp import callbacks
+
+    with monkeypatch.context() as patch:
+        patch.setattr(callbacks, "GradientNoiseMonitor", _CrashAtSecondEpochEnd)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            cli.main(_args(out, *overrides))
+    assert os.path.isdir(os.path.join(out, "backup"))
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (DENSE_LAYERS, "model.layers: "),  # Keras' restore failed with a raw TensorFlow error
+        ("optimizer.learning_rate=0.5", "optimizer.learning_rate: "),
+        ("loss.params={tau: 2.0}", "loss.params.tau: "),
+    ],
+)
+def test_a_resume_under_another_model_or_optimizer_is_refused_naming_the_change(
+    tmp_path, monkeypatch, capsys, change, named
+):
+    out, noise = str(tmp_path / "run"), "privacy.noise_multiplier=2.0"
+    _crash_at_second_epoch(monkeypatch, out, noise)
+    with open(runs.path(out, runs.CONFIG)) as f:
+        first_config = f.read()
+    assert cli.main(_args(out, noise, change)) == 2
+    error = capsys.readouterr().err
+    assert "interrupted run started under another config" in error and named in error
+    with open(runs.path(out, runs.CONFIG)) as f:
+        assert f.read() == first_config  # the refused start left the run's config as it was
+    assert cli.main(_args(out, noise, "training.epochs=4")) == 0  # a resume may run longer
+    assert config.load(runs.path(out, runs.CONFIG)).training.epochs == 4
+    assert len(runs.read_history(runs.path(out, runs.HISTORY))["epoch"]) == 4
+
+
 def test_a_resume_adding_a_release_is_refused_before_the_release(tmp_path, monkeypatch, capsys):
     from lipdp import callbacks
 
@@ -208,10 +243,12 @@ def test_a_budget_stopped_run_resumed_under_a_lower_budget_is_refused(tmp_path, 
 
 
 def test_a_resume_whose_steps_its_policy_cannot_state_leaves_no_model(tmp_path, monkeypatch, capsys):
-    """policy.json deleted, the noise changed, no step left: refused before any artefact is written."""
+    """policy.json and config.yaml deleted, the noise changed, no step left: refused before any artefact is
+    written (with config.yaml kept, the changed config is refused first)."""
     out = str(tmp_path / "run")
     _crash_while_saving(monkeypatch, out, "privacy.noise_multiplier=0.8")
     os.remove(runs.path(out, runs.POLICY))
+    os.remove(runs.path(out, runs.CONFIG))
     assert cli.main(_args(out, "privacy.noise_multiplier=4.0")) == 2
     assert "under another privacy policy" in capsys.readouterr().err
     assert not os.path.exists(runs.path(out, runs.MODEL)) and not runs.is_complete(out)
