@@ -37,6 +37,16 @@ def test_json_records_are_replaced_whole(tmp_path):
     assert json.load(open(runs.path(run, runs.POLICY))) == {"b": [1, 2]}
 
 
+def test_a_failed_rewrite_of_the_config_leaves_the_previous_one(tmp_path):
+    """config.yaml is rewritten at every resume, and a non-chief worker reads the chief's while it may be
+    rewritten: a write killed half-way must never leave a truncated config (the next resume would be refused)."""
+    run = str(tmp_path)
+    runs.write_text(run, runs.CONFIG, "training: {epochs: 3}\n")
+    with pytest.raises(UnicodeEncodeError):
+        runs.write_text(run, runs.CONFIG, "training: {epochs: 4}  # \ud800\n")  # fails while writing
+    assert open(runs.path(run, runs.CONFIG)).read() == "training: {epochs: 3}\n"
+
+
 def test_history_reads_empty_cells_as_nan(tmp_path):
     history = tmp_path / "history.csv"
     history.write_text("epoch,loss,val_accuracy\n0,1.5,\n1,1.25,0.5\n")

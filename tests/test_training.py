@@ -176,6 +176,46 @@ def test_a_resume_under_another_model_or_optimizer_is_refused_naming_the_change(
     assert len(runs.read_history(runs.path(out, runs.HISTORY))["epoch"]) == 4
 
 
+def test_a_resume_under_a_decaying_learning_rate_may_not_change_its_epochs(tmp_path, monkeypatch, capsys):
+    """optimizer.decay=cosine spans the planned steps (epochs * steps per epoch): resumed with more epochs, the
+    first epochs would have followed one schedule and the rest another, matching neither config."""
+    out, first = str(tmp_path / "run"), ("privacy.noise_multiplier=2.0", "optimizer.decay=cosine")
+    _crash_at_second_epoch(monkeypatch, out, *first)
+    assert cli.main(_args(out, *first, "training.epochs=4")) == 2
+    assert "training.epochs: 3 -> 4" in capsys.readouterr().err
+
+
+def test_a_resume_may_not_end_the_run_before_the_epochs_it_already_trained(tmp_path, monkeypatch, capsys):
+    """3 epochs trained (a crash while saving), resumed with training.epochs=1: the model and history.csv hold 3
+    epochs, config.yaml would say 1."""
+    out, noise = str(tmp_path / "run"), "privacy.noise_multiplier=2.0"
+    _crash_while_saving(monkeypatch, out, noise)
+    assert cli.main(_args(out, noise, "training.epochs=1")) == 2
+    assert "training.epochs" in capsys.readouterr().err and not runs.is_complete(out)
+    assert cli.main(_args(out, noise)) == 0
+    assert config.load(runs.path(out, runs.CONFIG)).training.epochs == 3
+
+
+def test_a_refused_resume_leaves_policy_json_as_it_was(tmp_path, monkeypatch, capsys):
+    """policy.json missing (a folder from before it was written, or removed): a resume refused for its config
+    must not write the refused policy there, or the first start's config could never resume the run."""
+    out = str(tmp_path / "run")
+    _crash_at_second_epoch(monkeypatch, out, "privacy.noise_multiplier=0.8")
+    os.remove(runs.path(out, runs.POLICY))
+    assert cli.main(_args(out, "privacy.noise_multiplier=4.0")) == 2
+    assert "privacy.noise_multiplier: 0.8 -> 4.0" in capsys.readouterr().err
+    assert not os.path.exists(runs.path(out, runs.POLICY))
+    assert cli.main(_args(out, "privacy.noise_multiplier=0.8")) == 0
+
+
+def test_a_resume_may_change_the_microbatch_size(tmp_path, monkeypatch):
+    """Micro-batches change the memory a step takes, not the step: a run that ran out of memory resumes with them."""
+    out, noise = str(tmp_path / "run"), "privacy.noise_multiplier=2.0"
+    _crash_at_second_epoch(monkeypatch, out, noise)
+    assert cli.main(_args(out, noise, "training.microbatch_size=64")) == 0
+    assert runs.load_run(out).model.microbatch_size == 64
+
+
 def test_a_resume_adding_a_release_is_refused_before_the_release(tmp_path, monkeypatch, capsys):
     from lipdp import callbacks
 
