@@ -87,10 +87,7 @@ def remove_backup(run_dir):
 
 def write_json(run_dir, name, content):
     """Writes atomically: a killed run never leaves a truncated file (a resume reads it back)."""
-    temporary = f"{path(run_dir, name)}.{os.getpid()}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(content, handle, indent=2)
-    os.replace(temporary, path(run_dir, name))
+    _write_atomically(run_dir, name, lambda handle: json.dump(content, handle, indent=2))
 
 
 def read_json(run_dir, name):
@@ -99,8 +96,20 @@ def read_json(run_dir, name):
 
 
 def write_text(run_dir, name, text):
-    with open(path(run_dir, name), "w") as handle:
-        handle.write(text)
+    """Writes atomically, as :func:`write_json` (``config.yaml`` is rewritten at each resume)."""
+    _write_atomically(run_dir, name, lambda handle: handle.write(text))
+
+
+def _write_atomically(run_dir, name, write):
+    """``write(handle)`` into a temporary file that then replaces ``name``: readers see the old file or the new."""
+    temporary = f"{path(run_dir, name)}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w") as handle:
+            write(handle)
+    except BaseException:
+        os.remove(temporary)
+        raise
+    os.replace(temporary, path(run_dir, name))
 
 
 @dataclasses.dataclass

@@ -45,6 +45,7 @@ def test_a_failed_rewrite_of_the_config_leaves_the_previous_one(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         runs.write_text(run, runs.CONFIG, "training: {epochs: 4}  # \ud800\n")  # fails while writing
     assert open(runs.path(run, runs.CONFIG)).read() == "training: {epochs: 3}\n"
+    assert os.listdir(run) == [runs.CONFIG]  # no temporary file left behind
 
 
 def test_history_reads_empty_cells_as_nan(tmp_path):
