@@ -204,8 +204,10 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
         steps = cfg.training.epochs * sampler.steps_per_epoch
         model = build_model(cfg, dataset.input_shape, training_steps=steps, frontends=head_frontends)
     model.make_private(sampler, **policy_arguments(cfg, releases=()))  # the releases: the head's layers carry them
-    _check_resume_record(model, raw_record, work_dir)
+    policy_record = _check_resume_record(model, raw_record, work_dir)
     _check_resume_config(cfg, out_dir)
+    # after every check, before the first step: a refused start leaves the run folder's records as they were
+    runs.write_json(work_dir, runs.POLICY, policy_record)
     runs.write_text(work_dir, runs.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     extra = [
         callbacks.PrivacyLedger(),
@@ -308,7 +310,7 @@ def _data_summary(dataset):
 
 
 def _check_resume_record(model, data_record, run_dir):
-    """Writes what the run's steps are taken under (policy, mechanism, data) before the first; a resume must match.
+    """What the run's steps are taken under (policy, mechanism, data), for ``policy.json``; a resume must match.
 
     A resumed run restores the steps of its backup: the accountant counts them
     under today's policy, so any privacy-relevant change since (noise or
@@ -317,10 +319,8 @@ def _check_resume_record(model, data_record, run_dir):
     """
     wanted = json.loads(records.privacy_record(model.privacy, model.mechanism))
     wanted["data"] = data_record
-    record_path = runs.path(run_dir, runs.POLICY)
-    if not os.path.exists(record_path):
-        runs.write_json(run_dir, runs.POLICY, wanted)
-        return
+    if not os.path.exists(runs.path(run_dir, runs.POLICY)):
+        return wanted
     changes = records.record_changes(runs.read_json(run_dir, runs.POLICY), wanted)
     if changes:
         raise config_lib.ConfigError(
@@ -328,6 +328,7 @@ def _check_resume_record(model, data_record, run_dir):
             "would account them under the new ones. Changed: " + "; ".join(changes) + ". Resume with the "
             "config and data of the first start, or start afresh in a new run folder (--out)"
         )
+    return wanted
 
 
 def _released_standardization(cfg, x_train, run_dir):
