@@ -158,7 +158,8 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-# what a resumed run may change: its length, its budget, its evaluation and where its data and cache are read
+# what a resumed run may change: its length (not under a decaying learning rate), its budget, its evaluation and
+# where its data and cache are read
 RESUMABLE_CHANGES = (
     "training.epochs",
     "privacy.epsilon_budget",
@@ -278,18 +279,26 @@ def _check_resume_config(cfg, run_dir):
         return
     with open(recorded) as f:
         changes = records.record_changes(yaml.safe_load(f), cfg.to_dict())
-    changes = [change for change in changes if not _is_resumable(change.split(":")[0])]
+    allowed = _resumable_changes(cfg)
+    changes = [change for change in changes if not _is_resumable(change.split(":")[0], allowed)]
     if changes:
         raise config_lib.ConfigError(
             f"{run_dir} holds an interrupted run started under another config. Changed: "
             + "; ".join(changes)
-            + f". A resume may change only {', '.join(RESUMABLE_CHANGES)}: resume with the config of the first "
+            + f". A resume may change only {', '.join(allowed)}: resume with the config of the first "
             "start, or start afresh in a new run folder (--out)"
         )
 
 
-def _is_resumable(key):
-    return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_CHANGES)
+def _resumable_changes(cfg):
+    """:data:`RESUMABLE_CHANGES`, less ``training.epochs`` when the learning rate decays over the planned steps."""
+    if cfg.optimizer.decay is None:
+        return RESUMABLE_CHANGES
+    return tuple(key for key in RESUMABLE_CHANGES if key != "training.epochs")
+
+
+def _is_resumable(key, allowed):
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in allowed)
 
 
 def configured_releases(cfg):
