@@ -9,6 +9,7 @@ command; a completed run is never overwritten.
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -243,6 +244,7 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
             raise
         # resumed after its budget had ended training (then a crash while saving): what fit's end does, no step
         model.optimizer.finalize_variable_values(model.trainable_variables)
+    _check_trained_epochs(model, cfg, sampler.steps_per_epoch)
     if frontends:
         with distribute.scope(strategy):
             model = with_frontend(model, frontends, raw_shape)
@@ -299,6 +301,16 @@ def _resumable_changes(cfg):
 
 def _is_resumable(key, allowed):
     return any(key == prefix or key.startswith(prefix + ".") for prefix in allowed)
+
+
+def _check_trained_epochs(model, cfg, steps_per_epoch):
+    """A resume asking fewer epochs than its backup trained would save a model its ``config.yaml`` does not describe."""
+    if model.steps_taken > cfg.training.epochs * steps_per_epoch:
+        raise config_lib.ConfigError(
+            f"training.epochs: the interrupted run already took {model.steps_taken} steps, more than "
+            f"{cfg.training.epochs} epochs of {steps_per_epoch}; resume with training.epochs of at least "
+            f"{math.ceil(model.steps_taken / steps_per_epoch)}"
+        )
 
 
 def configured_releases(cfg):
