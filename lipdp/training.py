@@ -159,14 +159,15 @@ def run(cfg: config_lib.Config, out_dir, verbose=1):
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-# what a resumed run may change: its length (not under a decaying learning rate), its budget, its evaluation and
-# where its data and cache are read
+# what a resumed run may change: its length (not under a decaying learning rate), its budget, its evaluation, where
+# its data and cache are read, and the memory a step takes
 RESUMABLE_CHANGES = (
     "training.epochs",
     "privacy.epsilon_budget",
     "evaluation",
     "dataset.data_dir",
     "dataset.feature_cache",
+    "training.microbatch_size",
 )
 
 
