@@ -91,6 +91,7 @@ class _CrashAtSecondEpochEnd(tf.keras.callbacks.Callback):
             raise RuntimeError("simulated crash")
 
 
+STATISTICS = "model.feature_statistics={noise_multiplier: 20, clip_norm: 8}"
 DENSE_LAYERS = (
     "model.layers=[{type: Flatten}, {type: LipschitzDense, units: 64}, {type: GroupSort},"
     " {type: LipschitzDense, units: 10}]"
@@ -224,9 +225,19 @@ def test_a_resume_adding_a_release_is_refused_before_the_release(tmp_path, monke
         patch.setattr(callbacks, "GradientNoiseMonitor", _CrashAtSecondEpochEnd)
         with pytest.raises(RuntimeError, match="simulated crash"):
             cli.main(_args(str(out), "privacy.noise_multiplier=2.0"))
-    statistics = "model.feature_statistics={noise_multiplier: 20, clip_norm: 8}"
-    assert cli.main(_args(str(out), "privacy.noise_multiplier=2.0", statistics)) == 2
+    assert cli.main(_args(str(out), "privacy.noise_multiplier=2.0", STATISTICS)) == 2
     assert "taken after the releases []" in capsys.readouterr().err
+    assert not (out / "feature_statistics.json").exists()  # nothing was drawn
+
+
+def test_a_resume_whose_released_statistics_are_lost_is_refused_before_a_second_release(tmp_path, monkeypatch, capsys):
+    """feature_statistics.json removed from an interrupted run: its steps were taken after a release that
+    policy.json names; drawing another would make two releases of the data where the accountant counts one."""
+    out, settings = tmp_path / "run", ("privacy.noise_multiplier=2.0", STATISTICS)
+    _crash_at_second_epoch(monkeypatch, str(out), *settings)
+    os.remove(out / "feature_statistics.json")
+    assert cli.main(_args(str(out), *settings)) == 2
+    assert "feature_statistics.json" in capsys.readouterr().err
     assert not (out / "feature_statistics.json").exists()  # nothing was drawn
 
 
