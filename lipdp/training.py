@@ -267,6 +267,12 @@ def _check_resume_releases(cfg, run_dir):
             f"config asks for {wanted} (model.feature_statistics); resume with the config of the first start, or "
             "start afresh in a new run folder (--out)"
         )
+    if recorded and not os.path.exists(runs.path(run_dir, runs.STATISTICS)):
+        raise config_lib.ConfigError(
+            f"{run_dir} holds an interrupted run whose steps were taken after a release of the training data's "
+            f"statistics, but its {runs.STATISTICS} is missing: another release would make two where the accountant "
+            "counts one. Start afresh in a new run folder (--out)"
+        )
 
 
 def _check_resume_config(cfg, run_dir):
