@@ -256,18 +256,20 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
 
 
 def _check_resume_releases(cfg, run_dir):
-    """Before anything is released: a resumed run's steps were taken after the releases ``policy.json`` names."""
-    if not os.path.exists(runs.path(run_dir, runs.POLICY)):
-        return
-    recorded = runs.read_json(run_dir, runs.POLICY)["policy"]["release_noise_multipliers"]
+    """Before anything is released: a resumed run's steps were taken after the releases ``policy.json`` names,
+    whose values ``feature_statistics.json`` holds (a run with a backup took steps, after its releases)."""
     wanted = list(configured_releases(cfg))
-    if recorded != wanted:
-        raise config_lib.ConfigError(
-            f"{run_dir} holds an interrupted run whose steps were taken after the releases {recorded}, but the "
-            f"config asks for {wanted} (model.feature_statistics); resume with the config of the first start, or "
-            "start afresh in a new run folder (--out)"
-        )
-    if recorded and not os.path.exists(runs.path(run_dir, runs.STATISTICS)):
+    if os.path.exists(runs.path(run_dir, runs.POLICY)):
+        recorded = runs.read_json(run_dir, runs.POLICY)["policy"]["release_noise_multipliers"]
+        if recorded != wanted:
+            raise config_lib.ConfigError(
+                f"{run_dir} holds an interrupted run whose steps were taken after the releases {recorded}, but the "
+                f"config asks for {wanted} (model.feature_statistics); resume with the config of the first start, "
+                "or start afresh in a new run folder (--out)"
+            )
+    elif not os.path.exists(runs.path(run_dir, runs.BACKUP)):
+        return  # a first start, or one that took no step
+    if wanted and not os.path.exists(runs.path(run_dir, runs.STATISTICS)):
         raise config_lib.ConfigError(
             f"{run_dir} holds an interrupted run whose steps were taken after a release of the training data's "
             f"statistics, but its {runs.STATISTICS} is missing: another release would make two where the accountant "

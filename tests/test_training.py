@@ -230,12 +230,17 @@ def test_a_resume_adding_a_release_is_refused_before_the_release(tmp_path, monke
     assert not (out / "feature_statistics.json").exists()  # nothing was drawn
 
 
-def test_a_resume_whose_released_statistics_are_lost_is_refused_before_a_second_release(tmp_path, monkeypatch, capsys):
-    """feature_statistics.json removed from an interrupted run: its steps were taken after a release that
-    policy.json names; drawing another would make two releases of the data where the accountant counts one."""
+@pytest.mark.parametrize("lost", [("feature_statistics.json",), ("feature_statistics.json", "policy.json")])
+def test_a_resume_whose_released_statistics_are_lost_is_refused_before_a_second_release(
+    tmp_path, monkeypatch, capsys, lost
+):
+    """feature_statistics.json removed from an interrupted run: its steps were taken after a release (that
+    policy.json names, or that its backup implies); drawing another would make two releases of the data where
+    the accountant counts one."""
     out, settings = tmp_path / "run", ("privacy.noise_multiplier=2.0", STATISTICS)
     _crash_at_second_epoch(monkeypatch, str(out), *settings)
-    os.remove(out / "feature_statistics.json")
+    for name in lost:
+        os.remove(out / name)
     assert cli.main(_args(str(out), *settings)) == 2
     assert "feature_statistics.json" in capsys.readouterr().err
     assert not (out / "feature_statistics.json").exists()  # nothing was drawn
