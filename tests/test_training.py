@@ -303,3 +303,51 @@ def test_a_resume_whose_steps_its_policy_cannot_state_leaves_no_model(tmp_path, 
     assert cli.main(_args(out, "privacy.noise_multiplier=4.0")) == 2
     assert "under another privacy policy" in capsys.readouterr().err
     assert not os.path.exists(runs.path(out, runs.MODEL)) and not runs.is_complete(out)
+
+
+NARROWER_LAYERS = DENSE_LAYERS.replace("units: 64", "units: 32")
+
+
+@pytest.mark.parametrize(
+    "lost, refused",
+    [
+        ((runs.POLICY, runs.CONFIG), ("privacy.noise_multiplier=4.0",)),  # refused in privacy_state, after the writes
+        ((runs.CONFIG,), ("privacy.noise_multiplier=0.8", NARROWER_LAYERS)),  # refused by Keras' restore, in fit
+    ],
+)
+def test_a_resume_refused_after_the_records_are_written_leaves_the_first_config_able_to_resume(
+    tmp_path, monkeypatch, lost, refused
+):
+    """policy.json or config.yaml missing (removed, or a folder from before they were written): a resume refused
+    only once fit restored the backup has by then written its refused policy.json and config.yaml, and the first
+    start's config, the one that can finish the run, is then refused against them."""
+    out, noise = str(tmp_path / "run"), "privacy.noise_multiplier=0.8"
+    _crash_while_saving(monkeypatch, out, noise)
+    for name in lost:
+        os.remove(runs.path(out, name))
+    assert cli.main(_args(out, *refused)) == 2
+    assert cli.main(_args(out, noise)) == 0
+
+
+def test_a_resume_whose_backup_was_removed_after_epochs_were_logged_is_refused(tmp_path, monkeypatch):
+    """backup/ removed from an interrupted run: the resume trains from fresh weights and appends to history.csv,
+    whose rows of the first start (validation metrics, epsilon, held-out gradient-to-noise: outputs of its private
+    steps) then sit in a folder whose privacy.json accounts only the new steps."""
+    out, noise = str(tmp_path / "run"), "privacy.noise_multiplier=2.0"
+    _crash_at_second_epoch(monkeypatch, out, noise)
+    logged = len(runs.read_history(runs.path(out, runs.HISTORY))["epoch"])
+    assert logged == 1
+    runs.remove_backup(out)
+    assert cli.main(_args(out, noise)) == 2
+    assert not runs.is_complete(out)
+
+
+def test_a_seeded_resume_whose_attempt_count_was_removed_is_refused(tmp_path, monkeypatch):
+    """attempts removed from an interrupted run under sampling.seed: the resume is attempt 0 again and its sampler
+    replays the first start's batches (the same Poisson subsets in epoch 2 as in epoch 1), which the accountant
+    counts as fresh draws."""
+    out, settings = str(tmp_path / "run"), ("privacy.noise_multiplier=2.0", "sampling.seed=7")
+    _crash_at_second_epoch(monkeypatch, out, *settings)
+    os.remove(runs.path(out, runs.ATTEMPTS))
+    assert cli.main(_args(out, *settings)) == 2
+    assert not runs.is_complete(out)
