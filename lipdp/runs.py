@@ -31,6 +31,7 @@ accountant counts one release). Reports (``report*.html``,
 ``report*.md``, PNGs) are written by :mod:`lipdp.reports`.
 """
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -75,9 +76,23 @@ def next_attempt(run_dir):
     """Counts starts of this run (0 for the first), so a resumed run never replays a sampling seed."""
     attempts = path(run_dir, ATTEMPTS)
     attempt = int(open(attempts).read()) + 1 if os.path.exists(attempts) else 0
-    with open(attempts, "w") as handle:
-        handle.write(str(attempt))
+    write_text(run_dir, ATTEMPTS, str(attempt))
     return attempt
+
+
+def check_resumable(run_dir, seeded):
+    """Refuses an interrupted run folder that lost what its resume needs: the backup of the epochs
+    ``history.csv`` logged (a resume would train afresh beside outputs of steps no longer accounted), or, for a
+    ``seeded`` sampler, the start count (a resume would replay the first start's batches)."""
+    logged = os.path.exists(path(run_dir, HISTORY)) and len(read_history(path(run_dir, HISTORY))) > 0
+    took_steps = logged or os.path.exists(path(run_dir, BACKUP))
+    lost = [BACKUP] if logged and not os.path.exists(path(run_dir, BACKUP)) else []
+    lost += [ATTEMPTS] if seeded and took_steps and not os.path.exists(path(run_dir, ATTEMPTS)) else []
+    if lost:
+        raise IncompleteRunError(
+            f"{run_dir} holds an interrupted run that lost {' and '.join(lost)}: resuming would not account, or "
+            "would replay, the steps it took; start afresh in a new run folder (--out)"
+        )
 
 
 def remove_backup(run_dir):
@@ -107,7 +122,8 @@ def _write_atomically(run_dir, name, write):
         with open(temporary, "w") as handle:
             write(handle)
     except BaseException:
-        os.remove(temporary)
+        with contextlib.suppress(FileNotFoundError):  # open() itself failed: its error is the one to see
+            os.remove(temporary)
         raise
     os.replace(temporary, path(run_dir, name))
 

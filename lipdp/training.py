@@ -7,6 +7,7 @@ command; a completed run is never overwritten.
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -174,6 +175,7 @@ RESUMABLE_CHANGES = (
 def _run(cfg, out_dir, work_dir, strategy, verbose):
     """:func:`run` in ``work_dir`` (``out_dir`` on the chief), with the backup shared in ``out_dir``."""
     runs.start(work_dir)
+    runs.check_resumable(work_dir, seeded=cfg.sampling.seed is not None)
     keras.utils.set_random_seed(cfg.training.seed)
     full = data.load(cfg.dataset.name, data_dir=cfg.dataset.data_dir)
     raw, frontend = data.configured_split(full, cfg.dataset), build_frontend(cfg)
@@ -209,9 +211,7 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     model.make_private(sampler, **policy_arguments(cfg, releases=()))  # the releases: the head's layers carry them
     policy_record = _check_resume_record(model, raw_record, work_dir)
     _check_resume_config(cfg, out_dir)
-    # after every check, before the first step: a refused start leaves the run folder's records as they were
-    runs.write_json(work_dir, runs.POLICY, policy_record)
-    runs.write_text(work_dir, runs.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_records = functools.partial(_write_records, model, cfg, policy_record, work_dir)
     extra = [
         callbacks.PrivacyLedger(),
         callbacks.GradientNoiseMonitor(dataset.x_test, dataset.y_test),  # held-out data only
@@ -223,6 +223,7 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     budget = None if cfg.privacy.epsilon_budget is None else callbacks.BudgetStop(cfg.privacy.epsilon_budget)
     if budget is not None:
         extra.append(budget)
+    extra.append(keras.callbacks.LambdaCallback(on_train_begin=lambda logs: write_records()))  # the last callback
     if verbose:
         print(f"data: {dataset.source}")
         print(f"privacy policy: {model.privacy}")
@@ -245,6 +246,7 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
             raise
         # resumed after its budget had ended training (then a crash while saving): what fit's end does, no step
         model.optimizer.finalize_variable_values(model.trainable_variables)
+        write_records()
     _check_trained_epochs(model, cfg, sampler.steps_per_epoch)
     if frontends:
         with distribute.scope(strategy):
@@ -253,6 +255,15 @@ def _run(cfg, out_dir, work_dir, strategy, verbose):
     if work_dir == out_dir:  # the chief owns the shared backup folder
         runs.remove_backup(out_dir)
     return model, metrics
+
+
+def _write_records(model, cfg, policy_record, run_dir):
+    """Writes ``policy.json`` and ``config.yaml`` once every check passed, the backup's restore and its steps'
+    record included (fit's ``on_train_begin``): a refused start leaves the run folder's records as they were."""
+    if model.steps_taken:
+        model.privacy_state()  # refuses restored steps that another policy or mechanism took
+    runs.write_json(run_dir, runs.POLICY, policy_record)
+    runs.write_text(run_dir, runs.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _check_resume_releases(cfg, run_dir):
