@@ -85,9 +85,9 @@ def check_resumable(run_dir, seeded):
     ``history.csv`` logged (a resume would train afresh beside outputs of steps no longer accounted), or, for a
     ``seeded`` sampler, the start count (a resume would replay the first start's batches)."""
     logged = os.path.exists(path(run_dir, HISTORY)) and len(read_history(path(run_dir, HISTORY))) > 0
-    took_steps = logged or os.path.exists(path(run_dir, BACKUP))
-    lost = [BACKUP] if logged and not os.path.exists(path(run_dir, BACKUP)) else []
-    lost += [ATTEMPTS] if seeded and took_steps and not os.path.exists(path(run_dir, ATTEMPTS)) else []
+    backed_up = os.path.exists(path(run_dir, BACKUP))
+    lost = [BACKUP] if logged and not backed_up else []
+    lost += [ATTEMPTS] if seeded and (logged or backed_up) and not os.path.exists(path(run_dir, ATTEMPTS)) else []
     if lost:
         raise IncompleteRunError(
             f"{run_dir} holds an interrupted run that lost {' and '.join(lost)}: resuming would not account, or "

@@ -299,8 +299,7 @@ def _check_resume_config(cfg, run_dir):
     recorded = runs.path(run_dir, runs.CONFIG)
     if not (os.path.exists(runs.path(run_dir, runs.BACKUP)) and os.path.exists(recorded)):
         return
-    with open(recorded) as f:
-        changes = records.record_changes(yaml.safe_load(f), cfg.to_dict())
+    changes = records.record_changes(config_lib.load(recorded).to_dict(), cfg.to_dict())
     allowed = _resumable_changes(cfg)
     changes = [change for change in changes if not _is_resumable(change.split(":")[0], allowed)]
     if changes:
