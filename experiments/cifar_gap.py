@@ -34,6 +34,26 @@ FEATURES = {  # (training, validation) cache files
 }
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "cifar10_gap.csv")
 CARVE = 40500
+FLIPPED = "flipped-{}-{}.npy"  # features of the horizontally flipped images, in CACHE (this script's own)
+
+
+def flipped_features(features, data_dir):
+    """(training, validation) scattering features of the mirrored images, computed once (about 3 minutes)."""
+    from lipdp.layers.frontends import Scattering2D
+
+    if features != "raw":
+        raise SystemExit("--flip needs --features raw")
+    images = np.load(os.path.join(data_dir, "cifar10.npz"))
+    files = [os.path.join(CACHE, FLIPPED.format(features, split)) for split in ("train", "test")]
+    if not all(os.path.exists(f) for f in files):
+        scattering = Scattering2D(J=2, L=8)
+        for name, f in zip(("x_train", "x_test"), files):
+            x = images[name]
+            parts = [
+                scattering(x[i : i + 2000, :, ::-1].astype(np.float32) / 255.0).numpy() for i in range(0, len(x), 2000)
+            ]
+            np.save(f, np.concatenate(parts))
+    return [np.load(f, mmap_mode="r") for f in files]
 
 
 def load(features, split, data_dir):
@@ -72,7 +92,18 @@ def exact_statistics(x):
     return mean, np.sqrt(np.maximum(squares.mean(axis=0) - mean**2, 0.0) + 1e-5)
 
 
-def normalise(args, x_train, x_test, rng):
+def mirrored(x):
+    """Scattering features (J 2, L 8, 3 colours) of an approximate mirror image: the 8x8 map mirrored and each
+    orientation l mapped to (6 - l) mod 8 (kymatio's angles (3 - l) pi / 8 reflect to their negatives)."""
+    orientation = [(6 - angle) % 8 for angle in range(8)]
+    order_1 = [1 + 8 * j + orientation[angle] for j in range(2) for angle in range(8)]
+    order_2 = [17 + 8 * orientation[l1] + orientation[l2] for l1 in range(8) for l2 in range(8)]
+    per_colour = np.array([0, *order_1, *order_2])
+    channels = np.concatenate([81 * colour + per_colour for colour in range(3)])
+    return np.ascontiguousarray(x[:, :, ::-1, :][..., channels])
+
+
+def normalise(args, x_train, x_test, rng, extra=()):
     """(standardised train, test, releases for the accountant), in place."""
     releases = ()
     if args.norm == "none":
@@ -93,11 +124,11 @@ def normalise(args, x_train, x_test, rng):
         )
         mean, scale = np.array(layer.mean), np.array(layer.scale)
         releases = (args.bn_noise,)
-        for x in (x_train, x_test):
+        for x in (x_train, x_test, *extra):
             clip_rows(x.reshape(len(x), -1), args.stat_clip)
     if args.norm != "lipdp" and not args.scale:
         scale = np.ones_like(scale)
-    for x in (x_train, x_test):
+    for x in (x_train, x_test, *extra):
         for start in range(0, len(x), 4096):
             x[start : start + 4096] -= mean.astype(np.float32)
             x[start : start + 4096] /= scale.astype(np.float32)
@@ -133,29 +164,38 @@ def logit_gradients(args, logits, labels):
     return p
 
 
-def train(args, x_train, y_train, noise_multiplier, rng):
+def clipped_logit_gradients(args, x, w, b, labels, row_norms):
+    """Per-example logit gradients of one view, clipped as the mechanism does, and the mechanism's bound."""
+    g = logit_gradients(args, x @ w + b, labels)
+    g_norms = np.linalg.norm(g, axis=1)
+    if args.mechanism == "flat":  # per-example gradient norm ||g|| sqrt(||x||^2 + 1) clipped to C
+        g *= np.minimum(1.0, args.clip / np.maximum(g_norms * np.sqrt(row_norms**2 + 1), 1e-12))[:, None]
+        return g, args.clip
+    if args.mechanism == "clipless":  # inputs already clipped to R; logit gradients to c
+        g *= np.minimum(1.0, args.logit_clip / np.maximum(g_norms, 1e-12))[:, None]
+        return g, args.logit_clip * math.sqrt(args.input_clip**2 + 1)
+    return g, 0.0
+
+
+def train(args, x_train, y_train, noise_multiplier, rng, x_views=()):
+    """SGD on ``x_train``; with ``x_views`` (other views of the same examples) each example's gradient is the mean
+    of its views' clipped gradients (augmentation multiplicity), whose bound is one view's."""
     n, d = x_train.shape
     w, b = np.zeros((d, 10), np.float32), np.zeros(10, np.float32)
     vw, vb = np.zeros_like(w), np.zeros_like(b)
     total, step = args.epochs * steps_per_epoch(args, n), 0
     averages = {momentum: (w.copy(), b.copy()) for momentum in args.ema}
-    row_norms = np.linalg.norm(x_train, axis=1)
+    views = (x_train, *x_views)
+    row_norms = [np.linalg.norm(view, axis=1) for view in views]
     for _ in range(args.epochs):
         for index in batches(args, n, rng):
-            x, labels = x_train[index], y_train[index]
-            g = logit_gradients(args, x @ w + b, labels)
-            g_norms = np.linalg.norm(g, axis=1)
-            if args.mechanism == "flat":  # per-example gradient norm ||g|| sqrt(||x||^2 + 1) clipped to C
-                g *= np.minimum(1.0, args.clip / np.maximum(g_norms * np.sqrt(row_norms[index] ** 2 + 1), 1e-12))[
-                    :, None
-                ]
-                bound = args.clip
-            elif args.mechanism == "clipless":  # inputs already clipped to R; logit gradients to c
-                g *= np.minimum(1.0, args.logit_clip / np.maximum(g_norms, 1e-12))[:, None]
-                bound = args.logit_clip * math.sqrt(args.input_clip**2 + 1)
-            else:
-                bound = 0.0
-            gw, gb = x.T @ g, g.sum(axis=0)
+            labels = y_train[index]
+            gw, gb = np.zeros_like(w), np.zeros_like(b)
+            for view, norms in zip(views, row_norms):
+                x = view[index]
+                g, bound = clipped_logit_gradients(args, x, w, b, labels, norms[index])
+                gw += x.T @ g / len(views)
+                gb += g.sum(axis=0) / len(views)
             if noise_multiplier:
                 gw += rng.normal(0.0, noise_multiplier * bound, gw.shape).astype(np.float32)
                 gb += rng.normal(0.0, noise_multiplier * bound, gb.shape).astype(np.float32)
@@ -201,16 +241,40 @@ def main(argv=None):
     parser.add_argument("--sampling", choices=("poisson", "shuffle"), default="shuffle")
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--ema", type=float, nargs="*", default=[], help="also score averaged weights (momenta)")
+    parser.add_argument(
+        "--flip",
+        choices=("none", "exact", "mirror", "average"),
+        default="none",
+        help="train on two views: the image's features and those of its mirror image (exact: computed from the "
+        "flipped image; mirror: the feature map mirrored, the orientations permuted); average: one view, the mean "
+        "of the image's and its mirror image's features (a flip-invariant front-end)",
+    )
     parser.add_argument("--label", default="")
     parser.add_argument("--data-dir", default="../shared/data/cifar10")
     args = parser.parse_args(argv)
     start = time.time()
     rng = np.random.default_rng()
     x_train, y_train, x_test, y_test = load(args.features, args.split, args.data_dir)
-    x_train, x_test, releases = normalise(args, x_train, x_test, rng)
+    flipped = ()
+    if args.flip == "exact":
+        train_flipped, test_flipped = flipped_features(args.features, args.data_dir)
+        flipped = (np.array(train_flipped[: len(x_train)] if args.split == "carve" else train_flipped),)
+        flipped += (np.array(train_flipped[CARVE:] if args.split == "carve" else test_flipped),)
+    elif args.flip == "mirror":
+        flipped = (mirrored(x_train), mirrored(x_test))
+    elif args.flip == "average":
+        train_flipped, test_flipped = flipped_features(args.features, args.data_dir)
+        if args.split == "carve":
+            train_flipped, test_flipped = train_flipped[:CARVE], train_flipped[CARVE:]
+        for x, x_flipped in ((x_train, train_flipped), (x_test, test_flipped)):
+            for start in range(0, len(x), 4096):
+                x[start : start + 4096] += x_flipped[start : start + 4096]
+                x[start : start + 4096] *= 0.5
+    x_train, x_test, releases = normalise(args, x_train, x_test, rng, flipped)
     x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
+    flipped = tuple(x.reshape(len(x), -1) for x in flipped)
     if args.mechanism == "clipless":
-        for x in (x_train, x_test):
+        for x in (x_train, x_test, *flipped):
             clip_rows(x, args.input_clip)
     noise = 0.0
     if args.mechanism != "none" and args.epsilon > 0:  # --epsilon 0: clipped but noiseless
@@ -221,7 +285,7 @@ def main(argv=None):
             steps=args.epochs * steps_per_epoch(args, len(x_train)),
             releases=releases,
         )
-    heads = train(args, x_train, y_train, noise, rng)
+    heads = train(args, x_train, y_train, noise, rng, flipped[:1])
     seconds = time.time() - start
     epsilon = args.epsilon if noise else "inf"
     command = "python experiments/cifar_gap.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -231,10 +295,16 @@ def main(argv=None):
         if new:
             writer.writerow(["tool", "label", "split", "epsilon", "noise_multiplier", "accuracy", "wall_s", "command"])
         for momentum, (w, b) in heads.items():
-            accuracy = float(np.mean(np.argmax(x_test @ w + b, axis=1) == y_test))
+            logits = x_test @ w + b
+            accuracy = float(np.mean(np.argmax(logits, axis=1) == y_test))
             # the loss's logit gradients sum to 0 over the classes: W's class-sum direction holds noise only
             noise_share = float(np.sum(np.square(w.sum(axis=1)))) / max(float(np.sum(np.square(w))), 1e-30)
             label = args.label if momentum is None else f"{args.label} [weights averaged, EMA {momentum}]"
+            if flipped:  # test-time augmentation: logits averaged over the image and its mirror
+                tta = float(np.mean(np.argmax(logits + flipped[1] @ w + b, axis=1) == y_test))
+                print(f"{label}: with test-time flip averaging {tta:.4f}")
+                row = [f"{label} [test-time flip]", args.split, epsilon, f"{noise:.4f}", f"{tta:.4f}", f"{seconds:.0f}"]
+                writer.writerow(["simulator", *row, command])
             print(f"{label}: accuracy {accuracy:.4f} (noise {noise:.3f}, W's noise share {noise_share:.2f})")
             row = [label, args.split, epsilon, f"{noise:.4f}", f"{accuracy:.4f}", f"{seconds:.0f}", command]
             writer.writerow(["simulator", *row])

@@ -153,6 +153,8 @@ def from_dict(data):
     """Validated :class:`Config` from a plain mapping."""
     config = _build(Config, data or {})
     validate_layers(config.model.layers)
+    if config.model.frontend is not None:
+        validate_layer("model.frontend", config.model.frontend)
     validate_values(config)
     return config
 
@@ -336,8 +338,8 @@ def apply_override(data, override):
         node[last] = value
 
 
-def layer_class(type_name):
-    """The layer class for a config ``type``: lipdp layers first, then Keras'."""
+def layer_class(type_name, path="model.layers"):
+    """The layer class for a config ``type`` (at ``path``, for the error): lipdp layers first, then Keras'."""
 
     from lipdp import layers
 
@@ -352,7 +354,7 @@ def layer_class(type_name):
         ]
         close = difflib.get_close_matches(type_name, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"model.layers: unknown layer type {type_name!r}{hint}")
+        raise ConfigError(f"{path}: unknown layer type {type_name!r}{hint}")
     return cls
 
 
@@ -373,11 +375,14 @@ def _accepted_arguments(cls):
 def validate_layers(layer_specs):
     """Checks each ``{type: ..., **arguments}`` names a layer and only its arguments."""
     for index, spec in enumerate(layer_specs):
-        path = f"model.layers.{index}"
-        if not isinstance(spec, dict) or "type" not in spec:
-            raise ConfigError(f"{path}: expected a mapping with a 'type' key, got {spec!r}")
-        cls = layer_class(spec["type"])
-        accepted = _accepted_arguments(cls)
-        for key in spec:
-            if key != "type" and key not in accepted:
-                raise _unknown_key(f"{path}.", key, sorted(accepted))
+        validate_layer(f"model.layers.{index}", spec)
+
+
+def validate_layer(path, spec):
+    """Checks the layer spec ``{type: ..., **arguments}`` at ``path`` names a layer and only its arguments."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ConfigError(f"{path}: expected a mapping with a 'type' key, got {spec!r}")
+    accepted = _accepted_arguments(layer_class(spec["type"], path))
+    for key in spec:
+        if key != "type" and key not in accepted:
+            raise _unknown_key(f"{path}.", key, sorted(accepted))

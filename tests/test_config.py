@@ -44,6 +44,10 @@ def test_layer_typos_are_reported():
         config.from_dict({"model": {"layers": [{"type": "GroupSrot"}]}})
     with pytest.raises(config.ConfigError, match=r"model.layers.0.unitz: unknown key \(did you mean 'units'"):
         config.from_dict({"model": {"layers": [{"type": "LipschitzDense", "unitz": 3}]}})
+    with pytest.raises(config.ConfigError, match=r"model.frontend.flip_invariat: unknown key \(did you mean 'flip_"):
+        config.from_dict({"model": {"frontend": {"type": "Scattering2D", "flip_invariat": True}}})
+    with pytest.raises(config.ConfigError, match=r"model.frontend: unknown layer type 'Scatering2D'"):
+        config.from_dict({"model": {"frontend": {"type": "Scatering2D"}}})
 
 
 def test_overrides_reach_nested_keys_and_list_items(tmp_path):

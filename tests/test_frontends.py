@@ -47,14 +47,39 @@ def test_scattering_shape_channels_and_per_example(channels):
     np.testing.assert_allclose(layer(x[3:4]).numpy()[0], out[3], rtol=1e-5, atol=1e-6)  # batch-independent
 
 
+@pytest.mark.parametrize("normalize", [None, "group"])
+def test_flip_invariant_scattering_averages_the_image_and_its_mirror_image(normalize):
+    x, groups = images(channels=3, seed=4), 3 if normalize else 1
+    mirrored = x[:, :, ::-1, :]
+    plain = L.Scattering2D(J=2, L=4)
+    expected = 0.5 * (plain(x).numpy() + plain(mirrored).numpy())
+    if normalize:
+        expected = group_normalised(expected, groups)
+    layer = L.Scattering2D(J=2, L=4, normalize=normalize, groups=groups, flip_invariant=True)
+    out = layer(x).numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(layer(mirrored).numpy(), out, rtol=1e-4, atol=1e-5)  # invariant to the mirror
+    assert np.abs(out - plain(x).numpy()).max() > 1e-2  # not the plain transform (images are not symmetric)
+    restored = L.Scattering2D.from_config(layer.get_config())
+    assert restored.flip_invariant is True
+    with pytest.raises(ValueError, match="flip_invariant must be true or false"):
+        L.Scattering2D(flip_invariant="yes")
+
+
+def group_normalised(features, groups):
+    """Each example's channels in ``groups`` groups, each centred and scaled over its positions and channels."""
+    n, height, width, channels = features.shape
+    grouped = features.reshape(n, height, width, groups, channels // groups).astype(np.float64)
+    mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
+    return ((grouped - mean) / np.sqrt(grouped.var(axis=(1, 2, 4), keepdims=True) + 1e-5)).reshape(features.shape)
+
+
 def test_group_normalisation_is_per_example_and_per_group():
     x = images()
-    raw = L.Scattering2D(J=2, L=4)(x).numpy().reshape(12, 4, 4, 5, 5).astype(np.float64)
-    mean = raw.mean(axis=(1, 2, 4), keepdims=True)
-    expected = (raw - mean) / np.sqrt(raw.var(axis=(1, 2, 4), keepdims=True) + 1e-5)
-    out = L.Scattering2D(J=2, L=4, normalize="group", groups=5)(x).numpy().reshape(12, 4, 4, 5, 5)
+    expected = group_normalised(L.Scattering2D(J=2, L=4)(x).numpy(), 5)
+    out = L.Scattering2D(J=2, L=4, normalize="group", groups=5)(x).numpy()
     np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose(out.mean(axis=(1, 2, 4)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(out.reshape(12, 4, 4, 5, 5).mean(axis=(1, 2, 4)), 0.0, atol=1e-4)
     with pytest.raises(ValueError, match="divisible by groups"):
         L.Scattering2D(J=2, L=4, normalize="group", groups=7)(images())
 

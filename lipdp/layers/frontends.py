@@ -59,7 +59,12 @@ class Scattering2D(FrontEnd, keras.layers.Layer):
     (``max_order=2``). With ``normalize="group"`` each example's channels are
     split into ``groups`` groups, each centred and scaled to unit variance
     over its positions and channels (a per-example map: it never mixes
-    examples, and has no affine parameters). No trainable variables.
+    examples, and has no affine parameters). With ``flip_invariant=True`` the
+    features are ``(S(x) + S(x'))/2``, ``x'`` the left-right mirror image of
+    ``x``: a map of the example alone, invariant to mirroring it, whose
+    Lipschitz constant is at most that of ``S`` (mirroring is an isometry).
+    A linear head on them scores an image by the mean of its scores on the
+    image and on its mirror image. No trainable variables.
 
     Args:
         J: number of scales (the output is ``2^J`` times smaller per axis).
@@ -67,17 +72,20 @@ class Scattering2D(FrontEnd, keras.layers.Layer):
         max_order: 1 or 2.
         normalize: ``None`` or ``"group"``.
         groups: number of groups for ``normalize="group"``.
+        flip_invariant: average the transform of the image and of its mirror image.
     """
 
-    def __init__(self, J=2, L=8, max_order=2, normalize=None, groups=1, **kwargs):
+    def __init__(self, J=2, L=8, max_order=2, normalize=None, groups=1, flip_invariant=False, **kwargs):
         kwargs.setdefault("trainable", False)
         super().__init__(**kwargs)
         if normalize not in (None, "group"):
             raise ValueError(f"normalize must be None or 'group', got {normalize!r}")
         if int(groups) < 1:
             raise ValueError(f"groups must be >= 1, got {groups}")
+        if not isinstance(flip_invariant, bool):
+            raise ValueError(f"flip_invariant must be true or false, got {flip_invariant!r}")
         self.J, self.L, self.max_order = int(J), int(L), int(max_order)
-        self.normalize, self.groups = normalize, int(groups)
+        self.normalize, self.groups, self.flip_invariant = normalize, int(groups), flip_invariant
 
     def build(self, input_shape):
         from kymatio.tensorflow import Scattering2D as KymatioScattering2D
@@ -94,6 +102,9 @@ class Scattering2D(FrontEnd, keras.layers.Layer):
 
     def lipschitz_constant(self):
         """:func:`scattering_lipschitz_bound` of the built transform; ``inf`` with group normalisation.
+
+        The flip-invariant mean ``(S(x) + S(x'))/2`` has the same bound: ``x -> x'`` is an isometry, so each term
+        moves by at most half the bound times ``||x - y||``.
 
         Group normalisation divides each example by its own standard
         deviation, which is not globally Lipschitz. Privacy never uses this
@@ -113,7 +124,10 @@ class Scattering2D(FrontEnd, keras.layers.Layer):
 
     def call(self, inputs):
         x = tf.transpose(tf.cast(inputs, tf.float32), [0, 3, 1, 2])  # (B, C, H, W)
-        s = tf.transpose(self._scattering(x), [0, 3, 4, 1, 2])  # (B, H', W', C, K)
+        s = self._scattering(x)  # (B, C, K, H', W')
+        if self.flip_invariant:
+            s = 0.5 * (s + self._scattering(tf.reverse(x, axis=[3])))
+        s = tf.transpose(s, [0, 3, 4, 1, 2])  # (B, H', W', C, K)
         _, height, width, channels = self.compute_output_shape((None,) + self._input_hwc)
         s = tf.reshape(s, [-1, height, width, channels])
         if self.normalize == "group":
@@ -141,6 +155,7 @@ class Scattering2D(FrontEnd, keras.layers.Layer):
             "max_order": self.max_order,
             "normalize": self.normalize,
             "groups": self.groups,
+            "flip_invariant": self.flip_invariant,
         }
 
 
