@@ -103,6 +103,13 @@ def mirrored(x):
     return np.ascontiguousarray(x[:, :, ::-1, :][..., channels])
 
 
+def average_views(x, x_flipped):
+    """``x`` replaced, in place, by the mean of its features and those of the mirror images."""
+    for first in range(0, len(x), 4096):
+        x[first : first + 4096] += x_flipped[first : first + 4096]
+        x[first : first + 4096] *= 0.5
+
+
 def normalise(args, x_train, x_test, rng, extra=()):
     """(standardised train, test, releases for the accountant), in place."""
     releases = ()
@@ -267,9 +274,7 @@ def main(argv=None):
         if args.split == "carve":
             train_flipped, test_flipped = train_flipped[:CARVE], train_flipped[CARVE:]
         for x, x_flipped in ((x_train, train_flipped), (x_test, test_flipped)):
-            for start in range(0, len(x), 4096):
-                x[start : start + 4096] += x_flipped[start : start + 4096]
-                x[start : start + 4096] *= 0.5
+            average_views(x, x_flipped)
     x_train, x_test, releases = normalise(args, x_train, x_test, rng, flipped)
     x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
     flipped = tuple(x.reshape(len(x), -1) for x in flipped)

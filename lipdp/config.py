@@ -154,7 +154,7 @@ def from_dict(data):
     config = _build(Config, data or {})
     validate_layers(config.model.layers)
     if config.model.frontend is not None:
-        validate_layer("model.frontend", config.model.frontend)
+        frontend_layer(config.model.frontend)
     validate_values(config)
     return config
 
@@ -376,6 +376,24 @@ def validate_layers(layer_specs):
     """Checks each ``{type: ..., **arguments}`` names a layer and only its arguments."""
     for index, spec in enumerate(layer_specs):
         validate_layer(f"model.layers.{index}", spec)
+
+
+def frontend_layer(spec):
+    """The front-end layer of a ``model.frontend`` spec: its keys, type and argument values checked.
+
+    Built at config validation too (a front-end takes no data and creates no
+    variable until built): a wrong value is a ConfigError before any data is read.
+    """
+    from lipdp.layers import FrontEnd
+
+    validate_layer("model.frontend", spec)
+    cls = layer_class(spec["type"], "model.frontend")
+    if not issubclass(cls, FrontEnd):
+        raise ConfigError(f"model.frontend: {cls.__name__} is not a lipdp front-end (e.g. Scattering2D)")
+    try:
+        return cls(**{k: v for k, v in spec.items() if k != "type"})
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model.frontend: {error}") from error
 
 
 def validate_layer(path, spec):

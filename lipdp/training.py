@@ -23,7 +23,7 @@ from lipdp import callbacks, data, distribute, losses, records, robustness, runs
 from lipdp import config as config_lib
 from lipdp.backend import keras
 from lipdp.errors import PrivacyBudgetExhausted
-from lipdp.layers import ChannelStandardization, FrontEnd, InputNormClip, cached_features
+from lipdp.layers import ChannelStandardization, InputNormClip, cached_features
 from lipdp.layers.frontends import array_fingerprint
 from lipdp.model import DPSequential
 from lipdp.policy import PrivacyPolicy
@@ -43,13 +43,7 @@ def build_layers(cfg: config_lib.Config, input_shape, frontends=()):
 
 def build_frontend(cfg: config_lib.Config):
     """The configured front-end layer (``model.frontend``), or ``None``."""
-    if cfg.model.frontend is None:
-        return None
-    spec = dict(cfg.model.frontend)
-    cls = config_lib.layer_class(spec.pop("type", None))
-    if not issubclass(cls, FrontEnd):
-        raise config_lib.ConfigError(f"model.frontend: {cls.__name__} is not a lipdp front-end (e.g. Scattering2D)")
-    return cls(**spec)
+    return None if cfg.model.frontend is None else config_lib.frontend_layer(cfg.model.frontend)
 
 
 def with_frontend(head, frontends, input_shape):

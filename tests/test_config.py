@@ -4,6 +4,7 @@ import glob
 import os
 
 import pytest
+import yaml
 
 from lipdp import config
 
@@ -90,3 +91,14 @@ def test_shipped_configs_build_a_private_model_that_steps(path):
     )
     model.allow_unaccounted_steps().train_on_batch(x[:8], y[:8])
     assert int(model.privacy_steps) == 1 and policy.noise_multiplier > 0
+
+
+@pytest.mark.parametrize("value", ["1", "'true'", "null", "[true]"])
+def test_a_front_end_argument_of_the_wrong_type_is_refused_at_load(value):
+    """Before any data is read (a tune checks every drawn configuration so), naming model.frontend."""
+    with pytest.raises(config.ConfigError, match="model.frontend: flip_invariant must be true or false"):
+        config.from_dict({"model": {"frontend": yaml.safe_load(f"{{type: Scattering2D, flip_invariant: {value}}}")}})
+    with pytest.raises(config.ConfigError, match="model.frontend: Flatten is not a lipdp front-end"):
+        config.from_dict({"model": {"frontend": {"type": "Flatten"}}})
+    valid = {"model": {"frontend": yaml.safe_load("{type: Scattering2D, flip_invariant: yes}")}}
+    assert config.from_dict({**valid, "privacy": {"noise_multiplier": 1.0}}).model.frontend["flip_invariant"] is True

@@ -160,9 +160,8 @@ def test_training_run_with_a_front_end_saves_a_raw_input_model(tmp_path):
 
 
 def test_frontend_config_must_name_a_front_end():
-    cfg = config.load(DIGITS, ["model.frontend={type: Flatten}"])
     with pytest.raises(config.ConfigError, match="not a lipdp front-end"):
-        training.build_frontend(cfg)
+        config.load(DIGITS, ["model.frontend={type: Flatten}"])  # at load, before any data is read
 
 
 def test_assembling_a_front_end_keeps_an_unaccountable_head_unaccountable():
@@ -177,3 +176,60 @@ def test_assembling_a_front_end_keeps_an_unaccountable_head_unaccountable():
     model = training.with_frontend(head, [L.Scattering2D(J=2, L=4)], (16, 16, 1))
     with pytest.raises(lipdp.errors.NotPrivateError, match="unaccountable"):
         model.epsilon()
+
+
+@pytest.mark.parametrize("shape", [(8, 12, 2), (12, 8, 1), (9, 13, 1)])
+def test_flip_invariance_is_exact_along_the_width_of_any_image_shape(shape):
+    """The mirror is left-right (the width, axis 2 of channels-last inputs), whatever H, W and the channels."""
+    x = np.random.default_rng(5).random((3, *shape)).astype("float32")
+    layer, plain = L.Scattering2D(J=2, L=4, flip_invariant=True), L.Scattering2D(J=2, L=4)
+    out = layer(x).numpy()
+    np.testing.assert_array_equal(layer(x[:, :, ::-1]).numpy(), out)  # exact: the same two terms, swapped
+    assert np.abs(layer(x[:, ::-1]).numpy() - out).max() > 1e-2  # not the up-down mirror
+    np.testing.assert_allclose(out, 0.5 * (plain(x).numpy() + plain(x[:, :, ::-1]).numpy()), rtol=1e-5, atol=1e-6)
+
+
+def test_flip_invariant_and_plain_features_never_share_a_cache_entry(tmp_path):
+    x = images(channels=2)
+    plain, flip = L.Scattering2D(J=2, L=4), L.Scattering2D(J=2, L=4, flip_invariant=True)
+    for first, second in ((plain, flip), (flip, plain)):
+        cache = str(tmp_path / first.name)
+        L.cached_features(first, x, cache)
+        np.testing.assert_allclose(L.cached_features(second, x, cache), second(x).numpy(), rtol=1e-6)
+        assert len(os.listdir(cache)) == 2
+    restored = L.Scattering2D.from_config(flip.get_config())  # a saved model's front-end reads the same entry
+    L.cached_features(restored, x, str(tmp_path / flip.name))
+    assert len(os.listdir(tmp_path / flip.name)) == 2
+
+
+def test_a_flip_invariant_run_saves_a_model_that_certify_reads(tmp_path, capsys):
+    """lipdp train with the flip-invariant front-end, then lipdp certify: the saved model holds the averaged map
+    (invariant to the mirror), its certificate uses the front-end's bound."""
+    from lipdp import robustness
+
+    out = str(tmp_path / "run")
+    overrides = [
+        "model.frontend={type: Scattering2D, J: 1, L: 4, flip_invariant: true}",
+        "model.layers=[{type: Flatten}, {type: LipschitzDense, units: 10}]",
+        "training.epochs=1",
+        f"dataset.feature_cache={tmp_path / 'cache'}",
+    ]
+    assert (
+        cli.main(["train", DIGITS, "--out", out, "--verbose", "0"] + [a for s in overrides for a in ("--set", s)]) == 0
+    )
+    model = tf.keras.models.load_model(os.path.join(out, "model.keras"))
+    frontend = model.layers[0]
+    assert isinstance(frontend, L.Scattering2D) and frontend.flip_invariant is True
+    x = data.load("digits").x_test[:16]
+    np.testing.assert_allclose(model.predict(x[:, :, ::-1], verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    bound = float(_built_bound(x.shape[1:]))
+    assert robustness.lipschitz_constant(model) >= bound > 1.0
+    capsys.readouterr()
+    assert cli.main(["certify", out, "--radii", "0", "0.01"]) == 0
+    assert "not certified" not in capsys.readouterr().out
+
+
+def _built_bound(input_shape):
+    layer = L.Scattering2D(J=1, L=4, flip_invariant=True)
+    layer.build((None, *input_shape))
+    return layer.lipschitz_constant()

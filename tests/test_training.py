@@ -351,3 +351,21 @@ def test_a_seeded_resume_whose_attempt_count_was_removed_is_refused(tmp_path, mo
     os.remove(runs.path(out, runs.ATTEMPTS))
     assert cli.main(_args(out, *settings)) == 2
     assert not runs.is_complete(out)
+
+
+@pytest.mark.parametrize("statistics", [False, True])
+def test_a_resume_may_not_switch_the_front_end_to_flip_invariant(tmp_path, monkeypatch, capsys, statistics):
+    """The head's input shape is the same: only the config check stands between the backup and other features
+    (with released statistics, the release record refuses it first: no second release)."""
+    out, noise, cache = str(tmp_path / "run"), "privacy.noise_multiplier=2.0", f"dataset.feature_cache={tmp_path}"
+    plain = ["model.frontend={type: Scattering2D, J: 1, L: 4}", noise, cache] + [STATISTICS] * statistics
+    flipped = ["model.frontend={type: Scattering2D, J: 1, L: 4, flip_invariant: true}"] + plain[1:]
+    _crash_at_second_epoch(monkeypatch, out, *plain)
+    releases = runs.read_json(out, runs.STATISTICS) if statistics else None
+    capsys.readouterr()
+    assert cli.main(_args(out, *flipped)) == 2
+    error = capsys.readouterr().err
+    assert ("holds a release made with" if statistics else "model.frontend.flip_invariant") in error
+    if statistics:
+        assert runs.read_json(out, runs.STATISTICS) == releases
+    assert cli.main(_args(out, *plain)) == 0

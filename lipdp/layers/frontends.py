@@ -64,7 +64,9 @@ class Scattering2D(FrontEnd, keras.layers.Layer):
     ``x``: a map of the example alone, invariant to mirroring it, whose
     Lipschitz constant is at most that of ``S`` (mirroring is an isometry).
     A linear head on them scores an image by the mean of its scores on the
-    image and on its mirror image. No trainable variables.
+    image and on its mirror image while the clips after the front-end leave
+    the features unchanged (a clip scales the mean, not each view: no longer
+    that mean once it clips). No trainable variables.
 
     Args:
         J: number of scales (the output is ``2^J`` times smaller per axis).
