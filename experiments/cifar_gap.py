@@ -92,6 +92,14 @@ def exact_statistics(x):
     return mean, np.sqrt(np.maximum(squares.mean(axis=0) - mean**2, 0.0) + 1e-5)
 
 
+def flipped_splits(args):
+    """The mirror images' features of ``args.split``'s (training, scored) images, memory-mapped."""
+    train_flipped, test_flipped = flipped_features(args.features, args.data_dir)
+    if args.split == "carve":
+        return train_flipped[:CARVE], train_flipped[CARVE:]
+    return train_flipped, test_flipped
+
+
 def mirrored(x):
     """Scattering features (J 2, L 8, 3 colours) of an approximate mirror image: the 8x8 map mirrored and each
     orientation l mapped to (6 - l) mod 8 (kymatio's angles (3 - l) pi / 8 reflect to their negatives)."""
@@ -264,16 +272,11 @@ def main(argv=None):
     x_train, y_train, x_test, y_test = load(args.features, args.split, args.data_dir)
     flipped = ()
     if args.flip == "exact":
-        train_flipped, test_flipped = flipped_features(args.features, args.data_dir)
-        flipped = (np.array(train_flipped[: len(x_train)] if args.split == "carve" else train_flipped),)
-        flipped += (np.array(train_flipped[CARVE:] if args.split == "carve" else test_flipped),)
+        flipped = tuple(np.array(x) for x in flipped_splits(args))
     elif args.flip == "mirror":
         flipped = (mirrored(x_train), mirrored(x_test))
     elif args.flip == "average":
-        train_flipped, test_flipped = flipped_features(args.features, args.data_dir)
-        if args.split == "carve":
-            train_flipped, test_flipped = train_flipped[:CARVE], train_flipped[CARVE:]
-        for x, x_flipped in ((x_train, train_flipped), (x_test, test_flipped)):
+        for x, x_flipped in zip((x_train, x_test), flipped_splits(args)):
             average_views(x, x_flipped)
     x_train, x_test, releases = normalise(args, x_train, x_test, rng, flipped)
     x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)

@@ -386,8 +386,7 @@ def frontend_layer(spec):
     """
     from lipdp.layers import FrontEnd
 
-    validate_layer("model.frontend", spec)
-    cls = layer_class(spec["type"], "model.frontend")
+    cls = validate_layer("model.frontend", spec)
     if not issubclass(cls, FrontEnd):
         raise ConfigError(f"model.frontend: {cls.__name__} is not a lipdp front-end (e.g. Scattering2D)")
     try:
@@ -397,10 +396,12 @@ def frontend_layer(spec):
 
 
 def validate_layer(path, spec):
-    """Checks the layer spec ``{type: ..., **arguments}`` at ``path`` names a layer and only its arguments."""
+    """The class of the layer spec ``{type: ..., **arguments}`` at ``path``, checked to take only those arguments."""
     if not isinstance(spec, dict) or "type" not in spec:
         raise ConfigError(f"{path}: expected a mapping with a 'type' key, got {spec!r}")
-    accepted = _accepted_arguments(layer_class(spec["type"], path))
+    cls = layer_class(spec["type"], path)
+    accepted = _accepted_arguments(cls)
     for key in spec:
         if key != "type" and key not in accepted:
             raise _unknown_key(f"{path}.", key, sorted(accepted))
+    return cls

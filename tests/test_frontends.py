@@ -137,6 +137,13 @@ def test_cached_features_are_keyed_by_data_and_settings(tmp_path, monkeypatch):
     assert len(os.listdir(tmp_path)) == 3
 
 
+def train_digits(out, overrides):
+    """``lipdp train configs/digits.yaml`` into ``out`` with ``--set`` overrides; it must succeed."""
+    assert (
+        cli.main(["train", DIGITS, "--out", out, "--verbose", "0"] + [a for s in overrides for a in ("--set", s)]) == 0
+    )
+
+
 def test_training_run_with_a_front_end_saves_a_raw_input_model(tmp_path):
     """lipdp train on cached features; model.keras holds the front-end and takes raw images."""
     out = str(tmp_path / "run")
@@ -147,9 +154,7 @@ def test_training_run_with_a_front_end_saves_a_raw_input_model(tmp_path):
         "training.epochs=2",
         f"dataset.feature_cache={tmp_path / 'cache'}",
     ]
-    assert (
-        cli.main(["train", DIGITS, "--out", out, "--verbose", "0"] + [a for s in overrides for a in ("--set", s)]) == 0
-    )
+    train_digits(out, overrides)
     assert os.listdir(tmp_path / "cache")
     model = tf.keras.models.load_model(os.path.join(out, "model.keras"))
     assert isinstance(model.layers[0], L.Scattering2D) and model.input_shape == (None, 8, 8, 1)
@@ -214,9 +219,7 @@ def test_a_flip_invariant_run_saves_a_model_that_certify_reads(tmp_path, capsys)
         "training.epochs=1",
         f"dataset.feature_cache={tmp_path / 'cache'}",
     ]
-    assert (
-        cli.main(["train", DIGITS, "--out", out, "--verbose", "0"] + [a for s in overrides for a in ("--set", s)]) == 0
-    )
+    train_digits(out, overrides)
     model = tf.keras.models.load_model(os.path.join(out, "model.keras"))
     frontend = model.layers[0]
     assert isinstance(frontend, L.Scattering2D) and frontend.flip_invariant is True
